@@ -1,0 +1,25 @@
+//! The contract between the micromine controller and its agents.
+//!
+//! Two halves that must never disagree between the two sides, so they live in one crate:
+//!
+//! - [`pb`]: the gRPC API `micromine.v1` (`Enrollment`, `Fleet`), generated at build time
+//!   from `micromine/v1/*.proto` by `protox` and `tonic-prost-build`.
+//! - [`work`]: the proof-of-work math both sides compute: the 80-byte block header, sha256d,
+//!   the SHA-256 midstate, 256-bit targets and fractional difficulty.
+//!
+//! # Layout
+//! - `micromine/v1/fleet.proto`: the wire contract.
+//! - `src/work/`: `u256` (the integer), `target` (targets, difficulty, compact bits),
+//!   `header` (header layout, sha256d, midstate).
+
+pub mod work;
+
+/// Generated protobuf messages and gRPC stubs for package `micromine.v1`.
+#[allow(missing_docs, clippy::all, unused_qualifications)]
+pub mod pb {
+    tonic::include_proto!("micromine.v1");
+}
+
+/// Upper bound for one gRPC message in either direction. A share batch of thousands of
+/// shares is a few tens of kilobytes; anything near this size is hostile or broken.
+pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;
