@@ -10,8 +10,10 @@
 //! # Layout
 //! - `micromine/v1/fleet.proto`: the wire contract.
 //! - `src/work/`: `u256` (the integer), `target` (targets, difficulty, compact bits),
-//!   `header` (header layout, sha256d, midstate).
+//!   `header` (header layout, sha256d, midstate), `merkle`.
+//! - `src/token.rs`: the bootstrap token format both sides parse.
 
+pub mod token;
 pub mod work;
 
 /// Generated protobuf messages and gRPC stubs for package `micromine.v1`.

@@ -85,9 +85,9 @@ impl Target {
         }
         let w = U256([u64::from(word), 0, 0, 0]);
         let value = if size <= 3 {
-            w.shr(8 * (3 - size))
+            w.shifted_right(8 * (3 - size))
         } else {
-            w.shl(8 * (size - 3))
+            w.shifted_left(8 * (size - 3))
         };
         Target::from_u256(value)
     }
@@ -98,7 +98,7 @@ impl Target {
         let mut compact = if size <= 3 {
             (self.0.0[0] << (8 * (3 - size))) as u32
         } else {
-            self.0.shr(8 * (size - 3)).0[0] as u32
+            self.0.shifted_right(8 * (size - 3)).0[0] as u32
         };
         if compact & 0x0080_0000 != 0 {
             compact >>= 8;

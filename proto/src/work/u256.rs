@@ -68,7 +68,7 @@ impl U256 {
     }
 
     /// Shift left, dropping bits shifted past bit 255.
-    pub fn shl(self, shift: u32) -> U256 {
+    pub fn shifted_left(self, shift: u32) -> U256 {
         if shift >= 256 {
             return U256::ZERO;
         }
@@ -86,7 +86,7 @@ impl U256 {
     }
 
     /// Logical shift right.
-    pub fn shr(self, shift: u32) -> U256 {
+    pub fn shifted_right(self, shift: u32) -> U256 {
         if shift >= 256 {
             return U256::ZERO;
         }
@@ -111,7 +111,7 @@ impl U256 {
         }
         // Keep the top 64 bits and scale; the dropped bits are far below f64 precision.
         let shift = bits - 64;
-        let top = self.shr(shift).0[0] as f64;
+        let top = self.shifted_right(shift).0[0] as f64;
         top * 2f64.powi(shift as i32)
     }
 
@@ -128,9 +128,9 @@ impl U256 {
         let mantissa = (raw & ((1u64 << 52) - 1)) | (1u64 << 52);
         let m = U256([mantissa, 0, 0, 0]);
         if exponent >= 0 {
-            m.shl(exponent as u32)
+            m.shifted_left(exponent as u32)
         } else {
-            m.shr((-exponent) as u32)
+            m.shifted_right((-exponent) as u32)
         }
     }
 
@@ -203,18 +203,24 @@ mod tests {
     fn f64_conversion_is_exact_for_representable_values() {
         assert_eq!(U256::from_f64(0.5), U256::ZERO);
         assert_eq!(U256::from_f64(1.0), U256([1, 0, 0, 0]));
-        assert_eq!(U256::from_f64(2f64.powi(200)), U256([1, 0, 0, 0]).shl(200));
+        assert_eq!(
+            U256::from_f64(2f64.powi(200)),
+            U256([1, 0, 0, 0]).shifted_left(200)
+        );
         assert_eq!(U256::from_f64(f64::INFINITY), U256::MAX);
-        assert_eq!(U256([1, 0, 0, 0]).shl(200).to_f64(), 2f64.powi(200));
+        assert_eq!(
+            U256([1, 0, 0, 0]).shifted_left(200).to_f64(),
+            2f64.powi(200)
+        );
     }
 
     proptest! {
         #[test]
         fn shifts_are_inverse_when_no_bits_fall_off(v in arb_u256(), s in 0u32..256) {
-            let shifted_back = v.shr(s).shl(s);
+            let shifted_back = v.shifted_right(s).shifted_left(s);
             // shr then shl clears exactly the low `s` bits.
             prop_assert!(shifted_back <= v);
-            prop_assert_eq!(v.shl(256 - v.bits().max(1)).shr(256 - v.bits().max(1)), v);
+            prop_assert_eq!(v.shifted_left(256 - v.bits().max(1)).shifted_right(256 - v.bits().max(1)), v);
         }
 
         #[test]

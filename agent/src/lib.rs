@@ -1,0 +1,21 @@
+//! The micromine agent: runs on an edge device, reports what the device can do, hashes the
+//! work the controller assigns, and keeps the device within its limits, also while
+//! disconnected.
+//!
+//! # Layout
+//! - `engine`: SHA-256d nonce scanning engines and their runtime selection.
+//! - `bench`: measuring an engine's hash rate.
+//! - `capacity`: what the device has (cores, architecture, memory).
+//! - `miner`: hashing threads working through assigned nonce ranges.
+//! - `identity`, `tls`: the device's key and certificate, enrollment, TLS to the controller.
+//! - `session`: the long-lived session with the controller, reconnects and resume.
+//! - `backoff`: jittered exponential backoff.
+
+pub mod backoff;
+pub mod bench;
+pub mod capacity;
+pub mod engine;
+pub mod identity;
+pub mod miner;
+pub mod session;
+pub mod tls;

@@ -1,0 +1,230 @@
+//! `micromine-agent`: the device side of micromine.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use micromine_agent::engine::{self, EngineKind};
+use micromine_agent::session::{self, AgentConfig, AgentCounters};
+use micromine_agent::{bench, capacity};
+use micromine_proto::token::BootstrapToken;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "micromine-agent",
+    version,
+    about = "Mine on an edge device for a micromine fleet"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Join a fleet and mine what the controller assigns.
+    Run {
+        /// The controller's gRPC address.
+        #[arg(long, value_name = "https://HOST:PORT")]
+        controller: String,
+        /// Bootstrap token from `micromine-controller token create` (first start only).
+        #[arg(long, env = "MICROMINE_TOKEN", value_name = "TOKEN")]
+        token: Option<String>,
+        /// Device name (default: the host name).
+        #[arg(long)]
+        name: Option<String>,
+        /// Labels to report, e.g. `site=plant-3,class=gateway`.
+        #[arg(long, value_name = "k=v,...")]
+        labels: Option<String>,
+        /// Where the device key and certificates live.
+        #[arg(long, default_value = "/var/lib/micromine-agent")]
+        state_dir: PathBuf,
+        /// Trust this CA bundle instead of the fingerprint in the token.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Hashing threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Hashing engine (`auto` picks the fastest this CPU runs).
+        #[arg(long, default_value = "auto")]
+        engine: String,
+        /// Log as JSON lines.
+        #[arg(long)]
+        log_json: bool,
+    },
+    /// Measure this device's hash rate.
+    Bench {
+        /// How long to measure.
+        #[arg(long, default_value_t = 5)]
+        seconds: u64,
+        /// Hashing threads (default: all cores).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Hashing engine (`auto` picks the fastest this CPU runs).
+        #[arg(long, default_value = "auto")]
+        engine: String,
+        /// Print one JSON object instead of a sentence.
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+fn parse_labels(text: Option<&str>) -> Result<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    for pair in text
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+    {
+        let Some((k, v)) = pair.split_once('=') else {
+            bail!("--labels: `{pair}` is not key=value");
+        };
+        let (k, v) = (k.trim(), v.trim());
+        if k.is_empty() {
+            bail!("--labels: `{pair}` has an empty key");
+        }
+        labels.insert(k.to_string(), v.to_string());
+    }
+    Ok(labels)
+}
+
+fn init_logging(json: bool) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if json {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Bench {
+            seconds,
+            threads,
+            engine,
+            json,
+        } => {
+            let kind = engine::select(Some(&engine))?;
+            let threads = threads.unwrap_or_else(|| capacity::cores() as usize);
+            let report = bench::run(kind, threads, Duration::from_secs(seconds.max(1)));
+            if json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!(
+                    "{} ({}) on {} threads: {:.2} MH/s ({:.2} MH/s per thread)",
+                    report.engine,
+                    report.backend,
+                    report.threads,
+                    report.hashes_per_second / 1e6,
+                    report.hashes_per_second / 1e6 / report.threads as f64
+                );
+                for other in EngineKind::ALL
+                    .iter()
+                    .filter(|k| k.is_available() && **k != kind)
+                {
+                    let r = bench::run(*other, threads, Duration::from_secs(seconds.max(1)));
+                    println!(
+                        "{} ({}): {:.2} MH/s",
+                        r.engine,
+                        r.backend,
+                        r.hashes_per_second / 1e6
+                    );
+                }
+            }
+            Ok(())
+        }
+        Command::Run {
+            controller,
+            token,
+            name,
+            labels,
+            state_dir,
+            ca_file,
+            threads,
+            engine,
+            log_json,
+        } => {
+            init_logging(log_json);
+            let token = token
+                .map(|t| t.parse::<BootstrapToken>())
+                .transpose()
+                .context("--token")?;
+            let config = AgentConfig {
+                controller,
+                token,
+                name,
+                labels: parse_labels(labels.as_deref())?,
+                state_dir,
+                ca_file,
+                threads: threads.unwrap_or_else(|| capacity::cores() as usize),
+                engine: engine::select(Some(&engine))?,
+                bench_duration: Duration::from_secs(1),
+                backoff_base: Duration::from_millis(500),
+                backoff_max: Duration::from_secs(30),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    tracing::info!("stopping");
+                    signal.cancel();
+                });
+                let counters = Arc::new(AgentCounters::default());
+                let stats = session::run(config, counters, shutdown).await?;
+                tracing::info!(
+                    accepted = stats.accepted,
+                    rejected = stats.rejected,
+                    blocks = stats.blocks,
+                    "stopped"
+                );
+                Ok(())
+            })
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_parse_and_errors_name_the_pair() {
+        let labels = parse_labels(Some("site=plant-3, class=gateway")).expect("valid");
+        assert_eq!(labels.get("site").map(String::as_str), Some("plant-3"));
+        assert_eq!(labels.len(), 2);
+        assert!(parse_labels(None).expect("empty").is_empty());
+        let err = parse_labels(Some("site")).expect_err("no =");
+        assert!(err.to_string().contains("`site`"));
+        assert!(parse_labels(Some("=x")).is_err());
+    }
+}

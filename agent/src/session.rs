@@ -1,0 +1,771 @@
+//! The agent's life: enroll once, measure the device, then hold a session with the
+//! controller for as long as it runs, reconnecting with jittered backoff and resuming
+//! where it left off.
+//!
+//! The miner outlives sessions. While disconnected it keeps scanning the ranges it holds
+//! until their leases run out (never longer), found shares wait in `pending`, and finished
+//! ranges are remembered; on reconnect `Hello.resume` offers the held ranges back, and
+//! every unacknowledged share is resubmitted flagged `resubmitted`, so a lost ack never
+//! loses or double-counts a share.
+
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use micromine_proto::MAX_MESSAGE_BYTES;
+use micromine_proto::pb::{
+    self, agent_message::Kind as AgentKind, controller_message::Kind, fleet_client::FleetClient,
+};
+use micromine_proto::token::BootstrapToken;
+use micromine_proto::work::{HEADER_PREFIX_LEN, Target};
+use serde::Serialize;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+
+use crate::backoff::Backoff;
+use crate::bench;
+use crate::capacity;
+use crate::engine::EngineKind;
+use crate::identity::{self, DeviceIdentity, IdentityError};
+use crate::miner::{FinishReason, Miner, MinerEvent, WorkOrder};
+use crate::tls;
+
+/// Shares held unacknowledged before the oldest are dropped (a very long outage).
+const MAX_PENDING_SHARES: usize = 100_000;
+/// Shares are sent in batches at most this old.
+const SHARE_FLUSH: Duration = Duration::from_millis(100);
+/// A batch is sent as soon as it has this many shares.
+const SHARE_BATCH: usize = 256;
+/// The controller must answer Hello this soon.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+/// Renew the certificate when less than this is left.
+const RENEW_BEFORE: Duration = Duration::from_secs(8 * 3600);
+
+/// How to run the agent.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// `https://host:port` of the controller.
+    pub controller: String,
+    /// Bootstrap token, needed only for the first start.
+    pub token: Option<BootstrapToken>,
+    /// Device name to enroll as (default: the host name).
+    pub name: Option<String>,
+    /// Labels to report.
+    pub labels: BTreeMap<String, String>,
+    /// Where the key, certificate and CA live.
+    pub state_dir: PathBuf,
+    /// A CA bundle to trust instead of the token's fingerprint.
+    pub ca_file: Option<PathBuf>,
+    /// Hashing threads.
+    pub threads: usize,
+    /// Hashing engine.
+    pub engine: EngineKind,
+    /// How long to benchmark at start to learn the nominal hash rate.
+    pub bench_duration: Duration,
+    /// First reconnect delay.
+    pub backoff_base: Duration,
+    /// Longest reconnect delay.
+    pub backoff_max: Duration,
+}
+
+/// Why the agent cannot run at all (as opposed to a session failing, which it survives).
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// Credentials are missing or unusable.
+    #[error(transparent)]
+    Identity(#[from] IdentityError),
+    /// `--ca-file` could not be read.
+    #[error("reading --ca-file {path}: {source}")]
+    CaFile {
+        /// The file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The device has no certificate and no token to get one.
+    #[error(
+        "this device has not enrolled yet (no certificate in {0}); pass --token from `micromine-controller token create`"
+    )]
+    NeedsToken(PathBuf),
+}
+
+/// Counters of one agent run, updated live.
+#[derive(Debug, Default)]
+pub struct AgentCounters {
+    /// Shares acknowledged as accepted.
+    pub accepted: AtomicU64,
+    /// Shares rejected.
+    pub rejected: AtomicU64,
+    /// Accepted shares that were blocks.
+    pub blocks: AtomicU64,
+    /// Sessions that reached `Welcome`.
+    pub sessions: AtomicU64,
+    /// Hashes computed.
+    pub hashes: AtomicU64,
+}
+
+/// A snapshot of [`AgentCounters`].
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
+pub struct AgentStats {
+    /// Shares acknowledged as accepted.
+    pub accepted: u64,
+    /// Shares rejected.
+    pub rejected: u64,
+    /// Accepted shares that were blocks.
+    pub blocks: u64,
+    /// Sessions that reached `Welcome`.
+    pub sessions: u64,
+    /// Hashes computed.
+    pub hashes: u64,
+}
+
+impl AgentCounters {
+    /// A consistent-enough snapshot.
+    pub fn snapshot(&self) -> AgentStats {
+        AgentStats {
+            accepted: self.accepted.load(Ordering::Relaxed),
+            rejected: self.rejected.load(Ordering::Relaxed),
+            blocks: self.blocks.load(Ordering::Relaxed),
+            sessions: self.sessions.load(Ordering::Relaxed),
+            hashes: self.hashes.load(Ordering::Relaxed),
+        }
+    }
+}
+
+/// Loads the device's credentials, enrolling first if there are none.
+pub async fn ensure_identity(config: &AgentConfig) -> Result<DeviceIdentity, AgentError> {
+    if let Some(identity) = DeviceIdentity::load(&config.state_dir)? {
+        if let Some(name) = &config.name
+            && *name != identity.name
+        {
+            tracing::warn!(enrolled = %identity.name, requested = %name,
+                "this state dir is enrolled under another name; keeping the enrolled one");
+        }
+        return Ok(identity);
+    }
+    let token = config
+        .token
+        .as_ref()
+        .ok_or_else(|| AgentError::NeedsToken(config.state_dir.clone()))?;
+    let ca_pem = match &config.ca_file {
+        Some(path) => Some(
+            std::fs::read_to_string(path).map_err(|source| AgentError::CaFile {
+                path: path.clone(),
+                source,
+            })?,
+        ),
+        None => None,
+    };
+    let name = config
+        .name
+        .clone()
+        .unwrap_or_else(identity::default_device_name);
+    let identity = identity::enroll(
+        &config.controller,
+        token,
+        &name,
+        &config.labels,
+        ca_pem.as_deref(),
+    )
+    .await?;
+    identity.save(&config.state_dir)?;
+    tracing::info!(device = %identity.name, "enrolled");
+    Ok(identity)
+}
+
+/// What the agent knows about an assignment it holds.
+#[derive(Debug, Clone)]
+struct Held {
+    /// Set when the miner finished it while no session was open.
+    finished_offline: Option<u64>,
+}
+
+/// Runs the agent until `shutdown` is cancelled. Only setup failures are errors; the
+/// controller being unreachable is waited out.
+pub async fn run(
+    config: AgentConfig,
+    counters: Arc<AgentCounters>,
+    shutdown: CancellationToken,
+) -> Result<AgentStats, AgentError> {
+    let mut identity = ensure_identity(&config).await?;
+    let threads = config.threads.max(1);
+    let measured = bench::run(config.engine, threads, config.bench_duration);
+    tracing::info!(engine = %measured.engine, backend = %measured.backend, threads,
+        hashes_per_second = measured.hashes_per_second, "benchmarked");
+    let capacity = pb::Capacity {
+        cores: capacity::cores(),
+        mining_threads: threads as u32,
+        arch: capacity::arch().to_string(),
+        memory_bytes: capacity::memory_bytes(),
+        nominal_hashrate: measured.hashes_per_second,
+        hash_engine: format!("{} ({})", measured.engine, measured.backend),
+    };
+    let (miner, events) = Miner::start(config.engine, threads);
+    let mut agent = Agent {
+        config,
+        capacity,
+        miner,
+        events,
+        held: HashMap::new(),
+        pending: BTreeMap::new(),
+        counters,
+        last_hashes: 0,
+        last_report: Instant::now(),
+    };
+    let mut backoff = Backoff::new(agent.config.backoff_base, agent.config.backoff_max);
+    while !shutdown.is_cancelled() {
+        match agent.session(&mut identity, &shutdown).await {
+            Ok(SessionEnd::Shutdown) => break,
+            Ok(SessionEnd::Welcomed) => backoff.reset(),
+            Ok(SessionEnd::NotWelcomed) => {}
+            Err(e) => tracing::warn!(error = %e, "session failed"),
+        }
+        if shutdown.is_cancelled() {
+            break;
+        }
+        let delay = backoff.next_delay();
+        tracing::info!(
+            delay_ms = delay.as_millis() as u64,
+            "reconnecting after a pause"
+        );
+        agent
+            .idle_until(tokio::time::Instant::now() + delay, &shutdown)
+            .await;
+    }
+    let stats = agent.counters.snapshot();
+    agent.miner.stop();
+    Ok(stats)
+}
+
+enum SessionEnd {
+    /// The session got as far as `Welcome` before it ended.
+    Welcomed,
+    /// It ended before the controller answered.
+    NotWelcomed,
+    /// The agent is shutting down.
+    Shutdown,
+}
+
+/// A session error: it ends the session, not the agent.
+#[derive(Debug, thiserror::Error)]
+enum SessionError {
+    #[error("connecting: {0}")]
+    Connect(#[from] tls::TlsError),
+    #[error("credentials: {0}")]
+    Identity(#[from] IdentityError),
+    #[error("controller said: {0}")]
+    Status(#[from] tonic::Status),
+    #[error("no Welcome within {0:?}")]
+    NoWelcome(Duration),
+    #[error("the session's send queue closed")]
+    Closed,
+}
+
+struct Agent {
+    config: AgentConfig,
+    capacity: pb::Capacity,
+    miner: Miner,
+    events: mpsc::Receiver<MinerEvent>,
+    held: HashMap<u64, Held>,
+    /// Shares sent (or to send) and not yet acknowledged: (assignment, nonce) -> sent once.
+    pending: BTreeMap<(u64, u32), bool>,
+    counters: Arc<AgentCounters>,
+    last_hashes: u64,
+    last_report: Instant,
+}
+
+fn message(kind: AgentKind) -> pb::AgentMessage {
+    pb::AgentMessage { kind: Some(kind) }
+}
+
+impl Agent {
+    /// Between sessions: keep taking the miner's events so no share is lost.
+    async fn idle_until(&mut self, deadline: tokio::time::Instant, shutdown: &CancellationToken) {
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => return,
+                _ = tokio::time::sleep_until(deadline) => return,
+                Some(event) = self.events.recv() => self.note_offline(event),
+            }
+        }
+    }
+
+    fn note_offline(&mut self, event: MinerEvent) {
+        match event {
+            MinerEvent::Share {
+                assignment_id,
+                nonce,
+            } => self.remember_share(assignment_id, nonce),
+            MinerEvent::Finished {
+                assignment_id,
+                scanned_until,
+                reason,
+                ..
+            } => {
+                if reason == FinishReason::Cancelled {
+                    self.held.remove(&assignment_id);
+                } else if let Some(held) = self.held.get_mut(&assignment_id) {
+                    held.finished_offline = Some(scanned_until);
+                }
+            }
+        }
+    }
+
+    fn remember_share(&mut self, assignment_id: u64, nonce: u32) {
+        if self.pending.len() >= MAX_PENDING_SHARES
+            && let Some(oldest) = self.pending.keys().next().copied()
+        {
+            self.pending.remove(&oldest);
+        }
+        self.pending.entry((assignment_id, nonce)).or_insert(false);
+    }
+
+    fn hello(&self) -> pb::Hello {
+        let mut resume: Vec<pb::ResumedAssignment> = self
+            .miner
+            .progress()
+            .into_iter()
+            .map(|p| pb::ResumedAssignment {
+                assignment_id: p.id,
+                scanned_until: p.scanned_until,
+            })
+            .collect();
+        for (id, held) in &self.held {
+            if let Some(scanned_until) = held.finished_offline {
+                resume.push(pb::ResumedAssignment {
+                    assignment_id: *id,
+                    scanned_until,
+                });
+            }
+        }
+        pb::Hello {
+            capacity: Some(self.capacity.clone()),
+            labels: self.config.labels.clone().into_iter().collect(),
+            version: env!("CARGO_PKG_VERSION").to_string(),
+            resume: Some(pb::Resume {
+                assignments: resume,
+            }),
+        }
+    }
+
+    async fn session(
+        &mut self,
+        identity: &mut DeviceIdentity,
+        shutdown: &CancellationToken,
+    ) -> Result<SessionEnd, SessionError> {
+        let channel = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            channel = tls::connect(&self.config.controller, identity.client_config()?) => channel?,
+        };
+        let mut client = FleetClient::new(channel)
+            .max_decoding_message_size(MAX_MESSAGE_BYTES)
+            .max_encoding_message_size(MAX_MESSAGE_BYTES);
+        if let Err(e) = self.renew_if_due(&mut client, identity).await {
+            tracing::warn!(error = %e, "certificate renewal failed; will retry");
+        }
+        let (tx, rx) = mpsc::channel::<pb::AgentMessage>(256);
+        tx.send(message(AgentKind::Hello(self.hello())))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        let mut inbound = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
+            response = client.session(ReceiverStream::new(rx)) => response?.into_inner(),
+        };
+        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, inbound.message()).await {
+            Err(_) => return Err(SessionError::NoWelcome(WELCOME_TIMEOUT)),
+            Ok(Err(status)) => return Err(status.into()),
+            Ok(Ok(None)) => return Ok(SessionEnd::NotWelcomed),
+            Ok(Ok(Some(pb::ControllerMessage {
+                kind: Some(Kind::Welcome(w)),
+            }))) => w,
+            Ok(Ok(Some(_))) => {
+                return Err(
+                    tonic::Status::internal("the controller did not start with Welcome").into(),
+                );
+            }
+        };
+        self.counters.sessions.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(device = %welcome.device_name, resumed = welcome.resumed_assignment_ids.len(), "session open");
+        self.apply_welcome(&welcome, &tx).await?;
+
+        let report_every =
+            Duration::from_millis(u64::from(welcome.report_interval_ms.clamp(200, 60_000)));
+        let mut report = tokio::time::interval(report_every);
+        let mut flush = tokio::time::interval(SHARE_FLUSH);
+        let mut batch: Vec<pb::Share> = Vec::new();
+        loop {
+            tokio::select! {
+                _ = shutdown.cancelled() => {
+                    self.release(&tx, &mut batch, &mut inbound).await;
+                    return Ok(SessionEnd::Shutdown);
+                }
+                incoming = inbound.message() => match incoming {
+                    Ok(Some(msg)) => self.handle(msg),
+                    Ok(None) => {
+                        tracing::info!("controller closed the session");
+                        return Ok(SessionEnd::Welcomed);
+                    }
+                    Err(status) => {
+                        tracing::info!(error = %status, "session ended");
+                        return Ok(SessionEnd::Welcomed);
+                    }
+                },
+                Some(event) = self.events.recv() => match event {
+                    MinerEvent::Share { assignment_id, nonce } => {
+                        self.remember_share(assignment_id, nonce);
+                        self.pending.insert((assignment_id, nonce), true);
+                        batch.push(pb::Share { assignment_id, nonce, resubmitted: false });
+                        if batch.len() >= SHARE_BATCH {
+                            send_batch(&tx, &mut batch).await?;
+                        }
+                    }
+                    MinerEvent::Finished { assignment_id, scanned_until, hashes, reason } => {
+                        // Shares of this range go out before the range is reported done.
+                        send_batch(&tx, &mut batch).await?;
+                        self.held.remove(&assignment_id);
+                        if reason != FinishReason::Cancelled {
+                            tx.send(message(AgentKind::Progress(pb::Progress {
+                                assignment_id, scanned_until, hashes, finished: true,
+                            }))).await.map_err(|_| SessionError::Closed)?;
+                        }
+                    }
+                },
+                _ = flush.tick() => send_batch(&tx, &mut batch).await?,
+                _ = report.tick() => self.send_reports(&tx).await?,
+            }
+        }
+    }
+
+    /// After `Welcome`: drop what the controller no longer honours, report ranges that
+    /// finished while offline, and resubmit every unacknowledged share.
+    async fn apply_welcome(
+        &mut self,
+        welcome: &pb::Welcome,
+        tx: &mpsc::Sender<pb::AgentMessage>,
+    ) -> Result<(), SessionError> {
+        if let Some(limits) = &welcome.limits {
+            self.miner.set_duty_cycle(limits.duty_cycle);
+        }
+        let kept: std::collections::HashSet<u64> =
+            welcome.resumed_assignment_ids.iter().copied().collect();
+        for id in self.miner.held() {
+            if !kept.contains(&id) {
+                self.miner.cancel(id);
+                self.held.remove(&id);
+            }
+        }
+        let finished: Vec<(u64, u64)> = self
+            .held
+            .iter()
+            .filter_map(|(id, h)| h.finished_offline.map(|s| (*id, s)))
+            .collect();
+        for (id, scanned_until) in finished {
+            self.held.remove(&id);
+            if kept.contains(&id) {
+                tx.send(message(AgentKind::Progress(pb::Progress {
+                    assignment_id: id,
+                    scanned_until,
+                    hashes: 0,
+                    finished: true,
+                })))
+                .await
+                .map_err(|_| SessionError::Closed)?;
+            }
+        }
+        let resubmit: Vec<pb::Share> = self
+            .pending
+            .iter_mut()
+            .map(|((assignment_id, nonce), sent)| {
+                let resubmitted = *sent;
+                *sent = true;
+                pb::Share {
+                    assignment_id: *assignment_id,
+                    nonce: *nonce,
+                    resubmitted,
+                }
+            })
+            .collect();
+        for chunk in resubmit.chunks(SHARE_BATCH) {
+            tx.send(message(AgentKind::Shares(pb::SubmitShares {
+                shares: chunk.to_vec(),
+            })))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        }
+        Ok(())
+    }
+
+    fn handle(&mut self, msg: pb::ControllerMessage) {
+        match msg.kind {
+            Some(Kind::Assignment(a)) => match work_order(&a) {
+                Ok(order) => {
+                    tracing::debug!(
+                        id = a.id,
+                        start = a.nonce_start,
+                        end = a.nonce_end,
+                        difficulty = a.share_difficulty,
+                        "assignment"
+                    );
+                    if let Some(limits) = &a.limits {
+                        self.miner.set_duty_cycle(limits.duty_cycle);
+                    }
+                    self.held.insert(
+                        a.id,
+                        Held {
+                            finished_offline: None,
+                        },
+                    );
+                    self.miner.push(order);
+                }
+                Err(problem) => {
+                    tracing::warn!(id = a.id, problem, "ignoring a malformed assignment")
+                }
+            },
+            Some(Kind::Cancel(cancel)) => {
+                tracing::debug!(ids = ?cancel.assignment_ids, reason = %cancel.reason, "cancelled");
+                for id in cancel.assignment_ids {
+                    self.miner.cancel(id);
+                    self.held.remove(&id);
+                }
+            }
+            Some(Kind::SetLimits(set)) => {
+                if let Some(limits) = set.limits {
+                    self.miner.set_duty_cycle(limits.duty_cycle);
+                }
+            }
+            Some(Kind::ShareResults(results)) => {
+                for r in results.results {
+                    self.pending.remove(&(r.assignment_id, r.nonce));
+                    if r.status == pb::ShareStatus::Accepted as i32 {
+                        self.counters.accepted.fetch_add(1, Ordering::Relaxed);
+                        if r.block {
+                            self.counters.blocks.fetch_add(1, Ordering::Relaxed);
+                            tracing::info!(
+                                assignment = r.assignment_id,
+                                nonce = r.nonce,
+                                "block found"
+                            );
+                        }
+                    } else {
+                        self.counters.rejected.fetch_add(1, Ordering::Relaxed);
+                        let reason = pb::RejectReason::try_from(r.reason)
+                            .map_or("unknown", |reason| reason.as_str_name());
+                        tracing::debug!(
+                            assignment = r.assignment_id,
+                            nonce = r.nonce,
+                            reason,
+                            "share rejected"
+                        );
+                    }
+                }
+            }
+            Some(Kind::Drain(drain)) => {
+                tracing::info!(reason = %drain.reason, "controller is draining; will reconnect");
+            }
+            Some(Kind::Welcome(_)) | None => {}
+        }
+    }
+
+    async fn send_reports(
+        &mut self,
+        tx: &mpsc::Sender<pb::AgentMessage>,
+    ) -> Result<(), SessionError> {
+        for p in self.miner.progress() {
+            tx.send(message(AgentKind::Progress(pb::Progress {
+                assignment_id: p.id,
+                scanned_until: p.scanned_until,
+                hashes: p.hashes,
+                finished: false,
+            })))
+            .await
+            .map_err(|_| SessionError::Closed)?;
+        }
+        let total = self.miner.hashes_total();
+        self.counters.hashes.store(total, Ordering::Relaxed);
+        let elapsed = self.last_report.elapsed().as_secs_f64().max(1e-3);
+        let hashrate = (total - self.last_hashes) as f64 / elapsed;
+        self.last_hashes = total;
+        self.last_report = Instant::now();
+        let state = if self.held.is_empty() {
+            "idle"
+        } else {
+            "mining"
+        };
+        tx.send(message(AgentKind::Capacity(pb::CapacityReport {
+            hashrate,
+            state: state.to_string(),
+            ..Default::default()
+        })))
+        .await
+        .map_err(|_| SessionError::Closed)
+    }
+
+    /// Orderly exit: stop hashing, send what was found, hand every range back, and wait
+    /// briefly for the last acknowledgements.
+    async fn release(
+        &mut self,
+        tx: &mpsc::Sender<pb::AgentMessage>,
+        batch: &mut Vec<pb::Share>,
+        inbound: &mut tonic::Streaming<pb::ControllerMessage>,
+    ) {
+        let progress = self.miner.progress();
+        for p in &progress {
+            self.miner.cancel(p.id);
+        }
+        // Shares found up to the cancellation are still worth sending.
+        let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
+        while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
+            if let MinerEvent::Share {
+                assignment_id,
+                nonce,
+            } = event
+            {
+                self.remember_share(assignment_id, nonce);
+                self.pending.insert((assignment_id, nonce), true);
+                batch.push(pb::Share {
+                    assignment_id,
+                    nonce,
+                    resubmitted: false,
+                });
+            }
+        }
+        if send_batch(tx, batch).await.is_err() {
+            return;
+        }
+        for p in self.miner.progress().into_iter().chain(progress) {
+            let _ = tx
+                .send(message(AgentKind::Progress(pb::Progress {
+                    assignment_id: p.id,
+                    scanned_until: p.scanned_until,
+                    hashes: p.hashes,
+                    finished: true,
+                })))
+                .await;
+        }
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
+        while !self.pending.is_empty() {
+            match tokio::time::timeout_at(deadline, inbound.message()).await {
+                Ok(Ok(Some(msg))) => self.handle(msg),
+                _ => break,
+            }
+        }
+        self.counters
+            .hashes
+            .store(self.miner.hashes_total(), Ordering::Relaxed);
+    }
+
+    async fn renew_if_due(
+        &mut self,
+        client: &mut FleetClient<tonic::transport::Channel>,
+        identity: &mut DeviceIdentity,
+    ) -> Result<(), SessionError> {
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as i64);
+        if identity.not_after_unix_ms - now_ms > RENEW_BEFORE.as_millis() as i64 {
+            return Ok(());
+        }
+        let (key_pem, csr_der) = identity::generate_key_and_csr(&identity.name)?;
+        let response = client
+            .renew(pb::RenewRequest { csr_der })
+            .await?
+            .into_inner();
+        let mut renewed = identity.clone();
+        renewed.cert_pem = response.certificate_pem;
+        renewed.key_pem = key_pem;
+        renewed.ca_pem = response.ca_bundle_pem;
+        renewed.not_after_unix_ms = response.not_after_unix_ms;
+        renewed.save(&self.config.state_dir)?;
+        tracing::info!(
+            not_after_unix_ms = renewed.not_after_unix_ms,
+            "certificate renewed"
+        );
+        *identity = renewed;
+        Ok(())
+    }
+}
+
+async fn send_batch(
+    tx: &mpsc::Sender<pb::AgentMessage>,
+    batch: &mut Vec<pb::Share>,
+) -> Result<(), SessionError> {
+    if batch.is_empty() {
+        return Ok(());
+    }
+    let shares = std::mem::take(batch);
+    tx.send(message(AgentKind::Shares(pb::SubmitShares { shares })))
+        .await
+        .map_err(|_| SessionError::Closed)
+}
+
+/// Checks an assignment from the wire and turns it into work for the miner.
+pub fn work_order(a: &pb::Assignment) -> Result<WorkOrder, &'static str> {
+    let prefix: [u8; HEADER_PREFIX_LEN] = a
+        .header_prefix
+        .as_slice()
+        .try_into()
+        .map_err(|_| "header_prefix must be 76 bytes")?;
+    if a.nonce_start >= a.nonce_end || a.nonce_end > 1 << 32 {
+        return Err("nonce range must be non-empty and within 2^32");
+    }
+    let target =
+        Target::from_le_slice(&a.share_target).ok_or("share_target must be 32 non-zero bytes")?;
+    if a.lease_ms == 0 {
+        return Err("lease_ms must be above zero");
+    }
+    Ok(WorkOrder {
+        id: a.id,
+        prefix,
+        start: a.nonce_start,
+        end: a.nonce_end,
+        target,
+        deadline: Instant::now() + Duration::from_millis(u64::from(a.lease_ms)),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment() -> pb::Assignment {
+        pb::Assignment {
+            id: 1,
+            header_prefix: vec![0; 76],
+            nonce_start: 0,
+            nonce_end: 1000,
+            share_target: Target::from_difficulty(1.0)
+                .expect("valid")
+                .to_le_bytes()
+                .to_vec(),
+            share_difficulty: 1.0,
+            lease_ms: 1000,
+            expires_at_unix_ms: 0,
+            miner: "default/a".into(),
+            limits: None,
+        }
+    }
+
+    #[test]
+    fn malformed_assignments_are_refused() {
+        assert!(work_order(&assignment()).is_ok());
+        let mut a = assignment();
+        a.header_prefix.pop();
+        assert_eq!(work_order(&a).err(), Some("header_prefix must be 76 bytes"));
+        let mut a = assignment();
+        a.nonce_end = (1 << 32) + 1;
+        assert!(work_order(&a).is_err());
+        let mut a = assignment();
+        a.nonce_start = 1000;
+        assert!(work_order(&a).is_err());
+        let mut a = assignment();
+        a.share_target = vec![0; 32];
+        assert!(work_order(&a).is_err());
+        let mut a = assignment();
+        a.lease_ms = 0;
+        assert!(work_order(&a).is_err());
+    }
+}

@@ -1,0 +1,429 @@
+//! The live fleet: devices, MicroMiners, leases and shares, tied together.
+//!
+//! [`state::FleetState`] is the logic, a synchronous state machine behind one mutex. This
+//! module is its async shell: it runs the lookups, hashes shares outside the lock, writes
+//! the ledger, and makes every state change durable *before* anyone hears of it. Effects
+//! are queued to the store in the same order the state produced them (the store queues a
+//! job when `write` is called), and one dispatcher sends the resulting messages in that
+//! same order, so a device can never see a `Cancel` before the `Assignment` it cancels.
+
+mod conditions;
+pub mod persist;
+pub mod state;
+pub mod status;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use micromine_proto::pb::{self, RejectReason, ShareStatus};
+use micromine_proto::work::{header_with_nonce, sha256d};
+use tokio::sync::mpsc;
+
+use crate::ledger::{
+    AcceptedShare, Ledger, LedgerError, Rejection, ShareKey, ShareOutcome, Totals,
+};
+use crate::manifest::MinerSet;
+use crate::store::{Store, StoreError};
+use state::{Effects, FleetState, RecordedShare, Scope, ShareCheck};
+use status::FleetView;
+
+/// Messages to one device's session. Errors end the stream with that status.
+pub type Outbound = mpsc::Sender<Result<pb::ControllerMessage, tonic::Status>>;
+
+/// Why a fleet operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum FleetError {
+    /// The store could not make a change durable.
+    #[error("fleet store")]
+    Store(#[from] StoreError),
+    /// The ledger could not record shares.
+    #[error("share ledger")]
+    Ledger(#[from] LedgerError),
+}
+
+type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
+
+struct Dispatch {
+    durable: Durable,
+    messages: Vec<(String, pb::ControllerMessage)>,
+}
+
+struct Link {
+    session: u64,
+    outbound: Outbound,
+}
+
+/// The fleet. Shared by the gRPC services, the HTTP API and the periodic tick.
+pub struct Fleet {
+    state: Mutex<FleetState>,
+    links: Arc<Mutex<HashMap<String, Link>>>,
+    store: Store,
+    ledger: Ledger,
+    dispatch: mpsc::UnboundedSender<Dispatch>,
+}
+
+/// Current wall-clock time in Unix milliseconds.
+pub fn now_ms() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Fleet operations do not panic while holding these locks; if one did, the state is
+    // still the last consistent one, because every mutation is completed before unlock.
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// A share after hashing, before the ledger.
+enum Judged {
+    Rejected(pb::Share, RejectReason, Option<String>),
+    Accepted(
+        pb::Share,
+        AcceptedShare,
+        Arc<crate::worksource::WorkHeader>,
+        Option<[u8; 32]>,
+    ),
+}
+
+impl Fleet {
+    /// Restores the fleet from the store and starts its dispatcher. Must be called inside
+    /// a tokio runtime.
+    pub async fn open(store: Store, ledger: Ledger) -> Result<Arc<Fleet>, FleetError> {
+        let restored = persist::load(&store.read()?)?;
+        let unreferenced = restored.unreferenced_headers.clone();
+        let cleaned = unreferenced.len();
+        store
+            .write(move |txn| persist::forget_headers(txn, &unreferenced))
+            .await?;
+        tracing::info!(
+            leases = restored.leases.len(),
+            devices = restored.devices.len(),
+            headers_removed = cleaned,
+            "fleet state restored"
+        );
+        let (dispatch, mut queue) = mpsc::unbounded_channel::<Dispatch>();
+        let links: Arc<Mutex<HashMap<String, Link>>> = Arc::default();
+        let fleet = Arc::new(Fleet {
+            state: Mutex::new(FleetState::new(restored)),
+            links: links.clone(),
+            store,
+            ledger,
+            dispatch,
+        });
+        tokio::spawn(async move {
+            while let Some(item) = queue.recv().await {
+                if let Err(e) = item.durable.await {
+                    tracing::error!(error = %e, "fleet state could not be persisted; messages withheld");
+                    continue;
+                }
+                send_all(&links, item.messages);
+            }
+        });
+        Ok(fleet)
+    }
+
+    /// The share ledger.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Queues effects; called with the state lock held so store order is state order.
+    fn queue(&self, fx: Effects) {
+        if fx.is_empty() {
+            return;
+        }
+        let durable: Durable = if fx.persist.is_empty() {
+            Box::pin(async { Ok(()) })
+        } else {
+            let ops = fx.persist;
+            Box::pin(self.store.write(move |txn| persist::apply(txn, &ops)))
+        };
+        // The dispatcher lives as long as the runtime; if it is gone we are shutting down.
+        let _ = self.dispatch.send(Dispatch {
+            durable,
+            messages: fx.messages,
+        });
+    }
+
+    /// Makes a set of MicroMiners current.
+    pub fn apply_miners(&self, miners: &MinerSet) {
+        let mut state = lock(&self.state);
+        let fx = state.apply_miners(miners, now_ms());
+        self.queue(fx);
+    }
+
+    /// Registers a session after its `Hello`; the `Welcome` and first assignments follow
+    /// on `outbound`. Returns the session id.
+    pub fn connect(&self, device: &str, hello: &pb::Hello, outbound: Outbound) -> u64 {
+        let mut state = lock(&self.state);
+        let (session, fx) = state.connect(device, hello, now_ms());
+        let replaced = lock(&self.links).insert(device.to_string(), Link { session, outbound });
+        if let Some(old) = replaced {
+            // Ending the old stream makes its agent (if it is still alive) reconnect
+            // cleanly instead of two sessions fighting over one device.
+            let _ = old.outbound.try_send(Err(tonic::Status::aborted(
+                "a newer session for this device took over",
+            )));
+        }
+        self.queue(fx);
+        session
+    }
+
+    /// Records a device that just enrolled, durably, before its certificate is returned.
+    pub async fn enrolled(
+        &self,
+        device: &str,
+        labels: std::collections::BTreeMap<String, String>,
+    ) -> Result<(), FleetError> {
+        let durable = {
+            let mut state = lock(&self.state);
+            let ops = state.enrolled(device, labels, now_ms()).persist;
+            // Queued under the lock, so it lands in state order with everything else.
+            self.store.write(move |txn| persist::apply(txn, &ops))
+        };
+        durable.await?;
+        Ok(())
+    }
+
+    /// A session ended.
+    pub fn disconnect(&self, device: &str, session: u64) {
+        let mut state = lock(&self.state);
+        {
+            let mut links = lock(&self.links);
+            if links.get(device).is_some_and(|l| l.session == session) {
+                links.remove(device);
+            }
+        }
+        let fx = state.disconnect(device, session, now_ms());
+        self.queue(fx);
+    }
+
+    /// Whether `session` is still the device's current session.
+    pub fn is_current_session(&self, device: &str, session: u64) -> bool {
+        lock(&self.state).is_current_session(device, session)
+    }
+
+    /// A capacity report.
+    pub fn report(&self, device: &str, report: &pb::CapacityReport) {
+        lock(&self.state).report(device, report, now_ms());
+    }
+
+    /// A progress report.
+    pub fn progress(&self, device: &str, progress: &pb::Progress) {
+        let mut state = lock(&self.state);
+        let fx = state.progress(device, progress, now_ms());
+        self.queue(fx);
+    }
+
+    /// Periodic work (lease expiry, vardiff, top-ups).
+    pub fn tick(&self) {
+        let mut state = lock(&self.state);
+        let fx = state.tick(now_ms());
+        self.queue(fx);
+    }
+
+    /// Re-verifies a batch of shares, records the good ones durably, and returns the
+    /// results to acknowledge. Nothing is acknowledged as accepted before it is durable.
+    pub async fn submit_shares(
+        &self,
+        device: &str,
+        shares: &[pb::Share],
+    ) -> Result<pb::ShareResults, FleetError> {
+        let checks = lock(&self.state).check_shares(device, shares);
+        let now = now_ms();
+        let judged: Vec<Judged> = checks.into_iter().map(|c| judge(device, c, now)).collect();
+
+        let mut accepted = Vec::new();
+        let mut rejected = Vec::new();
+        for j in &judged {
+            match j {
+                Judged::Accepted(_, share, _, _) => accepted.push(share.clone()),
+                Judged::Rejected(_, reason, miner) => rejected.push(Rejection {
+                    device: device.to_string(),
+                    miner: miner.clone(),
+                    reason: *reason,
+                }),
+            }
+        }
+        let outcomes = self.ledger.record(accepted, rejected).await?;
+
+        let mut outcomes = outcomes.into_iter();
+        let mut results = Vec::with_capacity(judged.len());
+        let mut recorded = Vec::new();
+        for j in judged {
+            match j {
+                Judged::Rejected(share, reason, _) => results.push(rejected_result(&share, reason)),
+                Judged::Accepted(share, record, header, block_hash) => {
+                    match outcomes.next().unwrap_or(ShareOutcome::Duplicate) {
+                        ShareOutcome::Recorded => {
+                            recorded.push(RecordedShare {
+                                miner: record.miner.clone(),
+                                difficulty: record.difficulty,
+                                header,
+                                block_hash,
+                            });
+                            results.push(accepted_result(
+                                &share,
+                                record.difficulty,
+                                block_hash.is_some(),
+                            ));
+                        }
+                        ShareOutcome::AlreadyRecorded => {
+                            results.push(accepted_result(
+                                &share,
+                                record.difficulty,
+                                block_hash.is_some(),
+                            ));
+                        }
+                        ShareOutcome::Duplicate => {
+                            results.push(rejected_result(&share, RejectReason::Duplicate));
+                        }
+                    }
+                }
+            }
+        }
+        if !recorded.is_empty() {
+            let mut state = lock(&self.state);
+            let fx = state.shares_recorded(device, &recorded, now_ms());
+            self.queue(fx);
+        }
+        Ok(pb::ShareResults { results })
+    }
+
+    /// Everything operators see.
+    pub fn view(&self) -> FleetView {
+        let ledger = &self.ledger;
+        let totals = |scope: Scope<'_>| -> Totals {
+            match scope {
+                Scope::Device(d) => ledger.device_totals(d),
+                Scope::Miner(m) => ledger.miner_totals(m),
+            }
+        };
+        let mut state = lock(&self.state);
+        let (miners, devices) = state.view(now_ms(), &totals);
+        FleetView {
+            miners,
+            devices,
+            totals: ledger.fleet_totals(),
+            sessions: state.sessions(),
+            assignments: state.lease_count(),
+        }
+    }
+
+    /// Every live lease (who scans which nonces of which header), by id.
+    pub fn leases(&self) -> Vec<crate::scheduler::Lease> {
+        lock(&self.state).leases()
+    }
+
+    /// Ends every session with a `Drain`, so agents release their work and reconnect to
+    /// whoever serves next.
+    pub fn drain_all(&self, reason: &str) {
+        let links = lock(&self.links);
+        for link in links.values() {
+            let _ = link.outbound.try_send(Ok(pb::ControllerMessage {
+                kind: Some(pb::controller_message::Kind::Drain(pb::Drain {
+                    reason: reason.to_string(),
+                })),
+            }));
+        }
+    }
+
+    /// Drops share records of headers that can no longer receive shares, keeping totals,
+    /// so the ledger's dedup table stays the size of the live work, not of history.
+    pub async fn prune_ledger(&self) -> Result<u64, FleetError> {
+        let floor = lock(&self.state).oldest_live_header();
+        Ok(self.ledger.prune_below(floor).await?)
+    }
+
+    /// Waits until everything queued so far is durable (for orderly shutdown and tests).
+    pub async fn flush(&self) -> Result<(), FleetError> {
+        self.store.write(|_| Ok(())).await?;
+        Ok(())
+    }
+}
+
+fn send_all(links: &Mutex<HashMap<String, Link>>, messages: Vec<(String, pb::ControllerMessage)>) {
+    if messages.is_empty() {
+        return;
+    }
+    let mut links = lock(links);
+    for (device, message) in messages {
+        let Some(link) = links.get(&device) else {
+            continue;
+        };
+        if let Err(e) = link.outbound.try_send(Ok(message)) {
+            // A session that does not read its messages is dropped: its agent reconnects
+            // and resumes, which is cheaper than buffering without bound.
+            tracing::warn!(device = %device, error = %e, "session not keeping up; closing it");
+            links.remove(&device);
+        }
+    }
+}
+
+/// Re-hashes one share. Runs outside every lock.
+fn judge(device: &str, check: ShareCheck, now: i64) -> Judged {
+    match check {
+        ShareCheck::Reject {
+            share,
+            reason,
+            miner,
+        } => Judged::Rejected(share, reason, miner),
+        ShareCheck::Verify {
+            share,
+            header,
+            range,
+            target,
+            difficulty,
+            miner,
+        } => {
+            let nonce = u64::from(share.nonce);
+            if nonce < range.0 || nonce >= range.1 {
+                return Judged::Rejected(share, RejectReason::OutOfRange, Some(miner));
+            }
+            let hash = sha256d(&header_with_nonce(&header.prefix, share.nonce));
+            if !target.is_met_by(&hash) {
+                return Judged::Rejected(share, RejectReason::LowDifficulty, Some(miner));
+            }
+            let block = header.network_target().is_met_by(&hash);
+            let record = AcceptedShare {
+                key: ShareKey {
+                    header_id: header.id,
+                    nonce: share.nonce,
+                },
+                device: device.to_string(),
+                miner,
+                difficulty,
+                time_unix_ms: now,
+                block,
+                resubmitted: share.resubmitted,
+            };
+            Judged::Accepted(share, record, header, block.then_some(hash))
+        }
+    }
+}
+
+fn accepted_result(share: &pb::Share, difficulty: f64, block: bool) -> pb::ShareResult {
+    pb::ShareResult {
+        assignment_id: share.assignment_id,
+        nonce: share.nonce,
+        status: ShareStatus::Accepted as i32,
+        reason: RejectReason::Unspecified as i32,
+        difficulty,
+        block,
+    }
+}
+
+fn rejected_result(share: &pb::Share, reason: RejectReason) -> pb::ShareResult {
+    pb::ShareResult {
+        assignment_id: share.assignment_id,
+        nonce: share.nonce,
+        status: ShareStatus::Rejected as i32,
+        reason: reason as i32,
+        difficulty: 0.0,
+        block: false,
+    }
+}

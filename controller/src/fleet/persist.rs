@@ -1,0 +1,237 @@
+//! What the fleet keeps in the store besides the ledger: id counters, chain tips, headers
+//! that live leases refer to, the leases themselves, and device records. Enough to resume
+//! after a crash without ever handing out a nonce twice or forgetting a device.
+
+use std::collections::BTreeMap;
+
+use micromine_proto::pb;
+use redb::{ReadTransaction, TableDefinition, WriteTransaction};
+use serde::{Deserialize, Serialize};
+
+use super::state::Restored;
+use crate::scheduler::Lease;
+use crate::store::{JsonTable, StoreError, get_json, list_json, put_json, remove_json};
+use crate::worksource::{ChainTip, WorkHeader};
+
+const META: JsonTable = TableDefinition::new("fleet_meta");
+const HEADERS: JsonTable = TableDefinition::new("fleet_headers");
+const LEASES: JsonTable = TableDefinition::new("fleet_leases");
+const DEVICES: JsonTable = TableDefinition::new("fleet_devices");
+
+const IDS_KEY: &str = "ids";
+const TIP_PREFIX: &str = "tip/";
+
+/// Id counters; each is the next value to hand out.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct FleetIds {
+    /// Next header id.
+    pub next_header: u64,
+    /// Next job id.
+    pub next_job: u64,
+    /// Next assignment id.
+    pub next_assignment: u64,
+}
+
+impl Default for FleetIds {
+    fn default() -> Self {
+        FleetIds {
+            next_header: 1,
+            next_job: 1,
+            next_assignment: 1,
+        }
+    }
+}
+
+impl FleetIds {
+    /// Takes a header id.
+    pub fn take_header(&mut self) -> u64 {
+        let id = self.next_header;
+        self.next_header += 1;
+        id
+    }
+
+    /// Takes a job id.
+    pub fn take_job(&mut self) -> u64 {
+        let id = self.next_job;
+        self.next_job += 1;
+        id
+    }
+}
+
+/// A lease with what verification needs.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct LeaseRecord {
+    /// Range, device, expiry.
+    pub lease: Lease,
+    /// Share target, 32 bytes little-endian.
+    pub target_le: Vec<u8>,
+    /// Share difficulty credited.
+    pub difficulty: f64,
+    /// The MicroMiner.
+    pub miner: String,
+}
+
+/// What a device said about itself.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeviceCapacity {
+    /// Logical cores.
+    pub cores: u32,
+    /// Hashing threads.
+    pub mining_threads: u32,
+    /// CPU architecture.
+    pub arch: String,
+    /// Memory in bytes.
+    pub memory_bytes: u64,
+    /// Claimed hash rate at full duty (H/s).
+    pub nominal_hashrate: f64,
+    /// Hash engine.
+    pub hash_engine: String,
+}
+
+impl From<pb::Capacity> for DeviceCapacity {
+    fn from(c: pb::Capacity) -> Self {
+        DeviceCapacity {
+            cores: c.cores,
+            mining_threads: c.mining_threads,
+            arch: c.arch.chars().take(32).collect(),
+            memory_bytes: c.memory_bytes,
+            nominal_hashrate: c.nominal_hashrate,
+            hash_engine: c.hash_engine.chars().take(64).collect(),
+        }
+    }
+}
+
+/// A device the controller has seen (an EdgeDevice in Kubernetes terms).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DeviceRecord {
+    /// Name (certificate common name).
+    pub name: String,
+    /// Labels in effect: what it reported, overridden by `token_labels`.
+    pub labels: BTreeMap<String, String>,
+    /// Labels from the bootstrap token it enrolled with (set by the operator).
+    pub token_labels: BTreeMap<String, String>,
+    /// Capacity it reported.
+    pub capacity: DeviceCapacity,
+    /// Agent version.
+    pub agent_version: String,
+    /// First session, Unix ms.
+    pub first_seen_unix_ms: i64,
+    /// Last time heard from, Unix ms.
+    pub last_seen_unix_ms: i64,
+}
+
+/// One write the fleet wants durable.
+#[derive(Debug, Clone)]
+pub enum PersistOp {
+    /// Id counters.
+    Ids(FleetIds),
+    /// A MicroMiner's chain tip.
+    Tip(String, ChainTip),
+    /// A new header.
+    Header(WorkHeader),
+    /// A header nothing refers to any more.
+    DeleteHeader(u64),
+    /// A new lease.
+    Lease(LeaseRecord),
+    /// A lease that ended.
+    DeleteLease(u64),
+    /// A device record.
+    Device(DeviceRecord),
+}
+
+fn id_key(id: u64) -> String {
+    // Zero-padded so that key order is numeric order.
+    format!("{id:020}")
+}
+
+/// Applies writes in order inside a store job. Consecutive writes of the same counter or
+/// tip are coalesced to the last.
+pub fn apply(txn: &WriteTransaction, ops: &[PersistOp]) -> Result<(), StoreError> {
+    let mut ids = None;
+    let mut tips: BTreeMap<&str, &ChainTip> = BTreeMap::new();
+    for op in ops {
+        match op {
+            PersistOp::Ids(value) => ids = Some(value),
+            PersistOp::Tip(miner, tip) => {
+                tips.insert(miner, tip);
+            }
+            PersistOp::Header(header) => put_json(txn, HEADERS, &id_key(header.id), header)?,
+            PersistOp::DeleteHeader(id) => {
+                remove_json(txn, HEADERS, &id_key(*id))?;
+            }
+            PersistOp::Lease(record) => put_json(txn, LEASES, &id_key(record.lease.id), record)?,
+            PersistOp::DeleteLease(id) => {
+                remove_json(txn, LEASES, &id_key(*id))?;
+            }
+            PersistOp::Device(record) => put_json(txn, DEVICES, &record.name, record)?,
+        }
+    }
+    if let Some(ids) = ids {
+        put_json(txn, META, IDS_KEY, ids)?;
+    }
+    for (miner, tip) in tips {
+        put_json(txn, META, &format!("{TIP_PREFIX}{miner}"), tip)?;
+    }
+    Ok(())
+}
+
+/// Reads everything back at start. Headers no lease refers to are listed apart, for
+/// [`forget_headers`].
+pub fn load(txn: &ReadTransaction) -> Result<Restored, StoreError> {
+    let ids: FleetIds = get_json(txn, META, IDS_KEY)?.unwrap_or_default();
+    let mut tips = BTreeMap::new();
+    for (key, tip) in list_json::<serde_json::Value>(txn, META)? {
+        if let Some(miner) = key.strip_prefix(TIP_PREFIX) {
+            let tip: ChainTip = serde_json::from_value(tip).map_err(|source| StoreError::Json {
+                table: "fleet_meta".to_string(),
+                key: key.clone(),
+                source,
+            })?;
+            tips.insert(miner.to_string(), tip);
+        }
+    }
+    let leases: Vec<LeaseRecord> = list_json(txn, LEASES)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    let all_headers: Vec<WorkHeader> = list_json::<WorkHeader>(txn, HEADERS)?
+        .into_iter()
+        .map(|(_, h)| h)
+        .collect();
+    let devices = list_json(txn, DEVICES)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
+    // Counters must stay ahead of anything stored, even if a counter write was lost.
+    let mut ids = ids;
+    for header in &all_headers {
+        ids.next_header = ids.next_header.max(header.id + 1);
+    }
+    let (headers, unreferenced): (Vec<WorkHeader>, Vec<WorkHeader>) = all_headers
+        .into_iter()
+        .partition(|h| leases.iter().any(|l| l.lease.header == h.id));
+    for lease in &leases {
+        ids.next_assignment = ids.next_assignment.max(lease.lease.id + 1);
+    }
+    for tip in tips.values() {
+        ids.next_job = ids.next_job.max(tip.job + 1);
+    }
+    Ok(Restored {
+        ids,
+        headers,
+        leases,
+        tips,
+        devices,
+        unreferenced_headers: unreferenced.into_iter().map(|h| h.id).collect(),
+    })
+}
+
+/// Deletes stored headers that no stored lease refers to.
+pub fn forget_headers(txn: &WriteTransaction, ids: &[u64]) -> Result<(), StoreError> {
+    for id in ids {
+        remove_json(txn, HEADERS, &id_key(*id))?;
+    }
+    Ok(())
+}

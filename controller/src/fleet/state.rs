@@ -1,0 +1,1412 @@
+//! The fleet's live state as a plain state machine: every operation takes the time as an
+//! argument and returns [`Effects`] (records to persist, messages to send) instead of doing
+//! I/O, so the async shell in `fleet/mod.rs` decides when things become durable and
+//! visible, and the logic stays testable without sockets or disks.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use micromine_proto::pb::{self, RejectReason, controller_message::Kind};
+use micromine_proto::work::Target;
+
+use super::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp};
+use super::status::{DeviceView, MinerView, RateWindow};
+use crate::ledger::Totals;
+use crate::manifest::{
+    DeviceCounts, Hashrate, MicroMiner, MicroMinerStatus, MinerSet, ShareCounts,
+};
+use crate::scheduler::{AssignmentId, HeaderId, Lease, NONCE_SPACE, Scheduler};
+use crate::selector;
+use crate::vardiff::Vardiff;
+use crate::worksource::{BuiltinSource, ChainTip, WorkHeader};
+
+/// Leases a connected device holds at once: one to work on, one queued so it never idles
+/// while the controller answers.
+pub const LEASES_PER_DEVICE: usize = 2;
+/// Smallest range worth a message.
+const MIN_RANGE: u64 = 1 << 16;
+/// Shares against a lease that ended are still checked for this long (a batch may
+/// overtake a lease's end on the wire, and a reconnecting device resubmits).
+const ENDED_LEASE_MEMORY_MS: i64 = 600_000;
+/// How often agents report.
+pub const REPORT_INTERVAL_MS: u32 = 2_000;
+
+/// Records to persist and messages to send, produced by one operation.
+#[derive(Debug, Default)]
+pub struct Effects {
+    /// Store writes, applied in order in one transaction.
+    pub persist: Vec<PersistOp>,
+    /// Messages for devices, sent after the writes are durable.
+    pub messages: Vec<(String, pb::ControllerMessage)>,
+}
+
+impl Effects {
+    fn send(&mut self, device: &str, kind: Kind) {
+        self.messages.push((
+            device.to_string(),
+            pb::ControllerMessage { kind: Some(kind) },
+        ));
+    }
+
+    /// Appends another operation's effects.
+    pub fn extend(&mut self, other: Effects) {
+        self.persist.extend(other.persist);
+        self.messages.extend(other.messages);
+    }
+
+    /// Whether there is nothing to do.
+    pub fn is_empty(&self) -> bool {
+        self.persist.is_empty() && self.messages.is_empty()
+    }
+}
+
+/// What the controller keeps about a lease besides its range.
+#[derive(Debug, Clone)]
+struct LeaseMeta {
+    target: Target,
+    difficulty: f64,
+    miner: String,
+}
+
+/// A lease that ended recently, so late shares against it can still be judged.
+#[derive(Debug, Clone)]
+struct EndedLease {
+    lease: Lease,
+    meta: LeaseMeta,
+    header: Arc<WorkHeader>,
+    ended_ms: i64,
+}
+
+#[derive(Debug)]
+struct MinerRuntime {
+    spec: MicroMiner,
+    source: BuiltinSource,
+    headers: BTreeSet<HeaderId>,
+    current_header: Option<HeaderId>,
+    effective: RateWindow,
+    conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+}
+
+#[derive(Debug)]
+struct DeviceRuntime {
+    record: DeviceRecord,
+    session: Option<u64>,
+    miner: Option<String>,
+    vardiff: Option<Vardiff>,
+    reported_hashrate: f64,
+    reported_state: String,
+    effective: RateWindow,
+}
+
+impl DeviceRuntime {
+    fn new(record: DeviceRecord) -> DeviceRuntime {
+        DeviceRuntime {
+            record,
+            session: None,
+            miner: None,
+            vardiff: None,
+            reported_hashrate: 0.0,
+            reported_state: "offline".into(),
+            effective: RateWindow::default(),
+        }
+    }
+
+    fn nominal_hashrate(&self) -> f64 {
+        let claimed = self.record.capacity.nominal_hashrate;
+        if claimed.is_finite() {
+            claimed.clamp(1.0, 1e13)
+        } else {
+            1.0
+        }
+    }
+}
+
+/// A share after the lookups that need the state, before the hashing that does not.
+#[derive(Debug, Clone)]
+pub enum ShareCheck {
+    /// Rejected without hashing.
+    Reject {
+        /// The share.
+        share: pb::Share,
+        /// Why.
+        reason: RejectReason,
+        /// The MicroMiner it was for, when known.
+        miner: Option<String>,
+    },
+    /// To be re-hashed against this work.
+    Verify {
+        /// The share.
+        share: pb::Share,
+        /// The header it claims.
+        header: Arc<WorkHeader>,
+        /// Its lease's range.
+        range: (u64, u64),
+        /// Its lease's share target.
+        target: Target,
+        /// Difficulty credited if it meets the target.
+        difficulty: f64,
+        /// The MicroMiner it is for.
+        miner: String,
+    },
+}
+
+/// A share that was recorded, as the state needs to know about it afterwards.
+#[derive(Debug, Clone)]
+pub struct RecordedShare {
+    /// The MicroMiner.
+    pub miner: String,
+    /// Difficulty credited.
+    pub difficulty: f64,
+    /// The header it was found on.
+    pub header: Arc<WorkHeader>,
+    /// Its sha256d, when it was a block.
+    pub block_hash: Option<[u8; 32]>,
+}
+
+/// What was restored from the store at start.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Id counters.
+    pub ids: FleetIds,
+    /// Headers that leases refer to.
+    pub headers: Vec<WorkHeader>,
+    /// Leases alive at the last shutdown or crash.
+    pub leases: Vec<LeaseRecord>,
+    /// Chain tips of builtin sources.
+    pub tips: BTreeMap<String, ChainTip>,
+    /// Known devices.
+    pub devices: Vec<DeviceRecord>,
+    /// Stored headers nothing refers to any more.
+    pub unreferenced_headers: Vec<HeaderId>,
+}
+
+/// The fleet: devices, MicroMiners, headers and leases.
+#[derive(Debug)]
+pub struct FleetState {
+    miners: BTreeMap<String, MinerRuntime>,
+    devices: BTreeMap<String, DeviceRuntime>,
+    scheduler: Scheduler,
+    headers: HashMap<HeaderId, Arc<WorkHeader>>,
+    lease_meta: HashMap<AssignmentId, LeaseMeta>,
+    ended: HashMap<AssignmentId, EndedLease>,
+    ended_order: VecDeque<AssignmentId>,
+    tips: BTreeMap<String, ChainTip>,
+    ids: FleetIds,
+    next_session: u64,
+}
+
+fn now_unix_seconds(now_ms: i64) -> u32 {
+    (now_ms / 1000).clamp(0, i64::from(u32::MAX)) as u32
+}
+
+fn lease_ms(miner: &MicroMiner) -> i64 {
+    // Room for the queued lease to be worked after the current one, plus slack for a
+    // slow link.
+    i64::from(miner.spec.assignment_seconds) * 3_000 + 5_000
+}
+
+impl FleetState {
+    /// A fleet continuing from what the store held.
+    pub fn new(restored: Restored) -> FleetState {
+        let mut scheduler = Scheduler::new(restored.ids.next_assignment);
+        let mut headers = HashMap::new();
+        for header in restored.headers {
+            scheduler.add_closed_header(header.id);
+            headers.insert(header.id, Arc::new(header));
+        }
+        let mut lease_meta = HashMap::new();
+        for record in restored.leases {
+            let Some(target) = Target::from_le_slice(&record.target_le) else {
+                tracing::warn!(
+                    lease = record.lease.id,
+                    "dropping persisted lease with a bad target"
+                );
+                continue;
+            };
+            let meta = LeaseMeta {
+                target,
+                difficulty: record.difficulty,
+                miner: record.miner.clone(),
+            };
+            let id = record.lease.id;
+            match scheduler.restore(record.lease) {
+                Ok(()) => {
+                    lease_meta.insert(id, meta);
+                }
+                Err(e) => tracing::warn!(error = %e, "dropping persisted lease"),
+            }
+        }
+        let devices = restored
+            .devices
+            .into_iter()
+            .map(|record| (record.name.clone(), DeviceRuntime::new(record)))
+            .collect();
+        let mut ids = restored.ids;
+        ids.next_assignment = scheduler.next_id();
+        FleetState {
+            miners: BTreeMap::new(),
+            devices,
+            scheduler,
+            headers,
+            lease_meta,
+            ended: HashMap::new(),
+            ended_order: VecDeque::new(),
+            tips: restored.tips,
+            ids,
+            next_session: 1,
+        }
+    }
+
+    // ---------------------------------------------------------------- MicroMiners
+
+    /// Makes the set of MicroMiners current: adds, updates and removes, then re-matches
+    /// every device.
+    pub fn apply_miners(&mut self, desired: &MinerSet, now_ms: i64) -> Effects {
+        let mut fx = Effects::default();
+        let removed: Vec<String> = self
+            .miners
+            .keys()
+            .filter(|k| !desired.contains_key(*k))
+            .cloned()
+            .collect();
+        for key in removed {
+            tracing::info!(miner = %key, "MicroMiner removed; cancelling its work");
+            self.retire_miner_headers(&key, "MicroMiner removed", &mut fx);
+            self.miners.remove(&key);
+        }
+        for (key, miner) in desired {
+            let difficulty = miner
+                .spec
+                .work_source
+                .builtin
+                .as_ref()
+                .map_or(1.0, |b| b.network_difficulty);
+            match self.miners.get_mut(key) {
+                Some(runtime)
+                    if runtime.spec.spec == miner.spec
+                        && runtime.spec.metadata == miner.metadata => {}
+                Some(runtime) => {
+                    let old = std::mem::replace(&mut runtime.spec, miner.clone());
+                    let new_job = runtime.source.difficulty_changes(difficulty);
+                    if new_job {
+                        let job = self.ids.take_job();
+                        if let Some(runtime) = self.miners.get_mut(key) {
+                            runtime.source.set_difficulty(difficulty, job);
+                            runtime.current_header = None;
+                            fx.persist
+                                .push(PersistOp::Tip(key.clone(), runtime.source.tip().clone()));
+                        }
+                        fx.persist.push(PersistOp::Ids(self.ids.clone()));
+                        self.retire_stale_headers(key, "network difficulty changed", &mut fx);
+                    }
+                    if miner.spec.paused && !old.spec.paused {
+                        self.end_miner_leases(key, "MicroMiner paused", &mut fx);
+                    }
+                    if miner.spec.limits != old.spec.limits {
+                        self.send_limits(key, &mut fx);
+                    }
+                    tracing::info!(miner = %key, new_job, "MicroMiner updated");
+                }
+                None => {
+                    let tip = self.tips.get(key).cloned();
+                    let job = if tip.is_none() {
+                        self.ids.take_job()
+                    } else {
+                        0
+                    };
+                    let mut source =
+                        BuiltinSource::new(key, difficulty, tip, job, now_unix_seconds(now_ms));
+                    if source.difficulty_changes(difficulty) {
+                        source.set_difficulty(difficulty, self.ids.take_job());
+                    }
+                    fx.persist
+                        .push(PersistOp::Tip(key.clone(), source.tip().clone()));
+                    fx.persist.push(PersistOp::Ids(self.ids.clone()));
+                    tracing::info!(miner = %key, network_difficulty = difficulty, "MicroMiner added");
+                    let mut effective = RateWindow::default();
+                    effective.observe_from(now_ms);
+                    self.miners.insert(
+                        key.clone(),
+                        MinerRuntime {
+                            spec: miner.clone(),
+                            source,
+                            headers: BTreeSet::new(),
+                            current_header: None,
+                            effective,
+                            conditions: Vec::new(),
+                        },
+                    );
+                }
+            }
+        }
+        let names: Vec<String> = self.devices.keys().cloned().collect();
+        for name in names {
+            self.rematch_device(&name, now_ms, &mut fx);
+        }
+        fx
+    }
+
+    fn matching_miner(&self, labels: &BTreeMap<String, String>) -> Option<String> {
+        // Several MicroMiners may select a device; the first by namespace/name wins so
+        // the choice is stable across restarts.
+        self.miners
+            .iter()
+            .find(|(_, m)| selector::matches(&m.spec.spec.selector, labels))
+            .map(|(k, _)| k.clone())
+    }
+
+    fn rematch_device(&mut self, name: &str, now_ms: i64, fx: &mut Effects) {
+        let Some(device) = self.devices.get(name) else {
+            return;
+        };
+        let wanted = self.matching_miner(&device.record.labels);
+        if wanted != device.miner {
+            if let Some(old) = &device.miner {
+                tracing::info!(device = name, from = %old, to = ?wanted, "device changes MicroMiner");
+            }
+            self.end_device_leases(name, "device moved to another MicroMiner", fx);
+            if let Some(device) = self.devices.get_mut(name) {
+                device.miner = wanted.clone();
+                device.vardiff = None;
+            }
+        }
+        if let (Some(key), Some(device)) = (wanted.as_ref(), self.devices.get_mut(name))
+            && let Some(miner) = self.miners.get(key)
+        {
+            let spm = miner.spec.spec.shares_per_minute;
+            let max = miner.source.network_target().difficulty();
+            let nominal = device.nominal_hashrate() * miner.spec.spec.limits.duty_cycle;
+            match device.vardiff.as_mut() {
+                Some(v) => v.set_goal(spm, max, now_ms),
+                None => device.vardiff = Some(Vardiff::new(nominal, spm, max, now_ms)),
+            }
+        }
+        self.top_up(name, now_ms, fx);
+    }
+
+    fn send_limits(&self, miner: &str, fx: &mut Effects) {
+        let Some(runtime) = self.miners.get(miner) else {
+            return;
+        };
+        let limits = pb::Limits {
+            duty_cycle: runtime.spec.spec.limits.duty_cycle,
+        };
+        for (name, device) in &self.devices {
+            if device.session.is_some() && device.miner.as_deref() == Some(miner) {
+                fx.send(
+                    name,
+                    Kind::SetLimits(pb::SetLimits {
+                        limits: Some(limits),
+                    }),
+                );
+            }
+        }
+    }
+
+    // ---------------------------------------------------------------- sessions
+
+    /// A device opened a session. Returns the session id and the effects, the first
+    /// message of which is the `Welcome`.
+    pub fn connect(&mut self, name: &str, hello: &pb::Hello, now_ms: i64) -> (u64, Effects) {
+        let mut fx = Effects::default();
+        let session = self.next_session;
+        self.next_session += 1;
+        let capacity = hello.capacity.clone().unwrap_or_default();
+        let device = self.device_entry(name, now_ms);
+        let mut labels: BTreeMap<String, String> = hello.labels.clone().into_iter().collect();
+        // Labels the operator attached to the bootstrap token outrank the device's own.
+        labels.extend(device.record.token_labels.clone());
+        if device.session.is_some() {
+            tracing::info!(device = name, "new session replaces the previous one");
+        }
+        let labels_changed = device.record.labels != labels;
+        device.session = Some(session);
+        device.record.labels = labels;
+        device.record.capacity = capacity.clone().into();
+        device.record.agent_version = hello.version.clone();
+        device.record.last_seen_unix_ms = now_ms;
+        device.reported_state = "idle".into();
+        device.effective.observe_from(now_ms);
+        if labels_changed {
+            device.miner = None;
+            device.vardiff = None;
+        }
+        fx.persist.push(PersistOp::Device(device.record.clone()));
+
+        // Keep what the device still holds and we still honour; drop the rest.
+        let mut kept = Vec::new();
+        let owned: BTreeSet<AssignmentId> = self.scheduler.leases_of(name).into_iter().collect();
+        for resumed in hello.resume.iter().flat_map(|r| &r.assignments) {
+            if owned.contains(&resumed.assignment_id) {
+                self.scheduler
+                    .progress(resumed.assignment_id, resumed.scanned_until);
+                kept.push(resumed.assignment_id);
+            }
+        }
+        // Leases the device no longer knows about (it restarted) are reclaimed now.
+        for id in owned {
+            if !kept.contains(&id) {
+                self.end_lease(id, now_ms, &mut fx);
+            }
+        }
+        let duty = self
+            .devices
+            .get(name)
+            .and_then(|d| d.miner.as_ref())
+            .and_then(|m| self.miners.get(m))
+            .map_or(1.0, |m| m.spec.spec.limits.duty_cycle);
+        fx.send(
+            name,
+            Kind::Welcome(pb::Welcome {
+                device_name: name.to_string(),
+                resumed_assignment_ids: kept,
+                report_interval_ms: REPORT_INTERVAL_MS,
+                limits: Some(pb::Limits { duty_cycle: duty }),
+            }),
+        );
+        self.rematch_device(name, now_ms, &mut fx);
+        (session, fx)
+    }
+
+    fn device_entry(&mut self, name: &str, now_ms: i64) -> &mut DeviceRuntime {
+        self.devices.entry(name.to_string()).or_insert_with(|| {
+            DeviceRuntime::new(DeviceRecord {
+                name: name.to_string(),
+                first_seen_unix_ms: now_ms,
+                ..DeviceRecord::default()
+            })
+        })
+    }
+
+    /// A device enrolled with a token carrying `labels`.
+    pub fn enrolled(
+        &mut self,
+        name: &str,
+        labels: BTreeMap<String, String>,
+        now_ms: i64,
+    ) -> Effects {
+        let device = self.device_entry(name, now_ms);
+        device.record.token_labels = labels;
+        device.record.last_seen_unix_ms = now_ms;
+        Effects {
+            persist: vec![PersistOp::Device(device.record.clone())],
+            messages: Vec::new(),
+        }
+    }
+
+    /// A session ended. Its leases stay until they expire: the agent keeps scanning them
+    /// while disconnected and may resume them.
+    pub fn disconnect(&mut self, name: &str, session: u64, now_ms: i64) -> Effects {
+        let mut fx = Effects::default();
+        if let Some(device) = self.devices.get_mut(name)
+            && device.session == Some(session)
+        {
+            device.session = None;
+            device.reported_state = "offline".into();
+            device.record.last_seen_unix_ms = now_ms;
+            fx.persist.push(PersistOp::Device(device.record.clone()));
+        }
+        fx
+    }
+
+    /// Whether `session` is the device's current session.
+    pub fn is_current_session(&self, name: &str, session: u64) -> bool {
+        self.devices.get(name).and_then(|d| d.session) == Some(session)
+    }
+
+    /// A `CapacityReport` from a device.
+    pub fn report(&mut self, name: &str, report: &pb::CapacityReport, now_ms: i64) {
+        if let Some(device) = self.devices.get_mut(name) {
+            device.reported_hashrate = if report.hashrate.is_finite() {
+                report.hashrate.max(0.0)
+            } else {
+                0.0
+            };
+            device.reported_state = report.state.chars().take(64).collect();
+            device.record.last_seen_unix_ms = now_ms;
+        }
+    }
+
+    /// A `Progress` from a device.
+    pub fn progress(&mut self, name: &str, progress: &pb::Progress, now_ms: i64) -> Effects {
+        let mut fx = Effects::default();
+        let owned = self
+            .scheduler
+            .lease(progress.assignment_id)
+            .is_some_and(|l| l.device == name);
+        if !owned {
+            return fx;
+        }
+        self.scheduler
+            .progress(progress.assignment_id, progress.scanned_until);
+        if let Some(device) = self.devices.get_mut(name) {
+            device.record.last_seen_unix_ms = now_ms;
+        }
+        if progress.finished {
+            self.end_lease(progress.assignment_id, now_ms, &mut fx);
+            self.top_up(name, now_ms, &mut fx);
+        }
+        fx
+    }
+
+    // ---------------------------------------------------------------- leases
+
+    /// Ends a lease (reclaiming its unscanned remainder) and remembers it for late shares.
+    fn end_lease(&mut self, id: AssignmentId, now_ms: i64, fx: &mut Effects) {
+        if let Some(lease) = self.scheduler.end_lease(id) {
+            fx.persist.push(PersistOp::DeleteLease(id));
+            self.remember_ended(lease, now_ms);
+        }
+    }
+
+    fn remember_ended(&mut self, lease: Lease, now_ms: i64) {
+        let Some(meta) = self.lease_meta.remove(&lease.id) else {
+            return;
+        };
+        if let Some(header) = self.headers.get(&lease.header).cloned() {
+            self.ended_order.push_back(lease.id);
+            self.ended.insert(
+                lease.id,
+                EndedLease {
+                    lease,
+                    meta,
+                    header,
+                    ended_ms: now_ms,
+                },
+            );
+        }
+    }
+
+    fn end_device_leases(&mut self, name: &str, reason: &str, fx: &mut Effects) {
+        let ids = self.scheduler.leases_of(name);
+        if ids.is_empty() {
+            return;
+        }
+        for id in &ids {
+            self.scheduler.end_lease(*id);
+            self.lease_meta.remove(id);
+            fx.persist.push(PersistOp::DeleteLease(*id));
+        }
+        if self.devices.get(name).is_some_and(|d| d.session.is_some()) {
+            fx.send(
+                name,
+                Kind::Cancel(pb::Cancel {
+                    assignment_ids: ids,
+                    reason: reason.to_string(),
+                }),
+            );
+        }
+    }
+
+    fn end_miner_leases(&mut self, miner: &str, reason: &str, fx: &mut Effects) {
+        let names: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.miner.as_deref() == Some(miner))
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            self.end_device_leases(&name, reason, fx);
+        }
+    }
+
+    /// Retires every header of `miner` from a job other than its current one.
+    fn retire_stale_headers(&mut self, miner: &str, reason: &str, fx: &mut Effects) {
+        let Some(runtime) = self.miners.get(miner) else {
+            return;
+        };
+        let job = runtime.source.job();
+        let stale: Vec<HeaderId> = runtime
+            .headers
+            .iter()
+            .copied()
+            .filter(|h| self.headers.get(h).is_none_or(|w| w.job != job))
+            .collect();
+        self.retire_headers(miner, &stale, reason, fx);
+    }
+
+    fn retire_miner_headers(&mut self, miner: &str, reason: &str, fx: &mut Effects) {
+        let all: Vec<HeaderId> = self
+            .miners
+            .get(miner)
+            .map(|m| m.headers.iter().copied().collect())
+            .unwrap_or_default();
+        self.retire_headers(miner, &all, reason, fx);
+        // Leases restored after a restart may be on headers the runtime never tracked.
+        let restored: Vec<HeaderId> = self
+            .headers
+            .values()
+            .filter(|h| h.miner == miner)
+            .map(|h| h.id)
+            .collect();
+        self.retire_headers(miner, &restored, reason, fx);
+    }
+
+    fn retire_headers(
+        &mut self,
+        miner: &str,
+        headers: &[HeaderId],
+        reason: &str,
+        fx: &mut Effects,
+    ) {
+        let mut cancelled: BTreeMap<String, Vec<AssignmentId>> = BTreeMap::new();
+        for &header in headers {
+            for lease in self.scheduler.retire_header(header) {
+                self.lease_meta.remove(&lease.id);
+                fx.persist.push(PersistOp::DeleteLease(lease.id));
+                cancelled.entry(lease.device).or_default().push(lease.id);
+            }
+            if let Some(runtime) = self.miners.get_mut(miner) {
+                runtime.headers.remove(&header);
+                if runtime.current_header == Some(header) {
+                    runtime.current_header = None;
+                }
+            }
+        }
+        self.forget_dropped_headers(fx);
+        for (device, ids) in cancelled {
+            if self
+                .devices
+                .get(&device)
+                .is_some_and(|d| d.session.is_some())
+            {
+                fx.send(
+                    &device,
+                    Kind::Cancel(pb::Cancel {
+                        assignment_ids: ids,
+                        reason: reason.to_string(),
+                    }),
+                );
+            }
+        }
+    }
+
+    fn forget_dropped_headers(&mut self, fx: &mut Effects) {
+        for header in self.scheduler.take_dropped_headers() {
+            // Ended leases may still point at it for late shares; they hold the Arc.
+            if let Some(work) = self.headers.remove(&header)
+                && let Some(runtime) = self.miners.get_mut(&work.miner)
+            {
+                runtime.headers.remove(&header);
+                if runtime.current_header == Some(header) {
+                    runtime.current_header = None;
+                }
+            }
+            fx.persist.push(PersistOp::DeleteHeader(header));
+        }
+    }
+
+    /// Gives a connected device leases until it holds [`LEASES_PER_DEVICE`].
+    fn top_up(&mut self, name: &str, now_ms: i64, fx: &mut Effects) {
+        let Some(device) = self.devices.get(name) else {
+            return;
+        };
+        if device.session.is_none() {
+            return;
+        }
+        let Some(key) = device.miner.clone() else {
+            return;
+        };
+        let Some(miner) = self.miners.get(&key) else {
+            return;
+        };
+        if miner.spec.spec.paused {
+            return;
+        }
+        let spec = miner.spec.spec.clone();
+        let nominal = device.nominal_hashrate();
+        let size = ((nominal * spec.limits.duty_cycle * f64::from(spec.assignment_seconds)) as u64)
+            .clamp(MIN_RANGE, NONCE_SPACE);
+        let (difficulty, target) = match &device.vardiff {
+            Some(v) => (v.difficulty(), v.target()),
+            None => return,
+        };
+        let lease_ms = lease_ms(&miner.spec);
+        while self.scheduler.leases_of(name).len() < LEASES_PER_DEVICE {
+            let header = match self.miners.get(&key).and_then(|m| m.current_header) {
+                Some(h) => h,
+                None => self.new_header(&key, fx),
+            };
+            let expires = now_ms + lease_ms;
+            let Some(lease) = self.scheduler.assign(name, header, size, expires) else {
+                if let Some(runtime) = self.miners.get_mut(&key) {
+                    runtime.current_header = None;
+                }
+                continue;
+            };
+            let Some(work) = self.headers.get(&header).cloned() else {
+                // Cannot happen: headers are registered before they are assigned from.
+                self.scheduler.end_lease(lease.id);
+                return;
+            };
+            let meta = LeaseMeta {
+                target,
+                difficulty,
+                miner: key.clone(),
+            };
+            self.ids.next_assignment = self.scheduler.next_id();
+            fx.persist.push(PersistOp::Ids(self.ids.clone()));
+            fx.persist.push(PersistOp::Lease(LeaseRecord {
+                lease: lease.clone(),
+                target_le: target.to_le_bytes().to_vec(),
+                difficulty,
+                miner: key.clone(),
+            }));
+            fx.send(
+                name,
+                Kind::Assignment(pb::Assignment {
+                    id: lease.id,
+                    header_prefix: work.prefix.to_vec(),
+                    nonce_start: lease.start,
+                    nonce_end: lease.end,
+                    share_target: target.to_le_bytes().to_vec(),
+                    share_difficulty: difficulty,
+                    lease_ms: lease_ms as u32,
+                    expires_at_unix_ms: expires,
+                    miner: key.clone(),
+                    limits: Some(pb::Limits {
+                        duty_cycle: spec.limits.duty_cycle,
+                    }),
+                }),
+            );
+            self.lease_meta.insert(lease.id, meta);
+        }
+    }
+
+    fn new_header(&mut self, miner: &str, fx: &mut Effects) -> HeaderId {
+        let id = self.ids.take_header();
+        let Some(runtime) = self.miners.get_mut(miner) else {
+            return id;
+        };
+        let work = runtime.source.next_header(id);
+        runtime.headers.insert(id);
+        runtime.current_header = Some(id);
+        fx.persist.push(PersistOp::Header(work.clone()));
+        fx.persist.push(PersistOp::Tip(
+            miner.to_string(),
+            runtime.source.tip().clone(),
+        ));
+        fx.persist.push(PersistOp::Ids(self.ids.clone()));
+        self.scheduler.add_header(id);
+        self.headers.insert(id, Arc::new(work));
+        id
+    }
+
+    // ---------------------------------------------------------------- shares
+
+    /// Looks up what each share claims. Hashing happens afterwards, outside any lock.
+    pub fn check_shares(&self, name: &str, shares: &[pb::Share]) -> Vec<ShareCheck> {
+        shares
+            .iter()
+            .map(|share| self.check_share(name, share))
+            .collect()
+    }
+
+    fn check_share(&self, name: &str, share: &pb::Share) -> ShareCheck {
+        let reject = |reason, miner: Option<&str>| ShareCheck::Reject {
+            share: *share,
+            reason,
+            miner: miner.map(str::to_string),
+        };
+        let (lease, meta, header) = match self.scheduler.lease(share.assignment_id) {
+            Some(lease) => {
+                if lease.device != name {
+                    return reject(RejectReason::UnknownAssignment, None);
+                }
+                let (Some(meta), Some(header)) = (
+                    self.lease_meta.get(&share.assignment_id),
+                    self.headers.get(&lease.header),
+                ) else {
+                    return reject(RejectReason::Stale, None);
+                };
+                (lease.clone(), meta.clone(), header.clone())
+            }
+            None => match self.ended.get(&share.assignment_id) {
+                Some(ended) if ended.lease.device == name => (
+                    ended.lease.clone(),
+                    ended.meta.clone(),
+                    ended.header.clone(),
+                ),
+                Some(_) => return reject(RejectReason::UnknownAssignment, None),
+                None if share.assignment_id < self.scheduler.next_id() => {
+                    // Issued once, long gone: a device catching up after a long outage.
+                    return reject(RejectReason::Stale, None);
+                }
+                None => return reject(RejectReason::UnknownAssignment, None),
+            },
+        };
+        let current_job = self.miners.get(&meta.miner).map(|m| m.source.job());
+        if current_job != Some(header.job) {
+            return reject(RejectReason::Stale, Some(&meta.miner));
+        }
+        ShareCheck::Verify {
+            share: *share,
+            header,
+            range: (lease.start, lease.end),
+            target: meta.target,
+            difficulty: meta.difficulty,
+            miner: meta.miner,
+        }
+    }
+
+    /// Bookkeeping after shares were durably recorded: vardiff, rates, found blocks.
+    pub fn shares_recorded(
+        &mut self,
+        name: &str,
+        recorded: &[RecordedShare],
+        now_ms: i64,
+    ) -> Effects {
+        let mut fx = Effects::default();
+        let mut blocks: Vec<(String, [u8; 32], u64)> = Vec::new();
+        for share in recorded {
+            if let Some(device) = self.devices.get_mut(name) {
+                device.effective.add(now_ms, share.difficulty);
+                if let Some(v) = device.vardiff.as_mut() {
+                    v.record_share(share.difficulty);
+                }
+                device.record.last_seen_unix_ms = now_ms;
+            }
+            if let Some(miner) = self.miners.get_mut(&share.miner) {
+                miner.effective.add(now_ms, share.difficulty);
+            }
+            if let Some(hash) = share.block_hash {
+                blocks.push((share.miner.clone(), hash, share.header.job));
+            }
+        }
+        for (miner, hash, job) in blocks {
+            let Some(runtime) = self.miners.get(&miner) else {
+                continue;
+            };
+            if runtime.source.job() != job {
+                // A second block on the same job in the same batch: the chain already moved.
+                continue;
+            }
+            let new_job = self.ids.take_job();
+            if let Some(runtime) = self.miners.get_mut(&miner) {
+                runtime
+                    .source
+                    .block_found(hash, new_job, now_unix_seconds(now_ms));
+                runtime.current_header = None;
+                tracing::info!(miner = %miner, device = name, height = runtime.source.tip().height - 1,
+                    hash = %micromine_proto::work::hash_display_hex(&hash), "block found");
+                fx.persist
+                    .push(PersistOp::Tip(miner.clone(), runtime.source.tip().clone()));
+            }
+            fx.persist.push(PersistOp::Ids(self.ids.clone()));
+            self.retire_stale_headers(&miner, "block found: new chain tip", &mut fx);
+            let devices: Vec<String> = self
+                .devices
+                .iter()
+                .filter(|(_, d)| d.miner.as_deref() == Some(miner.as_str()))
+                .map(|(n, _)| n.clone())
+                .collect();
+            for device in devices {
+                self.top_up(&device, now_ms, &mut fx);
+            }
+        }
+        fx
+    }
+
+    // ---------------------------------------------------------------- time
+
+    /// Periodic work: expire leases, retarget vardiff, forget old ended leases, and make
+    /// sure every connected device has work.
+    pub fn tick(&mut self, now_ms: i64) -> Effects {
+        let mut fx = Effects::default();
+        for lease in self.scheduler.expire(now_ms) {
+            tracing::debug!(device = %lease.device, lease = lease.id, scanned = lease.scanned_until - lease.start,
+                len = lease.len(), "lease expired; remainder reclaimed");
+            fx.persist.push(PersistOp::DeleteLease(lease.id));
+            self.remember_ended(lease, now_ms);
+        }
+        self.forget_dropped_headers(&mut fx);
+        while let Some(id) = self.ended_order.front().copied() {
+            match self.ended.get(&id) {
+                Some(e) if e.ended_ms + ENDED_LEASE_MEMORY_MS > now_ms => break,
+                _ => {
+                    self.ended.remove(&id);
+                    self.ended_order.pop_front();
+                }
+            }
+        }
+        for device in self.devices.values_mut() {
+            if let Some(v) = device.vardiff.as_mut()
+                && let Some(new) = v.retarget(now_ms)
+            {
+                tracing::debug!(device = %device.record.name, difficulty = new, "vardiff retarget");
+            }
+        }
+        let names: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.session.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            self.top_up(&name, now_ms, &mut fx);
+        }
+        fx
+    }
+
+    // ---------------------------------------------------------------- views
+
+    /// Everything operators see, with ledger totals looked up through `totals`.
+    pub fn view(
+        &mut self,
+        now_ms: i64,
+        totals: &dyn Fn(Scope<'_>) -> Totals,
+    ) -> (Vec<MinerView>, Vec<DeviceView>) {
+        let devices: Vec<DeviceView> = self
+            .devices
+            .values()
+            .map(|d| {
+                let connected = d.session.is_some();
+                let leases = self.scheduler.leases_of(&d.record.name).len();
+                let state = if !connected {
+                    "offline".to_string()
+                } else if d.reported_state.starts_with("throttled")
+                    || d.reported_state.starts_with("paused")
+                {
+                    d.reported_state.clone()
+                } else if leases > 0 {
+                    "mining".to_string()
+                } else {
+                    "idle".to_string()
+                };
+                DeviceView {
+                    name: d.record.name.clone(),
+                    labels: d.record.labels.clone(),
+                    connected,
+                    state,
+                    miner: d.miner.clone(),
+                    cores: d.record.capacity.cores,
+                    mining_threads: d.record.capacity.mining_threads,
+                    arch: d.record.capacity.arch.clone(),
+                    hash_engine: d.record.capacity.hash_engine.clone(),
+                    agent_version: d.record.agent_version.clone(),
+                    nominal_hashrate: d.record.capacity.nominal_hashrate,
+                    reported_hashrate: if connected { d.reported_hashrate } else { 0.0 },
+                    effective_hashrate: d.effective.hashrate(now_ms),
+                    share_difficulty: d.vardiff.as_ref().map_or(0.0, Vardiff::difficulty),
+                    assignments: leases,
+                    shares: totals(Scope::Device(&d.record.name)),
+                    last_seen_unix_ms: d.record.last_seen_unix_ms,
+                }
+            })
+            .collect();
+        let mut miners = Vec::new();
+        for (key, runtime) in self.miners.iter_mut() {
+            let mut counts = DeviceCounts::default();
+            let mut nominal = 0.0;
+            for d in devices
+                .iter()
+                .filter(|d| d.miner.as_deref() == Some(key.as_str()))
+            {
+                counts.matched += 1;
+                match d.state.as_str() {
+                    "offline" => counts.offline += 1,
+                    "mining" => {
+                        counts.mining += 1;
+                        nominal += d.nominal_hashrate * runtime.spec.spec.limits.duty_cycle;
+                    }
+                    s if s.starts_with("throttled") || s.starts_with("paused") => {
+                        counts.throttled += 1
+                    }
+                    _ => {}
+                }
+            }
+            let t = totals(Scope::Miner(key));
+            let stale = t.rejected.stale;
+            let status = MicroMinerStatus {
+                observed_generation: runtime.spec.metadata.generation,
+                conditions: super::conditions::update(
+                    &mut runtime.conditions,
+                    runtime.spec.spec.paused,
+                    &counts,
+                    runtime.spec.metadata.generation,
+                    now_ms,
+                ),
+                hashrate: Hashrate {
+                    nominal,
+                    effective: runtime.effective.hashrate(now_ms),
+                },
+                shares: ShareCounts {
+                    accepted: t.accepted,
+                    rejected: t.rejected.total().saturating_sub(stale),
+                    stale,
+                },
+                blocks_found: t.blocks,
+                last_share_time: t
+                    .last_share_unix_ms
+                    .and_then(super::conditions::time_from_unix_ms),
+                devices: counts,
+            };
+            miners.push(MinerView {
+                key: key.clone(),
+                status,
+                network_difficulty: runtime.source.network_target().difficulty(),
+                totals: t,
+            });
+        }
+        (miners, devices)
+    }
+
+    /// The oldest header a share could still be accepted for: every share record below it
+    /// is settled history that no submission can touch again.
+    pub fn oldest_live_header(&self) -> HeaderId {
+        self.headers
+            .keys()
+            .copied()
+            .chain(self.ended.values().map(|e| e.header.id))
+            .min()
+            .unwrap_or(self.ids.next_header)
+    }
+
+    /// Sessions open now.
+    pub fn sessions(&self) -> usize {
+        self.devices
+            .values()
+            .filter(|d| d.session.is_some())
+            .count()
+    }
+
+    /// Live leases.
+    pub fn lease_count(&self) -> usize {
+        self.scheduler.leases().count()
+    }
+
+    /// Every live lease, by id.
+    pub fn leases(&self) -> Vec<Lease> {
+        let mut leases: Vec<Lease> = self.scheduler.leases().cloned().collect();
+        leases.sort_by_key(|l| l.id);
+        leases
+    }
+}
+
+/// Which ledger totals a view asks for.
+#[derive(Debug, Clone, Copy)]
+pub enum Scope<'a> {
+    /// One device.
+    Device(&'a str),
+    /// One MicroMiner.
+    Miner(&'a str),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use micromine_proto::work::{header_with_nonce, sha256d};
+
+    const NOW: i64 = 1_700_000_000_000;
+
+    fn miner(name: &str, site: &str, difficulty: f64, paused: bool) -> MicroMiner {
+        let text = format!(
+            "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {{name: {name}}}\nspec:\n  selector: {{matchLabels: {{site: {site}}}}}\n  workSource: {{builtin: {{networkDifficulty: {difficulty}}}}}\n  sharesPerMinute: 60\n  assignmentSeconds: 10\n  paused: {paused}\n"
+        );
+        crate::manifest::parse_str("test.yaml", &text)
+            .expect("valid")
+            .remove(0)
+    }
+
+    fn set(miners: &[MicroMiner]) -> MinerSet {
+        miners.iter().map(|m| (m.key(), m.clone())).collect()
+    }
+
+    fn hello(site: &str, resume: Vec<pb::ResumedAssignment>) -> pb::Hello {
+        pb::Hello {
+            capacity: Some(pb::Capacity {
+                nominal_hashrate: 1e6,
+                mining_threads: 1,
+                ..Default::default()
+            }),
+            labels: [("site".to_string(), site.to_string())].into(),
+            version: "test".into(),
+            resume: Some(pb::Resume {
+                assignments: resume,
+            }),
+        }
+    }
+
+    fn assignments(fx: &Effects, device: &str) -> Vec<pb::Assignment> {
+        fx.messages
+            .iter()
+            .filter(|(d, _)| d == device)
+            .filter_map(|(_, m)| match &m.kind {
+                Some(Kind::Assignment(a)) => Some(a.clone()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn cancels(fx: &Effects, device: &str) -> Vec<u64> {
+        fx.messages
+            .iter()
+            .filter(|(d, _)| d == device)
+            .filter_map(|(_, m)| match &m.kind {
+                Some(Kind::Cancel(c)) => Some(c.assignment_ids.clone()),
+                _ => None,
+            })
+            .flatten()
+            .collect()
+    }
+
+    #[test]
+    fn a_connecting_device_is_welcomed_and_given_two_persisted_leases() {
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[miner("a", "x", 1.0, false)]), NOW);
+        let (_, fx) = s.connect("d1", &hello("x", vec![]), NOW);
+        assert!(
+            matches!(fx.messages[0].1.kind, Some(Kind::Welcome(_))),
+            "Welcome comes first"
+        );
+        let given = assignments(&fx, "d1");
+        assert_eq!(given.len(), LEASES_PER_DEVICE);
+        // 1 MH/s for 10 s.
+        assert_eq!(given[0].nonce_end - given[0].nonce_start, 10_000_000);
+        let persisted = fx
+            .persist
+            .iter()
+            .filter(|op| matches!(op, PersistOp::Lease(_)))
+            .count();
+        assert_eq!(persisted, 2);
+        assert!(
+            fx.persist
+                .iter()
+                .any(|op| matches!(op, PersistOp::Header(_)))
+        );
+
+        // Finishing one brings a new one; nothing is cancelled.
+        let fx = s.progress(
+            "d1",
+            &pb::Progress {
+                assignment_id: given[0].id,
+                scanned_until: given[0].nonce_end,
+                hashes: 0,
+                finished: true,
+            },
+            NOW + 1000,
+        );
+        assert_eq!(assignments(&fx, "d1").len(), 1);
+        assert!(cancels(&fx, "d1").is_empty());
+    }
+
+    #[test]
+    fn devices_without_a_matching_miner_or_with_a_paused_one_get_nothing() {
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[miner("a", "x", 1.0, false)]), NOW);
+        let (_, fx) = s.connect("stranger", &hello("elsewhere", vec![]), NOW);
+        assert!(assignments(&fx, "stranger").is_empty());
+        let (_, fx) = s.connect("d1", &hello("x", vec![]), NOW);
+        let held: Vec<u64> = assignments(&fx, "d1").iter().map(|a| a.id).collect();
+        let fx = s.apply_miners(&set(&[miner("a", "x", 1.0, true)]), NOW + 1);
+        assert_eq!(
+            cancels(&fx, "d1"),
+            held,
+            "pausing cancels what devices hold"
+        );
+        assert!(
+            s.tick(NOW + 2).messages.is_empty(),
+            "and hands out nothing while paused"
+        );
+        let fx = s.apply_miners(&set(&[miner("a", "x", 1.0, false)]), NOW + 3);
+        assert_eq!(assignments(&fx, "d1").len(), 2, "unpausing resumes");
+        // Deleting the MicroMiner cancels too.
+        let fx = s.apply_miners(&MinerSet::new(), NOW + 4);
+        assert_eq!(cancels(&fx, "d1").len(), 2);
+    }
+
+    #[test]
+    fn a_found_block_makes_older_work_stale() {
+        let mut s = FleetState::new(Restored::default());
+        // Difficulty so low that every hash meets the network target.
+        s.apply_miners(&set(&[miner("a", "x", 1e-12, false)]), NOW);
+        let (_, fx) = s.connect("d1", &hello("x", vec![]), NOW);
+        let given = assignments(&fx, "d1");
+        let first = &given[0];
+        let share = pb::Share {
+            assignment_id: first.id,
+            nonce: first.nonce_start as u32,
+            resubmitted: false,
+        };
+        let ShareCheck::Verify { header, .. } =
+            s.check_shares("d1", std::slice::from_ref(&share)).remove(0)
+        else {
+            panic!("a live lease's share is verified")
+        };
+        let hash = sha256d(&header_with_nonce(&header.prefix, share.nonce));
+        assert!(header.network_target().is_met_by(&hash));
+        let fx = s.shares_recorded(
+            "d1",
+            &[RecordedShare {
+                miner: "default/a".into(),
+                difficulty: 1e-9,
+                header: header.clone(),
+                block_hash: Some(hash),
+            }],
+            NOW + 10,
+        );
+        let cancelled = cancels(&fx, "d1");
+        assert_eq!(
+            cancelled.len(),
+            2,
+            "every lease on the old tip is cancelled"
+        );
+        let fresh = assignments(&fx, "d1");
+        assert_eq!(fresh.len(), 2);
+        assert_ne!(fresh[0].header_prefix, first.header_prefix);
+        // The new header builds on the block just found.
+        assert_eq!(&fresh[0].header_prefix[4..36], &hash[..]);
+        match s.check_shares("d1", &[share]).remove(0) {
+            ShareCheck::Reject { reason, .. } => assert_eq!(reason, RejectReason::Stale),
+            other => panic!("expected stale, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_reconnecting_device_keeps_what_it_resumes_and_loses_the_rest() {
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[miner("a", "x", 1.0, false)]), NOW);
+        let (first_session, fx) = s.connect("d1", &hello("x", vec![]), NOW);
+        let given = assignments(&fx, "d1");
+        s.disconnect("d1", first_session, NOW + 1);
+        assert!(
+            s.tick(NOW + 2).messages.is_empty(),
+            "a disconnected device keeps its leases quietly"
+        );
+        let resume = vec![pb::ResumedAssignment {
+            assignment_id: given[0].id,
+            scanned_until: given[0].nonce_start + 5,
+        }];
+        let (_, fx) = s.connect("d1", &hello("x", resume), NOW + 3);
+        let Some(Kind::Welcome(welcome)) = &fx.messages[0].1.kind else {
+            panic!("welcome first")
+        };
+        assert_eq!(welcome.resumed_assignment_ids, vec![given[0].id]);
+        let lease = |id: u64| s.leases().into_iter().find(|l| l.id == id);
+        assert!(
+            lease(given[1].id).is_none(),
+            "the forgotten lease was reclaimed"
+        );
+        assert_eq!(
+            lease(given[0].id).map(|l| l.scanned_until),
+            Some(given[0].nonce_start + 5)
+        );
+        // It is topped up to two again, starting with the reclaimed range.
+        let topped = assignments(&fx, "d1");
+        assert_eq!(topped.len(), 1);
+        assert_eq!(topped[0].nonce_start, given[1].nonce_start);
+    }
+
+    #[test]
+    fn relabelling_moves_a_device_between_miners() {
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(
+            &set(&[
+                miner("a", "north", 1.0, false),
+                miner("b", "south", 1.0, false),
+            ]),
+            NOW,
+        );
+        let (_, fx) = s.connect("d1", &hello("north", vec![]), NOW);
+        assert!(
+            assignments(&fx, "d1")
+                .iter()
+                .all(|a| a.miner == "default/a")
+        );
+        let (_, fx) = s.connect("d1", &hello("south", vec![]), NOW + 1);
+        assert!(
+            assignments(&fx, "d1")
+                .iter()
+                .all(|a| a.miner == "default/b")
+        );
+        let shares_of_old: Vec<Lease> = s
+            .leases()
+            .into_iter()
+            .filter(|l| l.device == "d1")
+            .collect();
+        assert_eq!(shares_of_old.len(), 2);
+    }
+
+    #[test]
+    fn leases_expire_and_their_remainder_goes_to_the_next_device() {
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[miner("a", "x", 1e12, false)]), NOW);
+        let (session, fx) = s.connect("d1", &hello("x", vec![]), NOW);
+        let given = assignments(&fx, "d1");
+        s.progress(
+            "d1",
+            &pb::Progress {
+                assignment_id: given[0].id,
+                scanned_until: given[0].nonce_start + 1000,
+                hashes: 1000,
+                finished: false,
+            },
+            NOW + 1,
+        );
+        s.disconnect("d1", session, NOW + 2);
+        let (_, fx) = s.connect("d2", &hello("x", vec![]), NOW + 3);
+        // While d1's leases live, d2 gets fresh nonces only.
+        for a in assignments(&fx, "d2") {
+            assert!(a.nonce_start >= given[1].nonce_end);
+        }
+        let fx = s.tick(NOW + i64::from(given[0].lease_ms) + 10);
+        let deletes = fx
+            .persist
+            .iter()
+            .filter(|op| matches!(op, PersistOp::DeleteLease(_)))
+            .count();
+        assert_eq!(
+            deletes, 4,
+            "d1's two leases and d2's two (same lease time) expired"
+        );
+        // d2 is topped up from the reclaimed ranges first: d1's first range from where d1
+        // had got to.
+        let next = assignments(&fx, "d2");
+        assert_eq!(next.len(), 2);
+        assert_eq!(next[0].nonce_start, given[0].nonce_start + 1000);
+        assert_eq!(next[0].header_prefix, given[0].header_prefix);
+    }
+
+    #[test]
+    fn the_prune_floor_keeps_every_header_a_share_may_still_name() {
+        let mut s = FleetState::new(Restored::default());
+        assert_eq!(
+            s.oldest_live_header(),
+            1,
+            "nothing issued: everything below the next id"
+        );
+        s.apply_miners(&set(&[miner("a", "x", 1e-12, false)]), NOW);
+        let (_, fx) = s.connect("d1", &hello("x", vec![]), NOW);
+        let first = assignments(&fx, "d1").remove(0);
+        let ShareCheck::Verify { header, .. } = s
+            .check_shares(
+                "d1",
+                &[pb::Share {
+                    assignment_id: first.id,
+                    nonce: first.nonce_start as u32,
+                    resubmitted: false,
+                }],
+            )
+            .remove(0)
+        else {
+            panic!("verified")
+        };
+        assert_eq!(s.oldest_live_header(), header.id);
+        // A block retires the header; it stays the floor only while an ended lease names it.
+        let hash = sha256d(&header_with_nonce(&header.prefix, first.nonce_start as u32));
+        s.shares_recorded(
+            "d1",
+            &[RecordedShare {
+                miner: "default/a".into(),
+                difficulty: 1.0,
+                header: header.clone(),
+                block_hash: Some(hash),
+            }],
+            NOW,
+        );
+        assert!(
+            s.oldest_live_header() > header.id,
+            "retired with its leases cancelled, not ended"
+        );
+    }
+}

@@ -1,0 +1,160 @@
+//! What the fleet looks like from outside: views for the status API, the quickstart
+//! display and (later) the Kubernetes status writer, plus the sliding window that turns
+//! accepted share difficulty into an effective hash rate.
+
+use std::collections::{BTreeMap, VecDeque};
+
+use serde::Serialize;
+
+use crate::ledger::Totals;
+use crate::manifest::MicroMinerStatus;
+
+/// Hashes per difficulty-1 share.
+const HASHES_PER_DIFFICULTY: f64 = 4_294_967_296.0;
+/// Width of one bucket of the effective-rate window.
+const BUCKET_MS: i64 = 5_000;
+/// How far back the effective rate looks.
+const WINDOW_MS: i64 = 300_000;
+
+/// Accepted difficulty over the last few minutes, in fixed buckets.
+#[derive(Debug, Clone, Default)]
+pub struct RateWindow {
+    buckets: VecDeque<(i64, f64)>,
+    first_ms: Option<i64>,
+}
+
+impl RateWindow {
+    /// Adds an accepted share of `difficulty` at `now_ms`.
+    pub fn add(&mut self, now_ms: i64, difficulty: f64) {
+        let bucket = now_ms - now_ms.rem_euclid(BUCKET_MS);
+        self.first_ms.get_or_insert(now_ms);
+        match self.buckets.back_mut() {
+            Some((start, sum)) if *start == bucket => *sum += difficulty,
+            _ => self.buckets.push_back((bucket, difficulty)),
+        }
+        self.trim(now_ms);
+    }
+
+    /// Marks the start of observation (so a device that finds nothing shows 0, not NaN).
+    pub fn observe_from(&mut self, now_ms: i64) {
+        self.first_ms.get_or_insert(now_ms);
+    }
+
+    /// Hashes per second proven by accepted shares in the window.
+    pub fn hashrate(&self, now_ms: i64) -> f64 {
+        let Some(first) = self.first_ms else {
+            return 0.0;
+        };
+        let since = now_ms - WINDOW_MS;
+        let sum: f64 = self
+            .buckets
+            .iter()
+            .filter(|(start, _)| *start + BUCKET_MS > since)
+            .map(|(_, d)| d)
+            .sum();
+        let span_ms = (now_ms - first.max(since)).max(BUCKET_MS);
+        sum * HASHES_PER_DIFFICULTY / (span_ms as f64 / 1000.0)
+    }
+
+    fn trim(&mut self, now_ms: i64) {
+        while let Some((start, _)) = self.buckets.front() {
+            if *start + BUCKET_MS <= now_ms - WINDOW_MS {
+                self.buckets.pop_front();
+            } else {
+                break;
+            }
+        }
+    }
+}
+
+/// One device as operators see it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceView {
+    /// EdgeDevice name (the certificate's common name).
+    pub name: String,
+    /// Labels the device reported.
+    pub labels: BTreeMap<String, String>,
+    /// Whether a session is open now.
+    pub connected: bool,
+    /// `mining`, `idle`, `offline`, or what the agent reports (e.g. `throttled:thermal`).
+    pub state: String,
+    /// The MicroMiner it works for, `namespace/name`.
+    pub miner: Option<String>,
+    /// Logical cores.
+    pub cores: u32,
+    /// Hashing threads.
+    pub mining_threads: u32,
+    /// CPU architecture.
+    pub arch: String,
+    /// Hash engine.
+    pub hash_engine: String,
+    /// Agent version.
+    pub agent_version: String,
+    /// Claimed full-speed hash rate (H/s); used only to size work.
+    pub nominal_hashrate: f64,
+    /// Rate the agent says it hashed at recently (H/s).
+    pub reported_hashrate: f64,
+    /// Rate its accepted shares prove (H/s).
+    pub effective_hashrate: f64,
+    /// Current share difficulty.
+    pub share_difficulty: f64,
+    /// Leases held.
+    pub assignments: usize,
+    /// Ledger totals.
+    pub shares: Totals,
+    /// Last time the device was heard from, Unix ms.
+    pub last_seen_unix_ms: i64,
+}
+
+/// One MicroMiner as operators see it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct MinerView {
+    /// `namespace/name`.
+    pub key: String,
+    /// The resource's status block.
+    pub status: MicroMinerStatus,
+    /// Ledger totals with rejections by reason.
+    pub totals: Totals,
+    /// Network difficulty of the work source.
+    pub network_difficulty: f64,
+}
+
+/// The whole fleet.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct FleetView {
+    /// MicroMiners by key.
+    pub miners: Vec<MinerView>,
+    /// Devices by name.
+    pub devices: Vec<DeviceView>,
+    /// Totals over everything.
+    pub totals: Totals,
+    /// Sessions open now.
+    pub sessions: usize,
+    /// Live leases.
+    pub assignments: usize,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_rate_from_accepted_difficulty() {
+        let mut w = RateWindow::default();
+        assert_eq!(w.hashrate(0), 0.0);
+        w.observe_from(0);
+        // Difficulty 1 per second for 100 s = 2^32 H/s.
+        for s in 0..100 {
+            w.add(s * 1000, 1.0);
+        }
+        let rate = w.hashrate(100_000);
+        assert!((rate / HASHES_PER_DIFFICULTY - 1.0).abs() < 0.01, "{rate}");
+        // Ten minutes of silence later, the window is empty.
+        assert_eq!(w.hashrate(700_000), 0.0);
+        w.add(700_000, 1.0);
+        assert!(w.buckets.len() == 1);
+    }
+}

@@ -1,0 +1,121 @@
+//! The controller's HTTP listener: health for probes, and the status API that standalone
+//! mode offers in place of `kubectl get`.
+//!
+//! - `GET /healthz`: the process is alive.
+//! - `GET /readyz`: the store is open and the manifests were read.
+//! - `GET /api/v1/status`: the whole fleet (MicroMiners, devices, totals, manifest errors).
+//! - `GET /api/v1/microminers`: MicroMiner resources with their status, as Kubernetes
+//!   would return them.
+//! - `GET /api/v1/edgedevices`: devices.
+//! - `GET /api/v1/assignments`: live leases (device, header, nonce range, progress, expiry).
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use axum::routing::get;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::fleet::Fleet;
+use crate::manifest::API_VERSION;
+use crate::standalone::ManifestStatus;
+
+/// What the handlers read.
+#[derive(Clone)]
+pub struct HttpState {
+    /// The fleet.
+    pub fleet: Arc<Fleet>,
+    /// Manifest problems.
+    pub manifests: Arc<Mutex<ManifestStatus>>,
+    /// Set once start-up finished.
+    pub ready: Arc<AtomicBool>,
+}
+
+/// The router, separate from serving so tests can drive it directly.
+pub fn router(state: HttpState) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .route("/api/v1/status", get(status))
+        .route("/api/v1/microminers", get(microminers))
+        .route("/api/v1/edgedevices", get(edgedevices))
+        .route("/api/v1/assignments", get(assignments))
+        .with_state(state)
+}
+
+/// Serves until `shutdown` resolves.
+pub async fn serve(
+    listener: TcpListener,
+    state: HttpState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(state))
+        .with_graceful_shutdown(shutdown)
+        .await
+}
+
+fn manifest_status(state: &HttpState) -> ManifestStatus {
+    state
+        .manifests
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone()
+}
+
+async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    if state.ready.load(Ordering::Acquire) {
+        (
+            StatusCode::OK,
+            Json(json!({"ready": true, "store": "open", "role": "standalone"})),
+        )
+    } else {
+        (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"ready": false})),
+        )
+    }
+}
+
+async fn status(State(state): State<HttpState>) -> impl IntoResponse {
+    let view = state.fleet.view();
+    Json(json!({
+        "miners": view.miners,
+        "devices": view.devices,
+        "totals": view.totals,
+        "sessions": view.sessions,
+        "assignments": view.assignments,
+        "manifests": manifest_status(&state),
+    }))
+}
+
+async fn microminers(State(state): State<HttpState>) -> impl IntoResponse {
+    let view = state.fleet.view();
+    let items: Vec<_> = view
+        .miners
+        .into_iter()
+        .map(|m| {
+            let (namespace, name) = m.key.split_once('/').unwrap_or(("default", &m.key));
+            json!({
+                "apiVersion": API_VERSION,
+                "kind": "MicroMiner",
+                "metadata": {"name": name, "namespace": namespace},
+                "status": m.status,
+            })
+        })
+        .collect();
+    Json(json!({"apiVersion": "v1", "kind": "List", "items": items}))
+}
+
+async fn edgedevices(State(state): State<HttpState>) -> impl IntoResponse {
+    let view = state.fleet.view();
+    Json(json!({"apiVersion": "v1", "kind": "List", "items": view.devices}))
+}
+
+async fn assignments(State(state): State<HttpState>) -> impl IntoResponse {
+    Json(json!({"items": state.fleet.leases()}))
+}

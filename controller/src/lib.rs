@@ -1,0 +1,31 @@
+//! The micromine controller: it turns `MicroMiner` resources into hashing work for a fleet
+//! of edge devices, re-verifies every share, and keeps a durable ledger.
+//!
+//! # Layout
+//! - `manifest`, `selector`: the `MicroMiner` resource and label selectors.
+//! - `scheduler`, `vardiff`: nonce ranges per device, share targets per device.
+//! - `worksource`: where block headers come from (the builtin synthetic source).
+//! - `store`, `ledger`: the embedded transactional store (redb) with group commit, and the
+//!   share ledger on top of it.
+//! - `pki`, `tokens`, `tls`: the fleet CA, bootstrap tokens, the TLS listener.
+//! - `fleet`: the live state that ties devices, miners, assignments and shares together.
+//! - `grpc`: the `Enrollment` and `Fleet` services.
+//! - `http`: health and the status API.
+//! - `standalone`: the controller without a cluster (manifests directory + embedded store).
+//! - `quickstart`: a local fleet in one command.
+
+pub mod fleet;
+pub mod grpc;
+pub mod http;
+pub mod ledger;
+pub mod manifest;
+pub mod pki;
+pub mod quickstart;
+pub mod scheduler;
+pub mod selector;
+pub mod standalone;
+pub mod store;
+pub mod tls;
+pub mod tokens;
+pub mod vardiff;
+pub mod worksource;

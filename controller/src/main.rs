@@ -1,0 +1,245 @@
+//! `micromine-controller`: the micromine control plane.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand, ValueEnum};
+use micromine_controller::pki::Pki;
+use micromine_controller::quickstart::{self, QuickstartConfig};
+use micromine_controller::standalone::{self, ControllerConfig};
+use micromine_controller::tokens::{TokenSpec, TokenStore, parse_duration};
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "micromine-controller",
+    version,
+    about = "Run a micromine fleet"
+)]
+struct Cli {
+    /// Log format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// A working local fleet: a controller and N agents on this machine, no cluster.
+    Quickstart {
+        /// Local devices.
+        #[arg(long, default_value_t = 3)]
+        devices: usize,
+        /// Stop after this many seconds (default: at Ctrl-C).
+        #[arg(long, value_name = "SECS")]
+        duration: Option<u64>,
+        /// Keep the state (ledger, CA, device keys) here instead of a temporary directory.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        /// Hashing threads per device (default: the cores shared out).
+        #[arg(long)]
+        threads: Option<usize>,
+        /// Where the status API listens.
+        #[arg(long, default_value = "127.0.0.1:0")]
+        http_listen: SocketAddr,
+    },
+    /// Run the controller.
+    Run {
+        /// Read MicroMiners from this directory (standalone mode).
+        #[arg(long, value_name = "DIR")]
+        manifests: PathBuf,
+        /// Store, tokens and CA live here.
+        #[arg(long, default_value = "/var/lib/micromine")]
+        data_dir: PathBuf,
+        /// gRPC (TLS) address for agents.
+        #[arg(long, default_value = "0.0.0.0:7443")]
+        listen: SocketAddr,
+        /// HTTP address for health and status.
+        #[arg(long, default_value = "127.0.0.1:8080")]
+        http_listen: SocketAddr,
+        /// CA directory (default: <data-dir>/pki).
+        #[arg(long)]
+        pki_dir: Option<PathBuf>,
+        /// Extra DNS names or IPs for the serving certificate (repeatable).
+        #[arg(long = "tls-san", value_name = "NAME")]
+        tls_sans: Vec<String>,
+        /// Lifetime of device certificates, e.g. 24h.
+        #[arg(long, default_value = "24h")]
+        device_cert_ttl: String,
+    },
+    /// Bootstrap tokens for enrolling devices.
+    Token {
+        #[command(subcommand)]
+        command: TokenCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum TokenCommand {
+    /// Create a token and print it (once; only its hash is stored).
+    Create {
+        /// The controller's data directory.
+        #[arg(long, default_value = "/var/lib/micromine")]
+        data_dir: PathBuf,
+        /// CA directory (default: <data-dir>/pki).
+        #[arg(long)]
+        pki_dir: Option<PathBuf>,
+        /// How long the token works, e.g. 15m, 24h, 7d.
+        #[arg(long, default_value = "24h")]
+        ttl: String,
+        /// How many devices may enroll with it.
+        #[arg(long, default_value_t = 1)]
+        uses: u32,
+        /// Labels given to devices that enroll with it, e.g. site=plant-3.
+        #[arg(long, value_name = "k=v,...")]
+        labels: Option<String>,
+    },
+}
+
+fn parse_labels(text: Option<&str>) -> Result<BTreeMap<String, String>> {
+    let mut labels = BTreeMap::new();
+    for pair in text
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+    {
+        let Some((k, v)) = pair.split_once('=') else {
+            bail!("--labels: `{pair}` is not key=value");
+        };
+        if k.trim().is_empty() {
+            bail!("--labels: `{pair}` has an empty key");
+        }
+        labels.insert(k.trim().to_string(), v.trim().to_string());
+    }
+    Ok(labels)
+}
+
+fn init_logging(format: LogFormat, default_level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?)
+}
+
+fn main() -> Result<()> {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Quickstart {
+            devices,
+            duration,
+            data_dir,
+            threads,
+            http_listen,
+        } => {
+            // The live table is the interface here; logs only for problems.
+            init_logging(cli.log_format, "warn");
+            let config = QuickstartConfig {
+                devices,
+                duration: duration.map(Duration::from_secs),
+                data_dir,
+                threads_per_device: threads,
+                http_listen,
+            };
+            let summary = runtime()?.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    wait_for_signal().await;
+                    signal.cancel();
+                });
+                quickstart::run(config, shutdown).await
+            })?;
+            for line in quickstart::summary_lines(&summary) {
+                println!("{line}");
+            }
+            Ok(())
+        }
+        Command::Run {
+            manifests,
+            data_dir,
+            listen,
+            http_listen,
+            pki_dir,
+            tls_sans,
+            device_cert_ttl,
+        } => {
+            init_logging(cli.log_format, "info");
+            let mut config = ControllerConfig::new(manifests, data_dir);
+            config.listen = listen;
+            config.http_listen = http_listen;
+            config.pki_dir = pki_dir;
+            config.tls_sans = tls_sans;
+            config.device_cert_ttl =
+                parse_duration(&device_cert_ttl).context("--device-cert-ttl")?;
+            runtime()?.block_on(async move {
+                let controller = standalone::start(config).await?;
+                wait_for_signal().await;
+                tracing::info!("shutting down");
+                controller.stop().await;
+                anyhow::Ok(())
+            })
+        }
+        Command::Token {
+            command:
+                TokenCommand::Create {
+                    data_dir,
+                    pki_dir,
+                    ttl,
+                    uses,
+                    labels,
+                },
+        } => {
+            init_logging(cli.log_format, "warn");
+            let spec = TokenSpec {
+                ttl: parse_duration(&ttl).context("--ttl")?,
+                uses,
+                labels: parse_labels(labels.as_deref())?,
+            };
+            let pki = Pki::load_or_create(&pki_dir.unwrap_or_else(|| data_dir.join("pki")))?;
+            let store = TokenStore::open(&standalone::tokens_dir(&data_dir))?;
+            let (token, record) = store.create(&spec, pki.ca_fingerprint())?;
+            println!("{token}");
+            eprintln!(
+                "token {} allows {} enrollment(s) until {} (Unix ms); it is shown only once",
+                record.id_hex, record.uses_remaining, record.expires_unix_ms
+            );
+            Ok(())
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    let _ = tokio::signal::ctrl_c().await;
+}

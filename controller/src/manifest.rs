@@ -1,0 +1,596 @@
+//! The `MicroMiner` resource (group `micromine.dev`, version `v1alpha1`) and reading it from
+//! YAML manifests.
+//!
+//! The same type is the Kubernetes custom resource and what standalone mode reads from its
+//! manifests directory, so both modes accept exactly the same documents. Everything a
+//! schema cannot say (ranges, cross-field rules) is checked by [`MicroMiner::validate`],
+//! and every error names the file, the document, the field and the problem.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
+use kube::CustomResource;
+use schemars::JsonSchema;
+use serde::{Deserialize, Serialize};
+
+use crate::selector;
+
+/// API group and version of micromine's resources.
+pub const API_VERSION: &str = "micromine.dev/v1alpha1";
+
+/// What a fleet operator declares: which devices may mine what, within which limits.
+#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[kube(
+    group = "micromine.dev",
+    version = "v1alpha1",
+    kind = "MicroMiner",
+    namespaced,
+    status = "MicroMinerStatus",
+    shortname = "mm",
+    category = "micromine"
+)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MicroMinerSpec {
+    /// Which EdgeDevices this MicroMiner may use, by their labels. An empty selector
+    /// matches every device.
+    pub selector: LabelSelector,
+    /// Where block headers come from. Exactly one source must be set.
+    pub work_source: WorkSource,
+    /// How many shares per minute each device should find; vardiff sets per-device share
+    /// targets to aim at this.
+    #[serde(default = "default_shares_per_minute")]
+    pub shares_per_minute: f64,
+    /// Size of each nonce range handed to a device, in seconds of that device's hashing.
+    #[serde(default = "default_assignment_seconds")]
+    pub assignment_seconds: u32,
+    /// Limits every selected device enforces locally.
+    #[serde(default)]
+    pub limits: Limits,
+    /// Stop handing out work and cancel what devices hold.
+    #[serde(default)]
+    pub paused: bool,
+}
+
+fn default_shares_per_minute() -> f64 {
+    12.0
+}
+
+fn default_assignment_seconds() -> u32 {
+    30
+}
+
+/// The source of work. Exactly one field is set.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct WorkSource {
+    /// Synthetic block templates mined with real sha256d work: for demos, tests and
+    /// sizing a fleet without a pool.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub builtin: Option<BuiltinSource>,
+}
+
+/// Settings of the builtin work source.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct BuiltinSource {
+    /// Difficulty of the synthetic network: a share meeting it is a found block, which
+    /// rolls the template. Fractional values below 1 are allowed.
+    pub network_difficulty: f64,
+}
+
+/// Limits a device enforces locally, also while disconnected.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Limits {
+    /// Fraction of the mining threads' time spent hashing, in (0, 1].
+    #[serde(default = "default_duty_cycle")]
+    pub duty_cycle: f64,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            duty_cycle: default_duty_cycle(),
+        }
+    }
+}
+
+fn default_duty_cycle() -> f64 {
+    1.0
+}
+
+/// Observed state of a MicroMiner.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct MicroMinerStatus {
+    /// The `metadata.generation` this status was computed for.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub observed_generation: Option<i64>,
+    /// `Ready`, `Degraded`, `Paused`, keyed by type.
+    #[serde(default)]
+    pub conditions: Vec<Condition>,
+    /// Devices by state.
+    #[serde(default)]
+    pub devices: DeviceCounts,
+    /// Hash rates in hashes per second.
+    #[serde(default)]
+    pub hashrate: Hashrate,
+    /// Share counts since the MicroMiner was created.
+    #[serde(default)]
+    pub shares: ShareCounts,
+    /// Shares that met the network target.
+    #[serde(default)]
+    pub blocks_found: u64,
+    /// When the last accepted share was recorded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_share_time: Option<Time>,
+}
+
+/// Devices of a MicroMiner by state.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceCounts {
+    /// Devices whose labels match the selector.
+    pub matched: u32,
+    /// Connected and holding work.
+    pub mining: u32,
+    /// Connected but held back by a local limit.
+    pub throttled: u32,
+    /// Matched but not connected.
+    pub offline: u32,
+}
+
+/// Hash rates of a MicroMiner.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct Hashrate {
+    /// What connected devices say they can do at their duty cycle (H/s).
+    pub nominal: f64,
+    /// What accepted shares prove they did (H/s), over the last few minutes.
+    pub effective: f64,
+}
+
+/// Share counts of a MicroMiner.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct ShareCounts {
+    /// Re-verified and durably recorded.
+    pub accepted: u64,
+    /// Rejected for any reason other than staleness.
+    pub rejected: u64,
+    /// Rejected because the work was no longer current.
+    pub stale: u64,
+}
+
+impl MicroMiner {
+    /// `namespace/name`, the key the ledger and the scheduler use.
+    pub fn key(&self) -> String {
+        format!(
+            "{}/{}",
+            self.metadata.namespace.as_deref().unwrap_or("default"),
+            self.metadata.name.as_deref().unwrap_or_default()
+        )
+    }
+
+    /// Checks everything the schema cannot express. Each problem names its field.
+    pub fn validate(&self) -> Result<(), Vec<FieldError>> {
+        let mut problems = Vec::new();
+        let mut problem = |field: &str, text: String| {
+            problems.push(FieldError {
+                field: field.to_string(),
+                problem: text,
+            })
+        };
+        match self.metadata.name.as_deref() {
+            None | Some("") => problem("metadata.name", "is required".into()),
+            Some(name) if !is_dns_subdomain(name) => problem(
+                "metadata.name",
+                format!(
+                    "`{name}` must be lower-case letters, digits, '-' and '.', at most 253 characters"
+                ),
+            ),
+            Some(_) => {}
+        }
+        if let Some(namespace) = self.metadata.namespace.as_deref()
+            && !is_dns_label(namespace)
+        {
+            problem(
+                "metadata.namespace",
+                format!(
+                    "`{namespace}` must be a DNS label (lower-case letters, digits, '-', at most 63)"
+                ),
+            );
+        }
+        let spec = &self.spec;
+        if let Err(e) = selector::validate(&spec.selector) {
+            problem(&format!("spec.selector.{}", e.field), e.problem);
+        }
+        match &spec.work_source.builtin {
+            None => problem(
+                "spec.workSource",
+                "exactly one work source must be set (builtin)".into(),
+            ),
+            Some(builtin) => {
+                if !(builtin.network_difficulty.is_finite() && builtin.network_difficulty > 0.0) {
+                    problem(
+                        "spec.workSource.builtin.networkDifficulty",
+                        format!(
+                            "must be a number above 0, got {}",
+                            builtin.network_difficulty
+                        ),
+                    );
+                }
+            }
+        }
+        if !(spec.shares_per_minute.is_finite()
+            && spec.shares_per_minute > 0.0
+            && spec.shares_per_minute <= 600.0)
+        {
+            problem(
+                "spec.sharesPerMinute",
+                format!(
+                    "must be above 0 and at most 600, got {}",
+                    spec.shares_per_minute
+                ),
+            );
+        }
+        if !(1..=3600).contains(&spec.assignment_seconds) {
+            problem(
+                "spec.assignmentSeconds",
+                format!(
+                    "must be between 1 and 3600, got {}",
+                    spec.assignment_seconds
+                ),
+            );
+        }
+        let duty = spec.limits.duty_cycle;
+        if !(duty.is_finite() && duty > 0.0 && duty <= 1.0) {
+            problem(
+                "spec.limits.dutyCycle",
+                format!("must be above 0 and at most 1, got {duty}"),
+            );
+        }
+        if problems.is_empty() {
+            Ok(())
+        } else {
+            Err(problems)
+        }
+    }
+}
+
+/// One problem with one field.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct FieldError {
+    /// Path of the field, e.g. `spec.limits.dutyCycle`.
+    pub field: String,
+    /// What is wrong with it.
+    pub problem: String,
+}
+
+/// A manifest file that could not be accepted.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum ManifestError {
+    /// The file could not be read.
+    #[error("{file}: cannot read: {reason}")]
+    Unreadable {
+        /// The file.
+        file: String,
+        /// The I/O error.
+        reason: String,
+    },
+    /// The text is not YAML.
+    #[error("{file}: not valid YAML: {reason}")]
+    Syntax {
+        /// The file.
+        file: String,
+        /// The parser's message, with line and column.
+        reason: String,
+    },
+    /// A document is YAML but not an acceptable MicroMiner.
+    #[error("{file}: document {document}{name}: {field}: {problem}", name = name.as_deref().map(|n| format!(" ({n})")).unwrap_or_default())]
+    Invalid {
+        /// The file.
+        file: String,
+        /// 1-based index of the YAML document in the file.
+        document: usize,
+        /// `namespace/name` when it could be read.
+        name: Option<String>,
+        /// Path of the offending field.
+        field: String,
+        /// What is wrong.
+        problem: String,
+    },
+}
+
+/// Reads every MicroMiner in a YAML file (documents separated by `---`; empty documents
+/// are skipped). The first problem found in a file rejects the whole file, so a
+/// half-valid edit never takes partial effect.
+pub fn parse_file(path: &Path) -> Result<Vec<MicroMiner>, ManifestError> {
+    let file = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|e| ManifestError::Unreadable {
+        file: file.clone(),
+        reason: e.to_string(),
+    })?;
+    parse_str(&file, &text)
+}
+
+/// [`parse_file`] on text already in memory; `file` names it in errors.
+pub fn parse_str(file: &str, text: &str) -> Result<Vec<MicroMiner>, ManifestError> {
+    let documents: Vec<serde_json::Value> =
+        serde_saphyr::from_multiple(text).map_err(|e| ManifestError::Syntax {
+            file: file.to_string(),
+            reason: e.to_string(),
+        })?;
+    let mut miners = Vec::new();
+    for (index, document) in documents.into_iter().enumerate() {
+        if document.is_null() {
+            continue;
+        }
+        miners.push(parse_document(file, index + 1, document)?);
+    }
+    Ok(miners)
+}
+
+fn parse_document(
+    file: &str,
+    document: usize,
+    value: serde_json::Value,
+) -> Result<MicroMiner, ManifestError> {
+    let name = value
+        .pointer("/metadata/name")
+        .and_then(|v| v.as_str())
+        .map(|name| {
+            let namespace = value
+                .pointer("/metadata/namespace")
+                .and_then(|v| v.as_str())
+                .unwrap_or("default");
+            format!("{namespace}/{name}")
+        });
+    let invalid = |field: &str, problem: String| ManifestError::Invalid {
+        file: file.to_string(),
+        document,
+        name: name.clone(),
+        field: field.to_string(),
+        problem,
+    };
+    let Some(object) = value.as_object() else {
+        return Err(invalid(
+            "(document)",
+            "must be a mapping with apiVersion, kind, metadata and spec".into(),
+        ));
+    };
+    match object.get("apiVersion").and_then(|v| v.as_str()) {
+        Some(API_VERSION) => {}
+        Some(other) => {
+            return Err(invalid(
+                "apiVersion",
+                format!("`{other}` is not {API_VERSION}"),
+            ));
+        }
+        None => {
+            return Err(invalid(
+                "apiVersion",
+                format!("is required ({API_VERSION})"),
+            ));
+        }
+    }
+    match object.get("kind").and_then(|v| v.as_str()) {
+        Some("MicroMiner") => {}
+        Some(other) => {
+            return Err(invalid(
+                "kind",
+                format!("`{other}` is not read from manifests (expected MicroMiner)"),
+            ));
+        }
+        None => return Err(invalid("kind", "is required (MicroMiner)".into())),
+    }
+    for key in object.keys() {
+        if !matches!(
+            key.as_str(),
+            "apiVersion" | "kind" | "metadata" | "spec" | "status"
+        ) {
+            return Err(invalid(key, "unknown top-level field".into()));
+        }
+    }
+    if !object.contains_key("spec") {
+        return Err(invalid("spec", "is required".into()));
+    }
+    let mut miner: MicroMiner = serde_path_to_error::deserialize(value.clone()).map_err(|e| {
+        let path = e.path().to_string();
+        invalid(
+            if path == "." { "(document)" } else { &path },
+            e.inner().to_string(),
+        )
+    })?;
+    // Status is the controller's to write; a manifest may carry a stale copy.
+    miner.status = None;
+    if miner.metadata.namespace.is_none() {
+        miner.metadata.namespace = Some("default".into());
+    }
+    if let Err(problems) = miner.validate() {
+        let first = &problems[0];
+        let extra = if problems.len() > 1 {
+            format!(" (and {} more problems)", problems.len() - 1)
+        } else {
+            String::new()
+        };
+        return Err(invalid(&first.field, format!("{}{extra}", first.problem)));
+    }
+    Ok(miner)
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+fn is_dns_subdomain(s: &str) -> bool {
+    !s.is_empty() && s.len() <= 253 && s.split('.').all(is_dns_label)
+}
+
+/// MicroMiners by key, as read from a set of files.
+pub type MinerSet = BTreeMap<String, MicroMiner>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+apiVersion: micromine.dev/v1alpha1
+kind: MicroMiner
+metadata:
+  name: plant-3
+spec:
+  selector:
+    matchLabels: {site: plant-3}
+  workSource:
+    builtin: {networkDifficulty: 0.05}
+  sharesPerMinute: 20
+  limits: {dutyCycle: 0.5}
+"#;
+
+    fn error_of(text: &str) -> ManifestError {
+        parse_str("m.yaml", text).expect_err("invalid manifest")
+    }
+
+    #[test]
+    fn reads_a_manifest_with_defaults() {
+        let miners = parse_str("m.yaml", GOOD).expect("valid");
+        assert_eq!(miners.len(), 1);
+        let m = &miners[0];
+        assert_eq!(m.key(), "default/plant-3");
+        assert_eq!(m.spec.shares_per_minute, 20.0);
+        assert_eq!(m.spec.assignment_seconds, 30);
+        assert_eq!(m.spec.limits.duty_cycle, 0.5);
+        assert_eq!(
+            m.spec
+                .work_source
+                .builtin
+                .as_ref()
+                .map(|b| b.network_difficulty),
+            Some(0.05)
+        );
+        assert!(!m.spec.paused);
+    }
+
+    #[test]
+    fn reads_several_documents_and_skips_empty_ones() {
+        let two = format!("{GOOD}\n---\n---\n{}", GOOD.replace("plant-3", "plant-4"));
+        let miners = parse_str("m.yaml", &two).expect("valid");
+        let keys: Vec<String> = miners.iter().map(|m| m.key()).collect();
+        assert_eq!(keys, ["default/plant-3", "default/plant-4"]);
+    }
+
+    #[test]
+    fn unknown_fields_are_named() {
+        let err = error_of(&GOOD.replace("sharesPerMinute", "sharesPerMinit"));
+        let ManifestError::Invalid {
+            field,
+            problem,
+            document,
+            name,
+            ..
+        } = &err
+        else {
+            panic!("{err:?}")
+        };
+        assert_eq!(field, "spec.sharesPerMinit");
+        assert!(
+            problem.contains("unknown field `sharesPerMinit`"),
+            "{problem}"
+        );
+        assert_eq!(*document, 1);
+        assert_eq!(name.as_deref(), Some("default/plant-3"));
+        let nested = error_of(&GOOD.replace("dutyCycle", "dutyCycles"));
+        assert!(
+            nested
+                .to_string()
+                .contains("spec.limits.dutyCycles: unknown field `dutyCycles`"),
+            "{nested}"
+        );
+    }
+
+    #[test]
+    fn wrong_types_are_named() {
+        let err = error_of(&GOOD.replace("sharesPerMinute: 20", "sharesPerMinute: lots"));
+        assert!(
+            err.to_string()
+                .starts_with("m.yaml: document 1 (default/plant-3): spec.sharesPerMinute: "),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn zero_and_negative_rates_are_refused() {
+        for (from, to, field) in [
+            (
+                "sharesPerMinute: 20",
+                "sharesPerMinute: 0",
+                "spec.sharesPerMinute",
+            ),
+            (
+                "sharesPerMinute: 20",
+                "sharesPerMinute: -3",
+                "spec.sharesPerMinute",
+            ),
+            (
+                "networkDifficulty: 0.05",
+                "networkDifficulty: -1",
+                "spec.workSource.builtin.networkDifficulty",
+            ),
+            ("dutyCycle: 0.5", "dutyCycle: 1.5", "spec.limits.dutyCycle"),
+            ("dutyCycle: 0.5", "dutyCycle: 0", "spec.limits.dutyCycle"),
+            (
+                "sharesPerMinute: 20",
+                "sharesPerMinute: 20\n  assignmentSeconds: 0",
+                "spec.assignmentSeconds",
+            ),
+        ] {
+            let err = error_of(&GOOD.replace(from, to));
+            let ManifestError::Invalid { field: got, .. } = &err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(got, field, "{to}: {err}");
+        }
+        let negative_u32 = error_of(&GOOD.replace("sharesPerMinute: 20", "assignmentSeconds: -5"));
+        assert!(
+            negative_u32.to_string().contains("spec.assignmentSeconds"),
+            "{negative_u32}"
+        );
+    }
+
+    #[test]
+    fn structure_errors_are_named() {
+        assert!(matches!(error_of("a: [1, 2"), ManifestError::Syntax { .. }));
+        let err = error_of(&GOOD.replace("micromine.dev/v1alpha1", "micromine.dev/v9"));
+        assert!(
+            err.to_string().contains("apiVersion: `micromine.dev/v9`"),
+            "{err}"
+        );
+        let err = error_of(&GOOD.replace("kind: MicroMiner", "kind: Deployment"));
+        assert!(err.to_string().contains("kind: `Deployment`"), "{err}");
+        let err = error_of(&GOOD.replace("    builtin: {networkDifficulty: 0.05}", "    {}"));
+        assert!(
+            err.to_string().contains("spec.workSource: exactly one"),
+            "{err}"
+        );
+        let err = error_of("- just\n- a list\n");
+        assert!(err.to_string().contains("must be a mapping"), "{err}");
+        let err = error_of(&GOOD.replace("name: plant-3", "name: Plant_3"));
+        assert!(err.to_string().contains("metadata.name"), "{err}");
+        let err = error_of(&GOOD.replace(
+            "matchLabels: {site: plant-3}",
+            "matchExpressions: [{key: site, operator: Equals, values: [a]}]",
+        ));
+        assert!(
+            err.to_string()
+                .contains("spec.selector.matchExpressions[0].operator"),
+            "{err}"
+        );
+    }
+}

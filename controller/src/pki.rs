@@ -1,0 +1,936 @@
+//! The fleet CA: one ECDSA P-256 certificate authority per controller that signs the
+//! controller's serving certificate and every device's client certificate.
+//!
+//! A device's identity is the common name of a certificate this CA signed, so the CA key is
+//! the root of trust for the whole fleet: it is generated once, kept in `<pki dir>/ca.key`
+//! (mode 0600) and never leaves the controller. Devices send a PKCS#10 request; their private
+//! keys never reach the controller.
+//!
+//! # Files
+//! - `ca.crt`: the CA certificate (PEM). Its SHA-256 goes into bootstrap tokens.
+//! - `ca.key`: the CA private key (PKCS#8 PEM, mode 0600).
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Write};
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rand::TryRng;
+use rand::rngs::SysRng;
+use rcgen::{
+    BasicConstraints, CertificateParams, CertificateSigningRequestParams, DistinguishedName,
+    DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair, KeyUsagePurpose,
+    PKCS_ECDSA_P256_SHA256, SanType, SerialNumber,
+};
+use rustls_pki_types::pem::PemObject;
+use rustls_pki_types::{
+    CertificateDer, CertificateSigningRequestDer, PrivateKeyDer, PrivatePkcs8KeyDer,
+};
+use sha2::{Digest, Sha256};
+
+/// Common name of the fleet CA, so operators recognise it in `openssl x509 -text` output.
+pub const CA_COMMON_NAME: &str = "micromine fleet CA";
+/// Common name of the controller's serving certificate. Clients check SANs, not this.
+pub const SERVER_COMMON_NAME: &str = "micromine controller";
+
+const CA_CERT_FILE: &str = "ca.crt";
+const CA_KEY_FILE: &str = "ca.key";
+/// Ten years: long enough that nobody has to rotate the root of a fleet in its lifetime.
+const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+/// The serving certificate is reissued on every controller start, so it can be short-lived.
+const SERVER_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
+/// Certificates start a little in the past so devices whose clocks run behind accept them.
+const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+/// Longer device certificates than this are a configuration mistake, not a policy.
+const MAX_DEVICE_TTL: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
+const MAX_DEVICE_NAME_LEN: usize = 63;
+
+/// Everything that can go wrong with the CA and the certificates it issues.
+#[derive(Debug, thiserror::Error)]
+pub enum PkiError {
+    /// A file or directory of the PKI could not be read or written.
+    #[error("{action} {path}: {source}")]
+    Io {
+        /// What was being done, e.g. "writing".
+        action: &'static str,
+        /// The file or directory.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A PKI file exists but does not hold what it should.
+    #[error("{path} is not a valid {what}: {reason}")]
+    Corrupt {
+        /// The file.
+        path: PathBuf,
+        /// What the file should contain.
+        what: &'static str,
+        /// Why it was rejected.
+        reason: String,
+    },
+    /// `ca.crt` and `ca.key` exist but are not a pair (e.g. one was replaced by hand).
+    #[error("{cert} does not belong to the key in {key}; restore the matching pair or remove both")]
+    CaKeyMismatch {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+    },
+    /// A subject alternative name for the serving certificate is neither an IP nor a DNS name.
+    #[error("subject alternative name `{value}` is neither an IP address nor a valid DNS name")]
+    InvalidSan {
+        /// The rejected value.
+        value: String,
+    },
+    /// A device name that cannot be a certificate common name and an `EdgeDevice` name.
+    #[error("device name `{name}` is invalid: {reason}")]
+    InvalidDeviceName {
+        /// The rejected name.
+        name: String,
+        /// Which rule it breaks.
+        reason: &'static str,
+    },
+    /// The requested certificate lifetime is zero or implausibly long.
+    #[error("certificate ttl {ttl:?} is invalid: {reason}")]
+    InvalidTtl {
+        /// The rejected ttl.
+        ttl: Duration,
+        /// Which bound it breaks.
+        reason: &'static str,
+    },
+    /// The certificate signing request is not well-formed DER PKCS#10.
+    #[error("certificate signing request ({len} bytes) is malformed: {source}")]
+    CsrMalformed {
+        /// Size of the request as received.
+        len: usize,
+        /// What the parser said.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// The request's self-signature does not verify, so its sender may not hold the key.
+    #[error("certificate signing request ({len} bytes) has an invalid signature")]
+    CsrSignature {
+        /// Size of the request as received.
+        len: usize,
+    },
+    /// Key generation or certificate signing failed inside rcgen.
+    #[error("{what} failed: {source}")]
+    Crypto {
+        /// The operation, e.g. "signing the server certificate".
+        what: &'static str,
+        /// The underlying error.
+        #[source]
+        source: rcgen::Error,
+    },
+    /// The operating system's random number generator failed.
+    #[error("the OS random number generator failed: {0}")]
+    Random(String),
+}
+
+/// The fleet CA, loaded from or created in the PKI directory.
+pub struct Pki {
+    issuer: Issuer<'static, KeyPair>,
+    ca_pem: String,
+    ca_der: CertificateDer<'static>,
+    ca_not_after_unix_s: i64,
+}
+
+/// The key and chain the controller serves TLS with.
+pub struct ServerIdentity {
+    /// `[leaf, ca]`: the CA travels along so that a device holding only the CA's fingerprint
+    /// (from its bootstrap token) can find and pin it.
+    pub cert_chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key, PKCS#8.
+    pub key: PrivateKeyDer<'static>,
+    /// When the leaf expires (Unix ms), so the controller knows when to reissue it.
+    pub not_after_unix_ms: i64,
+}
+
+/// A device certificate as handed back to the device.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IssuedCert {
+    /// The signed certificate, PEM.
+    pub certificate_pem: String,
+    /// When it expires, Unix milliseconds (whole seconds, as certificates store them).
+    pub not_after_unix_ms: i64,
+}
+
+impl fmt::Debug for Pki {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Pki")
+            .field("ca_fingerprint", &hex::encode(self.ca_fingerprint()))
+            .field("ca_not_after_unix_s", &self.ca_not_after_unix_s)
+            .finish_non_exhaustive()
+    }
+}
+
+impl fmt::Debug for ServerIdentity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ServerIdentity")
+            .field("chain_len", &self.cert_chain.len())
+            .field("not_after_unix_ms", &self.not_after_unix_ms)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Pki {
+    /// Loads `<dir>/ca.crt` + `<dir>/ca.key` (PEM) or creates them: ECDSA P-256, 10 years,
+    /// CN "micromine fleet CA", basic constraints CA.
+    ///
+    /// Two processes may race here (a `token create` next to a starting controller): each
+    /// file is published with a hard link, which like `create_new` fails when the file
+    /// exists, and the loser loads the winner's file. The key is published first and the
+    /// certificate is made from whichever key won, so a crash between the two steps leaves
+    /// a key that the next start completes with a certificate.
+    pub fn load_or_create(dir: &Path) -> Result<Pki, PkiError> {
+        create_private_dir(dir).map_err(|source| PkiError::Io {
+            action: "creating directory",
+            path: dir.to_path_buf(),
+            source,
+        })?;
+        let key_path = dir.join(CA_KEY_FILE);
+        let cert_path = dir.join(CA_CERT_FILE);
+
+        if !exists(&key_path)? {
+            let key = generate_key("generating the CA key")?;
+            if publish_new(&key_path, key.serialize_pem().as_bytes(), 0o600)? {
+                tracing::info!(path = %key_path.display(), "created the fleet CA key");
+            }
+        }
+        let key = load_key(&key_path)?;
+
+        if !exists(&cert_path)? {
+            let cert_pem = self_signed_ca(&key)?;
+            if publish_new(&cert_path, cert_pem.as_bytes(), 0o644)? {
+                tracing::info!(path = %cert_path.display(), "created the fleet CA certificate");
+            }
+        }
+        let ca_pem = read_to_string(&cert_path)?;
+        let ca_der =
+            CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| PkiError::Corrupt {
+                path: cert_path.clone(),
+                what: "PEM certificate",
+                reason: e.to_string(),
+            })?;
+        let corrupt_cert = |reason: String| PkiError::Corrupt {
+            path: cert_path.clone(),
+            what: "CA certificate",
+            reason,
+        };
+        let (_, parsed) = x509_parser::parse_x509_certificate(&ca_der)
+            .map_err(|e| corrupt_cert(e.to_string()))?;
+        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
+            return Err(PkiError::CaKeyMismatch {
+                cert: cert_path,
+                key: key_path,
+            });
+        }
+        if !parsed.is_ca() {
+            return Err(corrupt_cert(
+                "basic constraints do not mark it as a CA".into(),
+            ));
+        }
+        let ca_not_after_unix_s = parsed.validity().not_after.timestamp();
+        if ca_not_after_unix_s <= now_unix_s() {
+            tracing::warn!(path = %cert_path.display(), "the fleet CA certificate has expired; no device can connect until it is replaced");
+        }
+        let issuer =
+            Issuer::from_ca_cert_der(&ca_der, key).map_err(|e| corrupt_cert(e.to_string()))?;
+        Ok(Pki {
+            issuer,
+            ca_pem,
+            ca_der,
+            ca_not_after_unix_s,
+        })
+    }
+
+    /// The CA certificate as PEM, the bundle handed to devices at enrollment.
+    pub fn ca_pem(&self) -> &str {
+        &self.ca_pem
+    }
+
+    /// The CA certificate as DER, for rustls trust stores.
+    pub fn ca_der(&self) -> &[u8] {
+        self.ca_der.as_ref()
+    }
+
+    /// SHA-256 of the CA certificate DER (goes into bootstrap tokens, so a device can
+    /// authenticate the controller before it reveals the token's secret).
+    pub fn ca_fingerprint(&self) -> [u8; 32] {
+        Sha256::digest(self.ca_der.as_ref()).into()
+    }
+
+    /// The controller's serving certificate: signed by the CA, valid 90 days, EKU serverAuth,
+    /// SANs = always "localhost", 127.0.0.1, ::1, plus `extra_sans` (each parsed as an IP if
+    /// it is one, otherwise a DNS name; invalid names are an error naming the value).
+    ///
+    /// A fresh key every time: the controller reissues on start and keeps nothing on disk.
+    pub fn issue_server_identity(&self, extra_sans: &[String]) -> Result<ServerIdentity, PkiError> {
+        let mut sans: Vec<SanType> = Vec::new();
+        let defaults = ["localhost", "127.0.0.1", "::1"].map(String::from);
+        for value in defaults.iter().chain(extra_sans) {
+            let san = parse_san(value)?;
+            if !sans.contains(&san) {
+                sans.push(san);
+            }
+        }
+
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(SERVER_COMMON_NAME);
+        params.subject_alt_names = sans;
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial()?);
+        let not_after = self.set_validity(&mut params, SERVER_VALIDITY);
+
+        let key = generate_key("generating the server key")?;
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .map_err(|source| PkiError::Crypto {
+                what: "signing the server certificate",
+                source,
+            })?;
+        Ok(ServerIdentity {
+            cert_chain: vec![cert.der().clone(), self.ca_der.clone()],
+            key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+            not_after_unix_ms: not_after.saturating_mul(1000),
+        })
+    }
+
+    /// Signs a device's PKCS#10 CSR (DER).
+    ///
+    /// The CSR's subject and requested extensions are ignored: the certificate gets
+    /// CN=`device_name` (validated with [`validate_device_name`]), EKU clientAuth, validity
+    /// from now-5min to now+`ttl` (never past the CA's own expiry). The CSR's signature must
+    /// verify, which proves the sender holds the private key it asks us to certify.
+    pub fn sign_device_csr(
+        &self,
+        csr_der: &[u8],
+        device_name: &str,
+        ttl: Duration,
+    ) -> Result<IssuedCert, PkiError> {
+        validate_device_name(device_name)?;
+        if ttl.is_zero() {
+            return Err(PkiError::InvalidTtl {
+                ttl,
+                reason: "must be positive",
+            });
+        }
+        if ttl > MAX_DEVICE_TTL {
+            return Err(PkiError::InvalidTtl {
+                ttl,
+                reason: "must be at most 5 years",
+            });
+        }
+        let len = csr_der.len();
+        let mut csr =
+            CertificateSigningRequestParams::from_der(&CertificateSigningRequestDer::from(csr_der))
+                .map_err(|source| match source {
+                    rcgen::Error::InvalidCertificationRequestSignature => {
+                        PkiError::CsrSignature { len }
+                    }
+                    source => PkiError::CsrMalformed { len, source },
+                })?;
+
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(device_name);
+        params.is_ca = IsCa::ExplicitNoCa;
+        params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+        params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+        params.use_authority_key_identifier_extension = true;
+        params.serial_number = Some(random_serial()?);
+        let not_after = self.set_validity(&mut params, ttl);
+        csr.params = params;
+
+        let cert = csr
+            .signed_by(&self.issuer)
+            .map_err(|source| PkiError::Crypto {
+                what: "signing the device certificate",
+                source,
+            })?;
+        Ok(IssuedCert {
+            certificate_pem: cert.pem(),
+            not_after_unix_ms: not_after.saturating_mul(1000),
+        })
+    }
+
+    /// Sets not-before/not-after on `params` and returns not-after in Unix seconds. A leaf
+    /// that outlives its CA would be rejected by every verifier, so it is cut at the CA's end.
+    fn set_validity(&self, params: &mut CertificateParams, ttl: Duration) -> i64 {
+        let now = now_unix_s();
+        let not_before = now.saturating_sub(duration_secs(CLOCK_SKEW));
+        let not_after = now
+            .saturating_add(duration_secs(ttl))
+            .min(self.ca_not_after_unix_s);
+        set_times(params, not_before, not_after);
+        not_after
+    }
+}
+
+/// Checks that `name` can be a device's certificate CN and its `EdgeDevice` object name:
+/// DNS-label rules, 1..=63 characters of `[a-z0-9-]`, not starting or ending with '-'.
+pub fn validate_device_name(name: &str) -> Result<(), PkiError> {
+    let reject = |reason| {
+        Err(PkiError::InvalidDeviceName {
+            name: name.to_string(),
+            reason,
+        })
+    };
+    if name.is_empty() {
+        return reject("must not be empty");
+    }
+    if name.len() > MAX_DEVICE_NAME_LEN {
+        return reject("must be at most 63 characters");
+    }
+    if !name
+        .bytes()
+        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+    {
+        return reject("may contain only lower-case letters, digits and '-'");
+    }
+    if name.starts_with('-') || name.ends_with('-') {
+        return reject("must not start or end with '-'");
+    }
+    Ok(())
+}
+
+fn parse_san(value: &str) -> Result<SanType, PkiError> {
+    if let Ok(ip) = value.parse::<IpAddr>() {
+        return Ok(SanType::IpAddress(ip));
+    }
+    let invalid = || PkiError::InvalidSan {
+        value: value.to_string(),
+    };
+    // The same check rustls applies to server names, so a SAN we issue is one a client can
+    // ask for.
+    rustls_pki_types::DnsName::try_from(value).map_err(|_| invalid())?;
+    Ok(SanType::DnsName(value.try_into().map_err(|_| invalid())?))
+}
+
+fn common_name(cn: &str) -> DistinguishedName {
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, cn);
+    dn
+}
+
+fn self_signed_ca(key: &KeyPair) -> Result<String, PkiError> {
+    let mut params = CertificateParams::default();
+    params.distinguished_name = common_name(CA_COMMON_NAME);
+    // Path length 0: this CA signs leaves only, never another CA.
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![
+        KeyUsagePurpose::KeyCertSign,
+        KeyUsagePurpose::CrlSign,
+        KeyUsagePurpose::DigitalSignature,
+    ];
+    params.serial_number = Some(random_serial()?);
+    let now = now_unix_s();
+    set_times(
+        &mut params,
+        now.saturating_sub(duration_secs(CLOCK_SKEW)),
+        now.saturating_add(duration_secs(CA_VALIDITY)),
+    );
+    let cert = params.self_signed(key).map_err(|source| PkiError::Crypto {
+        what: "self-signing the CA certificate",
+        source,
+    })?;
+    Ok(cert.pem())
+}
+
+fn generate_key(what: &'static str) -> Result<KeyPair, PkiError> {
+    KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+        .map_err(|source| PkiError::Crypto { what, source })
+}
+
+fn load_key(path: &Path) -> Result<KeyPair, PkiError> {
+    let pem = read_to_string(path)?;
+    KeyPair::from_pem(&pem).map_err(|e| PkiError::Corrupt {
+        path: path.to_path_buf(),
+        what: "PEM private key",
+        reason: e.to_string(),
+    })
+}
+
+/// RFC 5280 wants serials unique per CA; rcgen's default derives them from the public key,
+/// which repeats when a device renews with the same key.
+fn random_serial() -> Result<SerialNumber, PkiError> {
+    let mut bytes = [0u8; 16];
+    SysRng
+        .try_fill_bytes(&mut bytes)
+        .map_err(|e| PkiError::Random(e.to_string()))?;
+    // Keep it positive and free of a leading zero octet in DER.
+    bytes[0] = (bytes[0] & 0x7f) | 0x01;
+    Ok(SerialNumber::from_slice(&bytes))
+}
+
+/// Sets the validity window. rcgen speaks `time::OffsetDateTime`, which this crate does not
+/// depend on; the values are built from rcgen's own epoch constructor instead.
+fn set_times(params: &mut CertificateParams, not_before_unix_s: i64, not_after_unix_s: i64) {
+    let epoch = rcgen::date_time_ymd(1970, 1, 1);
+    let since_epoch = |s: i64| Duration::from_secs(u64::try_from(s).unwrap_or(0));
+    params.not_before = epoch + since_epoch(not_before_unix_s);
+    params.not_after = epoch + since_epoch(not_after_unix_s);
+}
+
+fn duration_secs(d: Duration) -> i64 {
+    i64::try_from(d.as_secs()).unwrap_or(i64::MAX)
+}
+
+fn now_unix_s() -> i64 {
+    duration_secs(
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap_or_default(),
+    )
+}
+
+fn exists(path: &Path) -> Result<bool, PkiError> {
+    path.try_exists().map_err(|source| PkiError::Io {
+        action: "checking",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+fn read_to_string(path: &Path) -> Result<String, PkiError> {
+    fs::read_to_string(path).map_err(|source| PkiError::Io {
+        action: "reading",
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Writes `contents` to `path` only if `path` does not exist yet, all or nothing: the data
+/// goes to a private temporary file first and is then hard-linked into place, which fails
+/// (like `create_new`) if another process got there first. Returns whether we won.
+fn publish_new(path: &Path, contents: &[u8], mode: u32) -> Result<bool, PkiError> {
+    let io_err = |action, source| PkiError::Io {
+        action,
+        path: path.to_path_buf(),
+        source,
+    };
+    let tmp = write_temp(path, contents, mode).map_err(|e| io_err("writing", e))?;
+    let linked = fs::hard_link(&tmp, path);
+    // The temporary name is ours alone; failing to remove it only leaves litter.
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => {
+            sync_parent(path);
+            Ok(true)
+        }
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(io_err("publishing", e)),
+    }
+}
+
+/// Replaces `path` with `contents` atomically (temporary file + rename), so a reader sees
+/// the old or the new file, never a torn one. `mode` applies on Unix.
+pub(crate) fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
+    let tmp = write_temp(path, contents, mode)?;
+    if let Err(e) = fs::rename(&tmp, path) {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    sync_parent(path);
+    Ok(())
+}
+
+/// Creates `dir` (and parents) readable by the owner only; an existing directory is left
+/// as the operator made it.
+pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
+    let mut builder = fs::DirBuilder::new();
+    builder.recursive(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::DirBuilderExt;
+        builder.mode(0o700);
+    }
+    builder.create(dir)
+}
+
+fn write_temp(path: &Path, contents: &[u8], mode: u32) -> io::Result<PathBuf> {
+    let name = path
+        .file_name()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
+    let mut suffix = [0u8; 8];
+    SysRng
+        .try_fill_bytes(&mut suffix)
+        .map_err(|e| io::Error::other(e.to_string()))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        hex::encode(suffix)
+    ));
+    let mut options = fs::OpenOptions::new();
+    options.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        options.mode(mode);
+    }
+    #[cfg(not(unix))]
+    let _ = mode;
+    let result = options.open(&tmp).and_then(|mut file| {
+        file.write_all(contents)?;
+        file.sync_all()
+    });
+    if let Err(e) = result {
+        let _ = fs::remove_file(&tmp);
+        return Err(e);
+    }
+    Ok(tmp)
+}
+
+/// Makes a rename or link durable. Best effort: not every platform can fsync a directory,
+/// and the file itself is already synced.
+fn sync_parent(path: &Path) {
+    if let Some(parent) = path.parent()
+        && let Ok(dir) = fs::File::open(parent)
+    {
+        let _ = dir.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use std::sync::Arc;
+
+    use rustls::RootCertStore;
+    use rustls::server::WebPkiClientVerifier;
+    use rustls_pki_types::{ServerName, UnixTime};
+    use x509_parser::extensions::GeneralName;
+
+    fn csr_for(subject_cn: &str) -> (KeyPair, Vec<u8>) {
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).unwrap();
+        let mut params = CertificateParams::default();
+        params.distinguished_name = common_name(subject_cn);
+        let csr = params.serialize_request(&key).unwrap();
+        (key, csr.der().to_vec())
+    }
+
+    fn provider() -> Arc<rustls::crypto::CryptoProvider> {
+        Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    #[test]
+    fn load_or_create_twice_returns_the_same_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Pki::load_or_create(dir.path()).unwrap();
+        let second = Pki::load_or_create(dir.path()).unwrap();
+        assert_eq!(first.ca_der(), second.ca_der());
+        assert_eq!(first.ca_fingerprint(), second.ca_fingerprint());
+        assert_eq!(
+            first.ca_fingerprint().to_vec(),
+            Sha256::digest(first.ca_der()).to_vec()
+        );
+        let (_, ca) = x509_parser::parse_x509_certificate(first.ca_der()).unwrap();
+        assert!(ca.is_ca());
+        assert_eq!(
+            ca.subject()
+                .iter_common_name()
+                .next()
+                .unwrap()
+                .as_str()
+                .unwrap(),
+            CA_COMMON_NAME
+        );
+        let remaining = ca.validity().not_after.timestamp() - now_unix_s();
+        assert!(
+            (remaining - duration_secs(CA_VALIDITY)).abs() <= 5,
+            "{remaining}"
+        );
+    }
+
+    #[test]
+    fn racing_creators_agree_on_one_ca() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("pki");
+        let fingerprints: Vec<[u8; 32]> = std::thread::scope(|scope| {
+            let handles: Vec<_> = (0..8)
+                .map(|_| scope.spawn(|| Pki::load_or_create(&path).unwrap().ca_fingerprint()))
+                .collect();
+            handles.into_iter().map(|h| h.join().unwrap()).collect()
+        });
+        assert!(fingerprints.windows(2).all(|w| w[0] == w[1]));
+        let litter: Vec<_> = fs::read_dir(&path)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains(".tmp-"))
+            .collect();
+        assert!(litter.is_empty(), "temporary files left: {litter:?}");
+    }
+
+    #[test]
+    fn a_key_without_certificate_is_completed_not_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = Pki::load_or_create(dir.path()).unwrap();
+        let key_before = fs::read(dir.path().join(CA_KEY_FILE)).unwrap();
+        fs::remove_file(dir.path().join(CA_CERT_FILE)).unwrap();
+        let second = Pki::load_or_create(dir.path()).unwrap();
+        assert_eq!(fs::read(dir.path().join(CA_KEY_FILE)).unwrap(), key_before);
+        assert_ne!(first.ca_der(), second.ca_der());
+    }
+
+    #[test]
+    fn a_foreign_certificate_next_to_the_key_is_refused() {
+        let ours = tempfile::tempdir().unwrap();
+        let theirs = tempfile::tempdir().unwrap();
+        Pki::load_or_create(ours.path()).unwrap();
+        Pki::load_or_create(theirs.path()).unwrap();
+        fs::copy(
+            theirs.path().join(CA_CERT_FILE),
+            ours.path().join(CA_CERT_FILE),
+        )
+        .unwrap();
+        let err = Pki::load_or_create(ours.path()).unwrap_err();
+        assert!(matches!(err, PkiError::CaKeyMismatch { .. }), "{err}");
+    }
+
+    #[test]
+    fn a_corrupt_key_file_is_named_in_the_error() {
+        let dir = tempfile::tempdir().unwrap();
+        fs::write(dir.path().join(CA_KEY_FILE), "not a key").unwrap();
+        let err = Pki::load_or_create(dir.path()).unwrap_err();
+        assert!(err.to_string().contains("ca.key"), "{err}");
+    }
+
+    #[cfg(unix)]
+    #[test]
+    fn ca_key_file_is_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let pki_dir = dir.path().join("pki");
+        Pki::load_or_create(&pki_dir).unwrap();
+        let mode = fs::metadata(pki_dir.join(CA_KEY_FILE))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let dir_mode = fs::metadata(&pki_dir).unwrap().permissions().mode();
+        assert_eq!(dir_mode & 0o777, 0o700);
+    }
+
+    #[test]
+    fn server_identity_verifies_against_the_ca_with_its_sans() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        let identity = pki
+            .issue_server_identity(&["controller.example.com".into(), "10.1.2.3".into()])
+            .unwrap();
+        assert_eq!(identity.cert_chain.len(), 2);
+        assert_eq!(identity.cert_chain[1].as_ref(), pki.ca_der());
+
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(pki.ca_der().to_vec()))
+            .unwrap();
+        let verifier = rustls::client::WebPkiServerVerifier::builder_with_provider(
+            Arc::new(roots),
+            provider(),
+        )
+        .build()
+        .unwrap();
+        use rustls::client::danger::ServerCertVerifier;
+        for name in [
+            "localhost",
+            "127.0.0.1",
+            "::1",
+            "controller.example.com",
+            "10.1.2.3",
+        ] {
+            let server_name = ServerName::try_from(name).unwrap();
+            verifier
+                .verify_server_cert(
+                    &identity.cert_chain[0],
+                    &[],
+                    &server_name,
+                    &[],
+                    UnixTime::now(),
+                )
+                .unwrap_or_else(|e| panic!("{name}: {e}"));
+        }
+        let wrong = ServerName::try_from("elsewhere.example.com").unwrap();
+        assert!(
+            verifier
+                .verify_server_cert(&identity.cert_chain[0], &[], &wrong, &[], UnixTime::now())
+                .is_err()
+        );
+
+        let (_, leaf) = x509_parser::parse_x509_certificate(&identity.cert_chain[0]).unwrap();
+        let sans = leaf.subject_alternative_name().unwrap().unwrap();
+        let dns: Vec<_> = sans
+            .value
+            .general_names
+            .iter()
+            .filter_map(|n| match n {
+                GeneralName::DNSName(d) => Some(*d),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(dns, ["localhost", "controller.example.com"]);
+        let remaining = identity.not_after_unix_ms / 1000 - now_unix_s();
+        assert!(
+            (remaining - duration_secs(SERVER_VALIDITY)).abs() <= 5,
+            "{remaining}"
+        );
+        // The key really is the leaf's key: rustls refuses a mismatched pair.
+        rustls::sign::CertifiedKey::from_der(identity.cert_chain, identity.key, &provider())
+            .unwrap();
+    }
+
+    #[test]
+    fn invalid_extra_sans_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        for bad in ["bad name", "", "under_score!", "[::1]"] {
+            match pki.issue_server_identity(&[bad.to_string()]) {
+                Err(PkiError::InvalidSan { value }) => assert_eq!(value, bad),
+                other => panic!("{bad:?}: {other:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn device_certificates_carry_the_device_name_not_the_csr_subject() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        let (key, csr) = csr_for("admin.example.com");
+        let issued = pki
+            .sign_device_csr(&csr, "gw-0042", Duration::from_secs(3600))
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(issued.certificate_pem.as_bytes()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let cns: Vec<_> = cert
+            .subject()
+            .iter_common_name()
+            .map(|cn| cn.as_str().unwrap().to_string())
+            .collect();
+        assert_eq!(cns, ["gw-0042"]);
+        assert_eq!(
+            cert.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
+        let eku = cert.extended_key_usage().unwrap().unwrap().value;
+        assert!(eku.client_auth && !eku.server_auth);
+        assert!(!cert.is_ca());
+        let not_before = cert.validity().not_before.timestamp();
+        let not_after = cert.validity().not_after.timestamp();
+        assert_eq!(issued.not_after_unix_ms, not_after * 1000);
+        assert_eq!(not_after - not_before, 3600 + 300);
+
+        // And a client verifier trusting only the CA accepts it.
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(pki.ca_der().to_vec()))
+            .unwrap();
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .unwrap();
+        verifier
+            .verify_client_cert(&der, &[], UnixTime::now())
+            .unwrap();
+    }
+
+    #[test]
+    fn serial_numbers_differ_for_the_same_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        let (_, csr) = csr_for("x");
+        let serial = |pem: &str| {
+            let der = CertificateDer::from_pem_slice(pem.as_bytes()).unwrap();
+            let (_, cert) = x509_parser::parse_x509_certificate(&der).unwrap();
+            cert.raw_serial().to_vec()
+        };
+        let a = pki
+            .sign_device_csr(&csr, "a", Duration::from_secs(60))
+            .unwrap();
+        let b = pki
+            .sign_device_csr(&csr, "a", Duration::from_secs(60))
+            .unwrap();
+        assert_ne!(serial(&a.certificate_pem), serial(&b.certificate_pem));
+    }
+
+    #[test]
+    fn bad_device_names_are_rejected() {
+        for bad in [
+            "",
+            "-gw",
+            "gw-",
+            "GW",
+            "gw_1",
+            "gw.1",
+            "gw 1",
+            "ü",
+            &"a".repeat(64),
+        ] {
+            assert!(
+                matches!(validate_device_name(bad), Err(PkiError::InvalidDeviceName { ref name, .. }) if name == bad),
+                "{bad:?} was accepted"
+            );
+        }
+        for good in ["a", "0", "gw-0042", "a-b-c", &"a".repeat(63)] {
+            validate_device_name(good).unwrap();
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        let (_, csr) = csr_for("x");
+        assert!(matches!(
+            pki.sign_device_csr(&csr, "Bad_Name", Duration::from_secs(60)),
+            Err(PkiError::InvalidDeviceName { .. })
+        ));
+    }
+
+    #[test]
+    fn broken_csrs_are_rejected() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        let (_, csr) = csr_for("x");
+        let ttl = Duration::from_secs(60);
+
+        let truncated = &csr[..csr.len() / 2];
+        assert!(matches!(
+            pki.sign_device_csr(truncated, "gw", ttl),
+            Err(PkiError::CsrMalformed { .. })
+        ));
+        assert!(matches!(
+            pki.sign_device_csr(&[], "gw", ttl),
+            Err(PkiError::CsrMalformed { .. })
+        ));
+
+        // Flip a bit in the last byte: the signature's tail.
+        let mut bad_signature = csr.clone();
+        *bad_signature.last_mut().unwrap() ^= 0x01;
+        let err = pki.sign_device_csr(&bad_signature, "gw", ttl).unwrap_err();
+        assert!(matches!(err, PkiError::CsrSignature { .. }), "{err}");
+
+        // A CSR whose signed content (the subject) was altered after signing.
+        let mut altered = csr.clone();
+        let at = altered.windows(1).position(|w| w == b"x").unwrap();
+        altered[at] = b'y';
+        let err = pki.sign_device_csr(&altered, "gw", ttl).unwrap_err();
+        assert!(matches!(err, PkiError::CsrSignature { .. }), "{err}");
+    }
+
+    #[test]
+    fn device_ttl_must_be_positive_and_bounded() {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        let (_, csr) = csr_for("x");
+        assert!(matches!(
+            pki.sign_device_csr(&csr, "gw", Duration::ZERO),
+            Err(PkiError::InvalidTtl { .. })
+        ));
+        assert!(matches!(
+            pki.sign_device_csr(&csr, "gw", MAX_DEVICE_TTL + Duration::from_secs(1)),
+            Err(PkiError::InvalidTtl { .. })
+        ));
+    }
+}

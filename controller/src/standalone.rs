@@ -1,0 +1,589 @@
+//! The controller without a cluster: MicroMiners from a manifests directory, state in an
+//! embedded store under the data directory, the fleet CA on disk.
+//!
+//! Data directory layout: `store.redb` (ledger and fleet state), `pki/` (CA, unless
+//! `--pki-dir` says otherwise), `tokens/` (bootstrap tokens).
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use micromine_proto::MAX_MESSAGE_BYTES;
+use micromine_proto::pb::{enrollment_server::EnrollmentServer, fleet_server::FleetServer};
+use rustls_pki_types::CertificateDer;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+
+use crate::fleet::Fleet;
+use crate::grpc::{EnrollmentService, FleetService};
+use crate::http::{self, HttpState};
+use crate::ledger::Ledger;
+use crate::manifest::{self, ManifestError, MicroMiner, MinerSet};
+use crate::pki::Pki;
+use crate::store::Store;
+use crate::tls;
+use crate::tokens::TokenStore;
+
+/// TLS handshakes in flight at once.
+const MAX_HANDSHAKES: usize = 512;
+/// How often settled share records are pruned from the ledger.
+const LEDGER_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
+
+/// How to run a standalone controller.
+#[derive(Debug, Clone)]
+pub struct ControllerConfig {
+    /// Directory of MicroMiner YAML files.
+    pub manifests: PathBuf,
+    /// Directory for the store, tokens and (by default) the CA.
+    pub data_dir: PathBuf,
+    /// gRPC (TLS) listen address.
+    pub listen: SocketAddr,
+    /// HTTP (health, status) listen address.
+    pub http_listen: SocketAddr,
+    /// Where the CA lives, if not `<data_dir>/pki`.
+    pub pki_dir: Option<PathBuf>,
+    /// Extra names and addresses for the serving certificate.
+    pub tls_sans: Vec<String>,
+    /// Lifetime of device certificates.
+    pub device_cert_ttl: Duration,
+    /// How often the manifests directory is re-read.
+    pub manifest_poll: Duration,
+}
+
+impl ControllerConfig {
+    /// Defaults for everything but the two directories.
+    pub fn new(manifests: PathBuf, data_dir: PathBuf) -> ControllerConfig {
+        ControllerConfig {
+            manifests,
+            data_dir,
+            listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
+            http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
+            pki_dir: None,
+            tls_sans: Vec::new(),
+            device_cert_ttl: Duration::from_secs(24 * 3600),
+            manifest_poll: Duration::from_secs(1),
+        }
+    }
+
+    /// The CA directory in effect.
+    pub fn pki_dir(&self) -> PathBuf {
+        self.pki_dir
+            .clone()
+            .unwrap_or_else(|| self.data_dir.join("pki"))
+    }
+}
+
+/// The token directory under a data directory.
+pub fn tokens_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("tokens")
+}
+
+/// Why the controller could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    /// The manifests directory is missing.
+    #[error("--manifests {0}: not a directory")]
+    NoManifests(PathBuf),
+    /// The CA could not be loaded or made.
+    #[error(transparent)]
+    Pki(#[from] crate::pki::PkiError),
+    /// The token directory could not be opened.
+    #[error(transparent)]
+    Tokens(#[from] crate::tokens::TokenError),
+    /// The store could not be opened.
+    #[error("store {path}: {source}")]
+    Store {
+        /// The database file.
+        path: PathBuf,
+        /// Why.
+        #[source]
+        source: crate::store::StoreError,
+    },
+    /// The ledger could not be loaded.
+    #[error(transparent)]
+    Ledger(#[from] crate::ledger::LedgerError),
+    /// The fleet state could not be restored.
+    #[error(transparent)]
+    Fleet(#[from] crate::fleet::FleetError),
+    /// TLS could not be configured.
+    #[error(transparent)]
+    Tls(#[from] tls::TlsError),
+    /// A listen address could not be bound.
+    #[error("listening on {addr}: {source}")]
+    Bind {
+        /// The address.
+        addr: SocketAddr,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A running standalone controller.
+pub struct Controller {
+    /// Where gRPC listens (resolved, also when port 0 was asked for).
+    pub grpc_addr: SocketAddr,
+    /// Where HTTP listens.
+    pub http_addr: SocketAddr,
+    /// The live fleet.
+    pub fleet: Arc<Fleet>,
+    /// The fleet CA.
+    pub pki: Arc<Pki>,
+    /// Bootstrap tokens.
+    pub tokens: Arc<TokenStore>,
+    /// Manifest problems, by file.
+    pub manifests: Arc<Mutex<ManifestStatus>>,
+    shutdown: CancellationToken,
+    tasks: Vec<JoinHandle<()>>,
+    store: Store,
+}
+
+/// Starts a controller: opens the store, restores the fleet, reads the manifests, and
+/// serves gRPC and HTTP until [`Controller::stop`].
+pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
+    if !config.manifests.is_dir() {
+        return Err(StartError::NoManifests(config.manifests.clone()));
+    }
+    let pki = Arc::new(Pki::load_or_create(&config.pki_dir())?);
+    let tokens = Arc::new(TokenStore::open(&tokens_dir(&config.data_dir))?);
+    let store_path = config.data_dir.join("store.redb");
+    let store = Store::open(&store_path).map_err(|source| StartError::Store {
+        path: store_path.clone(),
+        source,
+    })?;
+    let ledger = Ledger::open(store.clone())?;
+    let fleet = Fleet::open(store.clone(), ledger).await?;
+
+    let mut watcher = ManifestWatcher::new(&config.manifests);
+    let status = Arc::new(Mutex::new(ManifestStatus::default()));
+    let initial = watcher.scan();
+    report_manifests(&initial, &status);
+    fleet.apply_miners(&initial.miners);
+
+    let identity = pki.issue_server_identity(&config.tls_sans)?;
+    let tls_config = tls::server_config(&CertificateDer::from(pki.ca_der().to_vec()), identity)?;
+    let grpc_listener =
+        TcpListener::bind(config.listen)
+            .await
+            .map_err(|source| StartError::Bind {
+                addr: config.listen,
+                source,
+            })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.listen,
+            source,
+        })?;
+    let http_listener = TcpListener::bind(config.http_listen)
+        .await
+        .map_err(|source| StartError::Bind {
+            addr: config.http_listen,
+            source,
+        })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| StartError::Bind {
+            addr: config.http_listen,
+            source,
+        })?;
+
+    let shutdown = CancellationToken::new();
+    let ready = Arc::new(AtomicBool::new(false));
+    let mut tasks = Vec::new();
+
+    let fleet_service = FleetService::new(
+        fleet.clone(),
+        pki.clone(),
+        config.device_cert_ttl,
+        shutdown.clone(),
+    );
+    let enrollment_service = EnrollmentService::new(
+        fleet.clone(),
+        pki.clone(),
+        tokens.clone(),
+        config.device_cert_ttl,
+    );
+    let incoming = tls::tls_incoming(grpc_listener, tls_config, MAX_HANDSHAKES);
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .http2_keepalive_interval(Some(Duration::from_secs(30)))
+            .http2_keepalive_timeout(Some(Duration::from_secs(10)))
+            .add_service(
+                FleetServer::new(fleet_service)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .add_service(
+                EnrollmentServer::new(enrollment_service)
+                    .max_decoding_message_size(MAX_MESSAGE_BYTES)
+                    .max_encoding_message_size(MAX_MESSAGE_BYTES),
+            )
+            .serve_with_incoming_shutdown(incoming, stop.cancelled_owned())
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server stopped");
+        }
+    }));
+
+    let state = HttpState {
+        fleet: fleet.clone(),
+        manifests: status.clone(),
+        ready: ready.clone(),
+    };
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        if let Err(e) = http::serve(http_listener, state, stop.cancelled_owned()).await {
+            tracing::error!(error = %e, "HTTP server stopped");
+        }
+    }));
+
+    let tick_fleet = fleet.clone();
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = every.tick() => tick_fleet.tick(),
+            }
+        }
+    }));
+
+    let prune_fleet = fleet.clone();
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(LEDGER_PRUNE_INTERVAL);
+        every.tick().await;
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = every.tick() => match prune_fleet.prune_ledger().await {
+                    Ok(0) => {}
+                    Ok(removed) => tracing::info!(removed, "settled share records pruned"),
+                    Err(e) => tracing::warn!(error = %e, "pruning the ledger failed"),
+                },
+            }
+        }
+    }));
+
+    let watch_fleet = fleet.clone();
+    let watch_status = status.clone();
+    let stop = shutdown.clone();
+    let poll = config.manifest_poll;
+    tasks.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(poll);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = every.tick() => {}
+            }
+            // Reading files is blocking I/O; keep it off the async workers.
+            let (back, scan) = match tokio::task::spawn_blocking(move || {
+                let scan = watcher.scan();
+                (watcher, scan)
+            })
+            .await
+            {
+                Ok(result) => result,
+                Err(e) => {
+                    tracing::error!(error = %e, "manifest scan failed; watching stops");
+                    break;
+                }
+            };
+            watcher = back;
+            if scan.changed {
+                report_manifests(&scan, &watch_status);
+                watch_fleet.apply_miners(&scan.miners);
+            }
+        }
+    }));
+
+    ready.store(true, Ordering::Release);
+    tracing::info!(grpc = %grpc_addr, http = %http_addr, data_dir = %config.data_dir.display(),
+        ca_fingerprint = %hex::encode(pki.ca_fingerprint()), "controller running");
+    Ok(Controller {
+        grpc_addr,
+        http_addr,
+        fleet,
+        pki,
+        tokens,
+        manifests: status,
+        shutdown,
+        tasks,
+        store,
+    })
+}
+
+impl Controller {
+    /// Stops serving, tells agents to go, and waits until every acknowledged write is on
+    /// disk.
+    pub async fn stop(self) {
+        self.fleet.drain_all("controller shutting down");
+        self.shutdown.cancel();
+        for task in self.tasks {
+            let _ = task.await;
+        }
+        if let Err(e) = self.fleet.flush().await {
+            tracing::error!(error = %e, "final store flush failed");
+        }
+        drop(self.fleet);
+        // Closing from a blocking thread: it joins the writer thread.
+        let store = self.store;
+        let _ = tokio::task::spawn_blocking(move || store.close()).await;
+    }
+
+    /// The `https://` URL agents on this machine use.
+    pub fn grpc_url(&self) -> String {
+        format!("https://127.0.0.1:{}", self.grpc_addr.port())
+    }
+}
+
+/// Manifest problems as the status API shows them.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestStatus {
+    /// MicroMiners in effect.
+    pub miners: usize,
+    /// Current problems, one per file, in the words of [`ManifestError`].
+    pub errors: Vec<String>,
+}
+
+fn report_manifests(scan: &ManifestScan, status: &Mutex<ManifestStatus>) {
+    let mut status = status.lock().unwrap_or_else(|p| p.into_inner());
+    status.miners = scan.miners.len();
+    status.errors = scan.errors.iter().map(ToString::to_string).collect();
+}
+
+/// The result of reading the manifests directory.
+#[derive(Debug, Clone, Default)]
+pub struct ManifestScan {
+    /// Whether anything differs from the previous scan.
+    pub changed: bool,
+    /// MicroMiners in effect: each file's last good version.
+    pub miners: MinerSet,
+    /// Current problems.
+    pub errors: Vec<ManifestError>,
+}
+
+#[derive(Debug)]
+struct FileState {
+    digest: [u8; 32],
+    /// The file's last good content; kept while a later edit is broken.
+    miners: Vec<MicroMiner>,
+    error: Option<ManifestError>,
+}
+
+/// Watches a directory of YAML files by content. A file that stops parsing keeps its last
+/// good MicroMiners in effect, so a typo never stops the miners already running.
+#[derive(Debug)]
+pub struct ManifestWatcher {
+    dir: PathBuf,
+    files: BTreeMap<PathBuf, FileState>,
+    first: bool,
+}
+
+impl ManifestWatcher {
+    /// A watcher on `dir` that has read nothing yet.
+    pub fn new(dir: &Path) -> ManifestWatcher {
+        ManifestWatcher {
+            dir: dir.to_path_buf(),
+            files: BTreeMap::new(),
+            first: true,
+        }
+    }
+
+    /// Reads the directory again.
+    pub fn scan(&mut self) -> ManifestScan {
+        let mut changed = std::mem::take(&mut self.first);
+        let mut listing_error = None;
+        let mut present: Vec<PathBuf> = match std::fs::read_dir(&self.dir) {
+            Ok(entries) => entries
+                .filter_map(Result::ok)
+                .map(|e| e.path())
+                .filter(|p| is_manifest(p))
+                .collect(),
+            Err(e) => {
+                listing_error = Some(ManifestError::Unreadable {
+                    file: self.dir.display().to_string(),
+                    reason: e.to_string(),
+                });
+                self.files.keys().cloned().collect()
+            }
+        };
+        present.sort();
+        let before = self.files.len();
+        self.files.retain(|path, _| present.contains(path));
+        changed |= self.files.len() != before;
+        for path in &present {
+            let bytes = match std::fs::read(path) {
+                Ok(bytes) => bytes,
+                Err(e) => {
+                    let error = ManifestError::Unreadable {
+                        file: path.display().to_string(),
+                        reason: e.to_string(),
+                    };
+                    if let Some(state) = self.files.get_mut(path) {
+                        changed |= state.error.as_ref() != Some(&error);
+                        state.error = Some(error);
+                    }
+                    continue;
+                }
+            };
+            let digest: [u8; 32] = Sha256::digest(&bytes).into();
+            if self.files.get(path).is_some_and(|s| s.digest == digest) {
+                continue;
+            }
+            changed = true;
+            let text = String::from_utf8_lossy(&bytes);
+            let parsed = manifest::parse_str(&path.display().to_string(), &text);
+            match parsed {
+                Ok(miners) => {
+                    tracing::info!(file = %path.display(), miners = miners.len(), "manifest loaded");
+                    self.files.insert(
+                        path.clone(),
+                        FileState {
+                            digest,
+                            miners,
+                            error: None,
+                        },
+                    );
+                }
+                Err(error) => {
+                    tracing::error!(%error, "manifest rejected; its previous version stays in effect");
+                    let miners = self
+                        .files
+                        .get(path)
+                        .map(|s| s.miners.clone())
+                        .unwrap_or_default();
+                    self.files.insert(
+                        path.clone(),
+                        FileState {
+                            digest,
+                            miners,
+                            error: Some(error),
+                        },
+                    );
+                }
+            }
+        }
+        let mut miners = MinerSet::new();
+        let mut errors: Vec<ManifestError> = listing_error.into_iter().collect();
+        let mut origin: BTreeMap<String, PathBuf> = BTreeMap::new();
+        for (path, state) in &self.files {
+            if let Some(error) = &state.error {
+                errors.push(error.clone());
+            }
+            for (index, miner) in state.miners.iter().enumerate() {
+                let key = miner.key();
+                if let Some(first) = origin.get(&key) {
+                    errors.push(ManifestError::Invalid {
+                        file: path.display().to_string(),
+                        document: index + 1,
+                        name: Some(key.clone()),
+                        field: "metadata.name".into(),
+                        problem: format!(
+                            "MicroMiner {key} is already defined in {}",
+                            first.display()
+                        ),
+                    });
+                    continue;
+                }
+                origin.insert(key.clone(), path.clone());
+                miners.insert(key, miner.clone());
+            }
+        }
+        ManifestScan {
+            changed,
+            miners,
+            errors,
+        }
+    }
+}
+
+fn is_manifest(path: &Path) -> bool {
+    let hidden = path
+        .file_name()
+        .and_then(|n| n.to_str())
+        .is_none_or(|n| n.starts_with('.'));
+    !hidden
+        && path.is_file()
+        && matches!(
+            path.extension().and_then(|e| e.to_str()),
+            Some("yaml" | "yml")
+        )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MINER: &str = "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {name: NAME}\nspec:\n  selector: {}\n  workSource: {builtin: {networkDifficulty: 1}}\n  sharesPerMinute: SPM\n";
+
+    fn miner(name: &str, spm: &str) -> String {
+        MINER.replace("NAME", name).replace("SPM", spm)
+    }
+
+    #[test]
+    fn keeps_the_last_good_version_of_a_broken_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file = dir.path().join("a.yaml");
+        std::fs::write(&file, miner("a", "12")).expect("write");
+        std::fs::write(dir.path().join("notes.txt"), "ignored").expect("write");
+        let mut w = ManifestWatcher::new(dir.path());
+        let first = w.scan();
+        assert!(first.changed);
+        assert_eq!(first.miners.len(), 1);
+        assert!(first.errors.is_empty());
+        assert!(!w.scan().changed, "nothing changed");
+
+        std::fs::write(&file, miner("a", "-1")).expect("write");
+        let broken = w.scan();
+        assert!(broken.changed);
+        assert_eq!(
+            broken.miners["default/a"].spec.shares_per_minute, 12.0,
+            "old version kept"
+        );
+        assert_eq!(broken.errors.len(), 1);
+        assert!(
+            broken.errors[0]
+                .to_string()
+                .contains("spec.sharesPerMinute"),
+            "{}",
+            broken.errors[0]
+        );
+
+        std::fs::write(&file, miner("a", "30")).expect("write");
+        let fixed = w.scan();
+        assert_eq!(fixed.miners["default/a"].spec.shares_per_minute, 30.0);
+        assert!(fixed.errors.is_empty());
+
+        std::fs::remove_file(&file).expect("remove");
+        let gone = w.scan();
+        assert!(gone.changed);
+        assert!(gone.miners.is_empty());
+    }
+
+    #[test]
+    fn a_name_defined_twice_is_an_error_for_the_later_file() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("a.yaml"), miner("x", "12")).expect("write");
+        std::fs::write(dir.path().join("b.yml"), miner("x", "24")).expect("write");
+        let scan = ManifestWatcher::new(dir.path()).scan();
+        assert_eq!(scan.miners["default/x"].spec.shares_per_minute, 12.0);
+        assert_eq!(scan.errors.len(), 1);
+        let text = scan.errors[0].to_string();
+        assert!(
+            text.contains("b.yml") && text.contains("already defined"),
+            "{text}"
+        );
+    }
+}

@@ -1,0 +1,1131 @@
+//! The embedded transactional store: one redb file, one writer thread, group commit.
+//!
+//! Every acknowledged share must be on disk before the device hears "accepted", but one fsync
+//! per share would cap the controller at a few hundred shares per second. So all writes go
+//! through [`Store::write`], which hands a closure to a single writer thread; the writer takes
+//! every job already queued (up to [`MAX_BATCH_JOBS`]), runs them, makes them durable with ONE
+//! fsync, and only then answers every caller. Readers take MVCC snapshots with [`Store::read`]
+//! and never block the writer.
+//!
+//! # Isolation of jobs inside one group commit
+//!
+//! A failing job must not take its neighbours' writes down with it. The obvious tool, an
+//! ephemeral savepoint before each job inside one transaction, does not exist in redb 4: a
+//! savepoint can only be taken while the transaction is still clean, and the first
+//! `open_table` makes it dirty (`SavepointError::InvalidSavepoint`). So the writer gives every
+//! job its own write transaction with [`Durability::None`]: a job that fails (or panics) is
+//! aborted alone; a job that succeeds is committed to memory only. One final empty transaction
+//! with [`Durability::Immediate`] then fsyncs the whole batch at once (redb persists earlier
+//! non-durable commits with the next durable one). Nothing is answered before that fsync.
+//!
+//! If the final durable commit fails, every job of the batch gets the error, and the batch is
+//! all-or-nothing but its outcome is unknown: a failed fsync may still have left the whole
+//! commit on disk, exactly as with any database. Callers must treat such an error as "maybe
+//! written" (the ledger does: a device resubmits, flagged, and gets `AlreadyRecorded` or
+//! `Recorded`, never a second count). What the store does guarantee is that it never goes on
+//! to build on that uncertain state: it rolls the batch back to an ephemeral savepoint taken at
+//! the start of the batch (in the first job's transaction, while it is still clean), and if
+//! that fails too, as it does after an I/O error (redb latches those), it refuses every further
+//! write until reopened; reopening recovers whichever state last reached the disk intact.
+//!
+//! A consequence worth knowing: a [`Store::read`] snapshot may include writes of the batch that
+//! is being fsynced at that moment (a few milliseconds before their callers are answered).
+//! Decisions that must rest on durable state belong inside a [`Store::write`] job, whose result
+//! is only delivered once durable.
+
+use std::any::Any;
+use std::error::Error as StdError;
+use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::thread::{self, JoinHandle, ThreadId};
+
+use redb::{
+    CommitError, ConcurrencyMode, Database, DatabaseError, Durability, Key, ReadOnlyTable,
+    ReadTransaction, ReadableDatabase, ReadableTable, Savepoint, SavepointError,
+    SetDurabilityError, StorageError, Table, TableDefinition, TableError, TableHandle,
+    TransactionError, Value, WriteTransaction,
+};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use tokio::sync::oneshot;
+
+/// The most jobs one group commit takes. Bounds the latency a job queued behind a full batch
+/// waits, and the memory of one batch, while leaving room for thousands of concurrent callers.
+pub const MAX_BATCH_JOBS: usize = 4096;
+
+/// Page cache of the database. The ledger's working set (recent headers' shares and the
+/// totals) is small; the rest of the file is cold and need not sit in memory.
+const CACHE_BYTES: usize = 256 * 1024 * 1024;
+
+/// A table of JSON values keyed by string: the easy way for modules with low write rates
+/// (device records, headers, assignments) to keep their state without a schema of their own.
+pub type JsonTable = TableDefinition<'static, &'static str, &'static [u8]>;
+
+/// Why a store operation failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The directory that should hold the database file could not be created.
+    #[error("creating the store directory {path}")]
+    CreateDir {
+        /// The directory.
+        path: PathBuf,
+        /// The underlying I/O failure.
+        #[source]
+        source: std::io::Error,
+    },
+    /// redb refused to open or create the database file.
+    #[error("opening the store database {path}")]
+    Open {
+        /// The database file.
+        path: PathBuf,
+        /// redb's reason.
+        #[source]
+        source: Box<DatabaseError>,
+    },
+    /// The OS refused to start the writer thread.
+    #[error("starting the store-writer thread")]
+    SpawnWriter(#[source] std::io::Error),
+    /// A read or write transaction could not be started.
+    #[error("beginning a store transaction")]
+    Begin(#[source] Box<TransactionError>),
+    /// The durability of a transaction could not be set.
+    #[error("setting the durability of a store transaction")]
+    Durability(#[source] SetDurabilityError),
+    /// Committing one job's writes to memory failed; the job's writes are discarded.
+    #[error("committing a store job's writes")]
+    JobCommit(#[source] CommitError),
+    /// The durable commit of a batch failed; its jobs' writes are all on disk or none are.
+    #[error("durably committing a group of {jobs} store jobs")]
+    GroupCommit {
+        /// How many jobs were in the batch.
+        jobs: usize,
+        /// What failed (shared by every job of the batch).
+        #[source]
+        source: Arc<StoreError>,
+    },
+    /// The durable commit itself failed (the inner cause of [`StoreError::GroupCommit`]).
+    #[error("fsyncing the group commit")]
+    Commit(#[source] CommitError),
+    /// Taking or restoring the savepoint that guards a batch failed.
+    #[error("taking or restoring the batch savepoint")]
+    Savepoint(#[source] SavepointError),
+    /// A table could not be opened (wrong types, or storage failure).
+    #[error("opening store table {table}")]
+    Table {
+        /// The table name.
+        table: String,
+        /// redb's reason.
+        #[source]
+        source: Box<TableError>,
+    },
+    /// Reading or writing a table failed in the storage layer.
+    #[error("reading or writing store table {table}")]
+    Storage {
+        /// The table name.
+        table: String,
+        /// redb's reason.
+        #[source]
+        source: StorageError,
+    },
+    /// A JSON value could not be encoded or decoded.
+    #[error("encoding or decoding the JSON value {key:?} in store table {table}")]
+    Json {
+        /// The table name.
+        table: String,
+        /// The key of the value.
+        key: String,
+        /// serde_json's reason.
+        #[source]
+        source: serde_json::Error,
+    },
+    /// A stored value does not have the layout its reader expects.
+    #[error("stored value {key:?} in store table {table} is corrupt: {reason}")]
+    Corrupt {
+        /// The table name.
+        table: String,
+        /// The key of the value.
+        key: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A job gave up for a reason of its own; its writes are discarded.
+    #[error("store job aborted")]
+    Aborted(#[source] Box<dyn StdError + Send + Sync>),
+    /// A job panicked; its writes are discarded and the writer carries on.
+    #[error("a store job panicked: {0}")]
+    JobPanicked(String),
+    /// An earlier group commit failed and could not be rolled back, so the in-memory state may
+    /// hold writes whose callers were told they failed; the store refuses writes until reopened.
+    #[error("store refuses writes after an unrecoverable commit failure ({reason}); reopen it")]
+    Failed {
+        /// The original failure.
+        reason: String,
+    },
+    /// The writer has stopped ([`Store::close`] or the last handle dropped).
+    #[error("the store writer has stopped")]
+    Closed,
+}
+
+impl StoreError {
+    /// Builds the error for a storage failure on `table`, for use with `map_err` inside jobs.
+    pub fn storage(table: &str) -> impl FnOnce(StorageError) -> StoreError + '_ {
+        move |source| StoreError::Storage {
+            table: table.to_owned(),
+            source,
+        }
+    }
+}
+
+/// Counters of the writer, for metrics, tests and the benchmark: `jobs / commits` is the
+/// group-commit factor, `submitted - jobs` the queue depth.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct StoreStats {
+    /// Jobs handed to [`Store::write`] so far.
+    pub submitted: u64,
+    /// Jobs the writer has finished (successfully or not).
+    pub jobs: u64,
+    /// Jobs that returned an error or panicked (their writes were discarded).
+    pub failed_jobs: u64,
+    /// Durable commits (fsyncs) done.
+    pub commits: u64,
+    /// The most jobs one commit has carried.
+    pub largest_batch: u64,
+}
+
+#[derive(Default)]
+struct Counters {
+    submitted: AtomicU64,
+    jobs: AtomicU64,
+    failed_jobs: AtomicU64,
+    commits: AtomicU64,
+    largest_batch: AtomicU64,
+}
+
+/// A handle on the embedded database. Cheap to clone; all clones share one writer thread.
+/// The writer stops, after finishing every queued job, on [`Store::close`] or when the last
+/// handle is dropped (which then blocks until the queue is drained and the file is closed).
+#[derive(Clone)]
+pub struct Store {
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    db: Arc<Database>,
+    path: PathBuf,
+    sender: Mutex<Option<mpsc::Sender<Box<dyn Job>>>>,
+    writer: Mutex<Option<JoinHandle<()>>>,
+    writer_id: ThreadId,
+    counters: Arc<Counters>,
+}
+
+impl std::fmt::Debug for Store {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Store")
+            .field("path", &self.shared.path)
+            .field("stats", &self.stats())
+            .finish()
+    }
+}
+
+fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    // Nothing panics while these locks are held; a poisoned lock still holds valid data.
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+impl Store {
+    /// Opens the database at `path`, creating it (and its directory) on first use, and starts
+    /// the single writer thread that owns every write transaction: one writer means no write
+    /// contention inside redb and lets every queued job share one fsync.
+    pub fn open(path: &Path) -> Result<Store, StoreError> {
+        if let Some(parent) = path.parent()
+            && !parent.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+                path: parent.to_path_buf(),
+                source,
+            })?;
+        }
+        let db = Database::builder()
+            // Ephemeral savepoints and non-durable commits, which group commit relies on, are
+            // only available while this process is the file's only writer.
+            .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|source| StoreError::Open {
+                path: path.to_path_buf(),
+                source: Box::new(source),
+            })?;
+        Store::start(db, path)
+    }
+
+    /// Starts the writer thread on an opened database.
+    fn start(db: Database, path: &Path) -> Result<Store, StoreError> {
+        let db = Arc::new(db);
+        let counters = Arc::new(Counters::default());
+        let (sender, receiver) = mpsc::channel::<Box<dyn Job>>();
+        let writer = {
+            let db = Arc::clone(&db);
+            let counters = Arc::clone(&counters);
+            thread::Builder::new()
+                .name("store-writer".to_owned())
+                .spawn(move || writer_loop(&db, &receiver, &counters))
+                .map_err(StoreError::SpawnWriter)?
+        };
+        let writer_id = writer.thread().id();
+        tracing::debug!(path = %path.display(), "store opened");
+        Ok(Store {
+            shared: Arc::new(Shared {
+                db,
+                path: path.to_path_buf(),
+                sender: Mutex::new(Some(sender)),
+                writer: Mutex::new(Some(writer)),
+                writer_id,
+                counters,
+            }),
+        })
+    }
+
+    /// Runs `f` in a write transaction and resolves once its writes are durable (fsynced), or
+    /// with the error that kept them from being so. `f` runs on the writer thread, after the
+    /// jobs queued before it, and sees their writes.
+    ///
+    /// If `f` returns `Err` or panics, its writes are discarded and the other jobs of the same
+    /// group commit are unaffected. If the group's fsync fails, every job of the group gets a
+    /// [`StoreError::GroupCommit`], and the group's writes are then either all on disk or all
+    /// lost: treat that error as "outcome unknown", never as "certainly not written".
+    ///
+    /// The job is queued when `write` is called, not when the future is first polled, and
+    /// dropping the future does not cancel it: it still runs and commits, unanswered.
+    pub fn write<R, F>(
+        &self,
+        f: F,
+    ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static + use<R, F>
+    where
+        F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+        R: Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let queued = self.enqueue(Box::new(TypedJob { f, reply }));
+        async move {
+            queued?;
+            // The writer drops an unanswered job only if it died; report that as closed.
+            answer.await.unwrap_or(Err(StoreError::Closed))
+        }
+    }
+
+    fn enqueue(&self, job: Box<dyn Job>) -> Result<(), StoreError> {
+        let sender = locked(&self.shared.sender);
+        let sender = sender.as_ref().ok_or(StoreError::Closed)?;
+        sender.send(job).map_err(|_| StoreError::Closed)?;
+        self.shared
+            .counters
+            .submitted
+            .fetch_add(1, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// A consistent snapshot for reading without blocking the writer. It may already include
+    /// the writes of the group commit being fsynced at that moment (see the module docs).
+    pub fn read(&self) -> Result<ReadTransaction, StoreError> {
+        self.shared
+            .db
+            .begin_read()
+            .map_err(|e| StoreError::Begin(Box::new(e)))
+    }
+
+    /// The writer's counters, so tests and the benchmark can see the group-commit factor.
+    pub fn stats(&self) -> StoreStats {
+        let c = &self.shared.counters;
+        StoreStats {
+            submitted: c.submitted.load(Ordering::Relaxed),
+            jobs: c.jobs.load(Ordering::Relaxed),
+            failed_jobs: c.failed_jobs.load(Ordering::Relaxed),
+            commits: c.commits.load(Ordering::Relaxed),
+            largest_batch: c.largest_batch.load(Ordering::Relaxed),
+        }
+    }
+
+    /// The database file, for logs.
+    pub fn path(&self) -> &Path {
+        &self.shared.path
+    }
+
+    /// Stops the writer for every handle after it has finished all queued jobs, and waits for
+    /// it. Later writes through other handles fail with [`StoreError::Closed`]; the file is
+    /// released once the last handle is gone.
+    pub fn close(self) {
+        self.shared.shut_down();
+    }
+}
+
+impl Shared {
+    fn shut_down(&self) {
+        // Dropping the only sender ends the writer's loop once it has drained the queue.
+        drop(locked(&self.sender).take());
+        if thread::current().id() == self.writer_id {
+            // The last handle was dropped by a job on the writer thread itself; it cannot join
+            // itself, and it exits on its own once the queue is empty.
+            return;
+        }
+        let writer = locked(&self.writer).take();
+        if let Some(writer) = writer
+            && writer.join().is_err()
+        {
+            tracing::error!(path = %self.path.display(), "store writer thread panicked");
+        }
+    }
+}
+
+impl Drop for Shared {
+    fn drop(&mut self) {
+        self.shut_down();
+    }
+}
+
+/// A job with its result type erased, so jobs of every type share one queue.
+trait Job: Send {
+    /// Runs the closure in `txn`; returns whether it succeeded and how to answer its caller.
+    fn run(self: Box<Self>, txn: &WriteTransaction) -> Ran;
+    /// Answers the caller with `error` without running the closure.
+    fn refuse(self: Box<Self>, error: StoreError);
+}
+
+/// A job that has run: whether its writes should be committed, and its pending answer.
+struct Ran {
+    succeeded: bool,
+    reply: Box<dyn Reply>,
+}
+
+/// An answer waiting for the batch's outcome.
+trait Reply: Send {
+    /// Sends the job's own result, or `Err(durability)` if its writes did not become durable.
+    fn send(self: Box<Self>, durability: Result<(), StoreError>);
+}
+
+struct TypedJob<F, R> {
+    f: F,
+    reply: oneshot::Sender<Result<R, StoreError>>,
+}
+
+struct TypedReply<R> {
+    result: Result<R, StoreError>,
+    reply: oneshot::Sender<Result<R, StoreError>>,
+}
+
+impl<F, R> Job for TypedJob<F, R>
+where
+    F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send,
+    R: Send + 'static,
+{
+    fn run(self: Box<Self>, txn: &WriteTransaction) -> Ran {
+        let TypedJob { f, reply } = *self;
+        let result = catch_unwind(AssertUnwindSafe(|| f(txn)))
+            .unwrap_or_else(|payload| Err(StoreError::JobPanicked(panic_message(&*payload))));
+        Ran {
+            succeeded: result.is_ok(),
+            reply: Box::new(TypedReply { result, reply }),
+        }
+    }
+
+    fn refuse(self: Box<Self>, error: StoreError) {
+        // A caller that went away needs no answer.
+        let _ = self.reply.send(Err(error));
+    }
+}
+
+impl<R: Send> Reply for TypedReply<R> {
+    fn send(self: Box<Self>, durability: Result<(), StoreError>) {
+        let result = match durability {
+            Ok(()) => self.result,
+            Err(error) => Err(error),
+        };
+        // A caller that went away needs no answer.
+        let _ = self.reply.send(result);
+    }
+}
+
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(message) = payload.downcast_ref::<&str>() {
+        (*message).to_owned()
+    } else if let Some(message) = payload.downcast_ref::<String>() {
+        message.clone()
+    } else {
+        "panic payload is not a string".to_owned()
+    }
+}
+
+fn writer_loop(db: &Database, queue: &mpsc::Receiver<Box<dyn Job>>, counters: &Counters) {
+    // Set when a failed group commit could not be rolled back: from then on the in-memory
+    // state may hold writes whose callers were told they failed, and nothing may commit it.
+    let mut broken: Option<String> = None;
+    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH_JOBS);
+    while let Ok(first) = queue.recv() {
+        batch.push(first);
+        while batch.len() < MAX_BATCH_JOBS {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        let jobs = batch.len();
+        // Counted before any answer goes out, so a caller that has its answer sees its job counted.
+        counters.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
+        run_batch(db, batch.drain(..), jobs, counters, &mut broken);
+    }
+    tracing::debug!("store writer stopped");
+}
+
+fn run_batch(
+    db: &Database,
+    jobs: impl Iterator<Item = Box<dyn Job>>,
+    count: usize,
+    counters: &Counters,
+    broken: &mut Option<String>,
+) {
+    if let Some(reason) = broken.as_ref() {
+        for job in jobs {
+            job.refuse(StoreError::Failed {
+                reason: reason.clone(),
+            });
+        }
+        return;
+    }
+    let mut savepoint: Option<Savepoint> = None;
+    let mut pending: Vec<Box<dyn Reply>> = Vec::with_capacity(count);
+    for (index, job) in jobs.enumerate() {
+        let mut txn = match db.begin_write() {
+            Ok(txn) => txn,
+            Err(e) => {
+                counters.failed_jobs.fetch_add(1, Ordering::Relaxed);
+                job.refuse(StoreError::Begin(Box::new(e)));
+                continue;
+            }
+        };
+        if index == 0 {
+            // Only possible while this transaction is still clean, before the job opens a table.
+            match txn.ephemeral_savepoint() {
+                Ok(taken) => savepoint = Some(taken),
+                Err(e) => {
+                    tracing::warn!(error = %e, "no savepoint for this batch; a failed fsync will stop the store")
+                }
+            }
+        }
+        if let Err(e) = txn.set_durability(Durability::None) {
+            counters.failed_jobs.fetch_add(1, Ordering::Relaxed);
+            abort(txn);
+            job.refuse(StoreError::Durability(e));
+            continue;
+        }
+        let ran = job.run(&txn);
+        if ran.succeeded {
+            match txn.commit() {
+                Ok(()) => pending.push(ran.reply),
+                Err(e) => {
+                    counters.failed_jobs.fetch_add(1, Ordering::Relaxed);
+                    ran.reply.send(Err(StoreError::JobCommit(e)));
+                }
+            }
+        } else {
+            counters.failed_jobs.fetch_add(1, Ordering::Relaxed);
+            abort(txn);
+            ran.reply.send(Ok(()));
+        }
+    }
+    if pending.is_empty() {
+        return;
+    }
+    match durable_commit(db) {
+        Ok(()) => {
+            counters.commits.fetch_add(1, Ordering::Relaxed);
+            counters
+                .largest_batch
+                .fetch_max(pending.len() as u64, Ordering::Relaxed);
+            for reply in pending {
+                reply.send(Ok(()));
+            }
+        }
+        Err(error) => {
+            tracing::error!(error = %error, jobs = pending.len(), "group commit failed");
+            let rolled_back = match savepoint.as_ref() {
+                Some(savepoint) => roll_back(db, savepoint),
+                None => Err(StoreError::Savepoint(SavepointError::InvalidSavepoint)),
+            };
+            if let Err(rollback) = rolled_back {
+                tracing::error!(error = %rollback, "rolling back the failed group commit failed; the store refuses writes until reopened");
+                *broken = Some(error.to_string());
+            }
+            let error = Arc::new(error);
+            let jobs = pending.len();
+            for reply in pending {
+                reply.send(Err(StoreError::GroupCommit {
+                    jobs,
+                    source: Arc::clone(&error),
+                }));
+            }
+        }
+    }
+}
+
+fn abort(txn: WriteTransaction) {
+    if let Err(e) = txn.abort() {
+        tracing::warn!(error = %e, "aborting a failed store job's transaction");
+    }
+}
+
+/// The one fsync of a batch: an empty transaction whose durable commit also persists the
+/// batch's non-durable commits.
+fn durable_commit(db: &Database) -> Result<(), StoreError> {
+    let mut txn = db
+        .begin_write()
+        .map_err(|e| StoreError::Begin(Box::new(e)))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(StoreError::Durability)?;
+    txn.commit().map_err(StoreError::Commit)
+}
+
+fn roll_back(db: &Database, savepoint: &Savepoint) -> Result<(), StoreError> {
+    let mut txn = db
+        .begin_write()
+        .map_err(|e| StoreError::Begin(Box::new(e)))?;
+    txn.set_durability(Durability::Immediate)
+        .map_err(StoreError::Durability)?;
+    txn.restore_savepoint(savepoint)
+        .map_err(StoreError::Savepoint)?;
+    txn.commit().map_err(StoreError::Commit)
+}
+
+/// Opens `table` for writing inside a job, creating it on first use, with an error that names
+/// the table.
+pub fn open_table<'txn, K: Key + 'static, V: Value + 'static>(
+    txn: &'txn WriteTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<Table<'txn, K, V>, StoreError> {
+    txn.open_table(table).map_err(|source| StoreError::Table {
+        table: table.name().to_owned(),
+        source: Box::new(source),
+    })
+}
+
+/// Opens `table` in a read snapshot; `None` if no write has created it yet, so readers of a
+/// fresh database see "empty" rather than an error.
+pub fn open_read_table<K: Key + 'static, V: Value + 'static>(
+    txn: &ReadTransaction,
+    table: TableDefinition<K, V>,
+) -> Result<Option<ReadOnlyTable<K, V>>, StoreError> {
+    match txn.open_table(table) {
+        Ok(opened) => Ok(Some(opened)),
+        Err(TableError::TableDoesNotExist(_)) => Ok(None),
+        Err(source) => Err(StoreError::Table {
+            table: table.name().to_owned(),
+            source: Box::new(source),
+        }),
+    }
+}
+
+fn decode_json<T: DeserializeOwned>(table: &str, key: &str, bytes: &[u8]) -> Result<T, StoreError> {
+    serde_json::from_slice(bytes).map_err(|source| StoreError::Json {
+        table: table.to_owned(),
+        key: key.to_owned(),
+        source,
+    })
+}
+
+/// Reads the JSON value at `key` from a snapshot; `None` if absent.
+pub fn get_json<T: DeserializeOwned>(
+    txn: &ReadTransaction,
+    table: JsonTable,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let Some(opened) = open_read_table(txn, table)? else {
+        return Ok(None);
+    };
+    let found = opened.get(key).map_err(StoreError::storage(table.name()))?;
+    found
+        .map(|value| decode_json(table.name(), key, value.value()))
+        .transpose()
+}
+
+/// Reads every entry of a JSON table from a snapshot, in key order: how modules reload their
+/// state at start-up.
+pub fn list_json<T: DeserializeOwned>(
+    txn: &ReadTransaction,
+    table: JsonTable,
+) -> Result<Vec<(String, T)>, StoreError> {
+    let Some(opened) = open_read_table(txn, table)? else {
+        return Ok(Vec::new());
+    };
+    let mut entries = Vec::new();
+    for entry in opened.iter().map_err(StoreError::storage(table.name()))? {
+        let (key, value) = entry.map_err(StoreError::storage(table.name()))?;
+        let key = key.value().to_owned();
+        let value = decode_json(table.name(), &key, value.value())?;
+        entries.push((key, value));
+    }
+    Ok(entries)
+}
+
+/// Reads the JSON value at `key` inside a write job, for read-modify-write; `None` if absent.
+pub fn get_json_in_write<T: DeserializeOwned>(
+    txn: &WriteTransaction,
+    table: JsonTable,
+    key: &str,
+) -> Result<Option<T>, StoreError> {
+    let opened = open_table(txn, table)?;
+    let found = opened.get(key).map_err(StoreError::storage(table.name()))?;
+    found
+        .map(|value| decode_json(table.name(), key, value.value()))
+        .transpose()
+}
+
+/// Stores `value` as JSON at `key` inside a write job, replacing any previous value.
+pub fn put_json<T: Serialize + ?Sized>(
+    txn: &WriteTransaction,
+    table: JsonTable,
+    key: &str,
+    value: &T,
+) -> Result<(), StoreError> {
+    let bytes = serde_json::to_vec(value).map_err(|source| StoreError::Json {
+        table: table.name().to_owned(),
+        key: key.to_owned(),
+        source,
+    })?;
+    let mut opened = open_table(txn, table)?;
+    opened
+        .insert(key, bytes.as_slice())
+        .map_err(StoreError::storage(table.name()))?;
+    Ok(())
+}
+
+/// Removes `key` from a JSON table inside a write job; whether it was there.
+pub fn remove_json(
+    txn: &WriteTransaction,
+    table: JsonTable,
+    key: &str,
+) -> Result<bool, StoreError> {
+    let mut opened = open_table(txn, table)?;
+    let removed = opened
+        .remove(key)
+        .map_err(StoreError::storage(table.name()))?;
+    Ok(removed.is_some())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+    use std::ops::Bound;
+
+    use redb::BackendError;
+
+    use super::*;
+
+    const NUMBERS: TableDefinition<&str, u64> = TableDefinition::new("numbers");
+    const DOCS: JsonTable = TableDefinition::new("docs");
+
+    fn put(txn: &WriteTransaction, key: &str, value: u64) -> Result<(), StoreError> {
+        open_table(txn, NUMBERS)?
+            .insert(key, value)
+            .map_err(StoreError::storage("numbers"))?;
+        Ok(())
+    }
+
+    fn keys(store: &Store) -> BTreeSet<String> {
+        let txn = store.read().expect("read snapshot");
+        let Some(table) = open_read_table(&txn, NUMBERS).expect("open numbers") else {
+            return BTreeSet::new();
+        };
+        table
+            .iter()
+            .expect("iterate numbers")
+            .map(|entry| entry.expect("entry").0.value().to_owned())
+            .collect()
+    }
+
+    /// Blocks the writer thread inside a job until the returned sender is used or dropped,
+    /// so that the jobs queued meanwhile are taken as one batch.
+    fn hold_writer(
+        store: &Store,
+    ) -> (
+        mpsc::Sender<()>,
+        impl Future<Output = Result<(), StoreError>> + use<>,
+    ) {
+        let (release, gate) = mpsc::channel::<()>();
+        let (started_tx, started_rx) = mpsc::channel::<()>();
+        let held = store.write(move |_txn| {
+            let _ = started_tx.send(());
+            let _ = gate.recv();
+            Ok(())
+        });
+        started_rx.recv().expect("gate job started");
+        (release, held)
+    }
+
+    async fn wait_submitted(store: &Store, n: u64) {
+        while store.stats().submitted < n {
+            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_writes_are_all_committed_and_visible_after_reopen() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("sub/dir/store.redb");
+        let store = Store::open(&path).expect("open");
+        let mut tasks = Vec::new();
+        for task in 0..8 {
+            let store = store.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..150u64 {
+                    let key = format!("t{task}-{i}");
+                    store
+                        .write(move |txn| put(txn, &key, i))
+                        .await
+                        .expect("write");
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.expect("task");
+        }
+        let stats = store.stats();
+        assert_eq!(stats.jobs, 1200);
+        assert_eq!(stats.submitted, 1200);
+        assert_eq!(stats.failed_jobs, 0);
+        assert!(
+            stats.commits < stats.jobs,
+            "8 concurrent writers should share commits: {stats:?}"
+        );
+        store.close();
+
+        let store = Store::open(&path).expect("reopen");
+        let found = keys(&store);
+        assert_eq!(found.len(), 1200);
+        assert!(found.contains("t7-149"));
+    }
+
+    #[tokio::test]
+    async fn queued_jobs_share_one_commit() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("open");
+        let (release, held) = hold_writer(&store);
+        let writes: Vec<_> = (0..100u64)
+            .map(|i| store.write(move |txn| put(txn, &format!("k{i}"), i)))
+            .collect();
+        wait_submitted(&store, 101).await;
+        drop(release);
+        held.await.expect("gate job");
+        for write in writes {
+            write.await.expect("write");
+        }
+        let stats = store.stats();
+        assert_eq!(stats.jobs, 101);
+        // One commit for the gate job, one for the 100 jobs queued behind it.
+        assert_eq!(stats.commits, 2, "{stats:?}");
+        assert_eq!(stats.largest_batch, 100);
+        assert_eq!(keys(&store).len(), 100);
+    }
+
+    #[tokio::test]
+    async fn failing_or_panicking_job_does_not_lose_the_others_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).expect("open");
+        let (release, held) = hold_writer(&store);
+        let a = store.write(|txn| put(txn, "a", 1));
+        let b = store.write(|txn| {
+            put(txn, "b", 2)?;
+            Err::<(), _>(StoreError::Aborted("job b changed its mind".into()))
+        });
+        let c = store.write(|txn| put(txn, "c", 3).map(|()| "c done"));
+        let d = store.write(|txn| -> Result<(), StoreError> {
+            put(txn, "d", 4)?;
+            panic!("job d blew up");
+        });
+        let e = store.write(|txn| put(txn, "e", 5));
+        wait_submitted(&store, 6).await;
+        drop(release);
+        held.await.expect("gate job");
+
+        a.await.expect("a committed");
+        assert!(matches!(b.await, Err(StoreError::Aborted(_))));
+        assert_eq!(c.await.expect("c committed"), "c done");
+        match d.await {
+            Err(StoreError::JobPanicked(message)) => assert!(message.contains("job d blew up")),
+            other => panic!("expected a contained panic, got {other:?}"),
+        }
+        e.await.expect("e committed after the panic");
+        let stats = store.stats();
+        assert_eq!(stats.commits, 2, "all five jobs were one batch: {stats:?}");
+        assert_eq!(stats.failed_jobs, 2);
+        drop(store);
+
+        let store = Store::open(&path).expect("reopen");
+        let expected: BTreeSet<String> = ["a", "c", "e"].iter().map(|k| k.to_string()).collect();
+        assert_eq!(keys(&store), expected);
+    }
+
+    #[tokio::test]
+    async fn close_drains_queued_jobs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).expect("open");
+        let (release, held) = hold_writer(&store);
+        let writes: Vec<_> = (0..50u64)
+            .map(|i| store.write(move |txn| put(txn, &format!("k{i}"), i)))
+            .collect();
+        let other = store.clone();
+        let closer = thread::spawn(move || store.close());
+        // close() is now waiting for the held writer; release it and let it drain.
+        thread::sleep(std::time::Duration::from_millis(20));
+        drop(release);
+        closer.join().expect("close");
+        held.await.expect("gate job");
+        for write in writes {
+            write
+                .await
+                .expect("queued write finished before close returned");
+        }
+        assert!(matches!(
+            other.write(|txn| put(txn, "late", 0)).await,
+            Err(StoreError::Closed)
+        ));
+        drop(other);
+
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(keys(&store).len(), 50);
+    }
+
+    #[tokio::test]
+    async fn dropping_the_last_handle_drains_queued_jobs() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let store = Store::open(&path).expect("open");
+        let (release, held) = hold_writer(&store);
+        let writes: Vec<_> = (0..50u64)
+            .map(|i| store.write(move |txn| put(txn, &format!("k{i}"), i)))
+            .collect();
+        let dropper = thread::spawn(move || drop(store));
+        thread::sleep(std::time::Duration::from_millis(20));
+        drop(release);
+        dropper.join().expect("drop");
+        held.await.expect("gate job");
+        for write in writes {
+            write
+                .await
+                .expect("queued write finished before drop returned");
+        }
+        // The file is released: reopening in the same process works.
+        let store = Store::open(&path).expect("reopen");
+        assert_eq!(keys(&store).len(), 50);
+    }
+
+    /// A file backend whose fsync can be made to fail, as a full or dying disk does.
+    #[derive(Debug)]
+    struct FlakySync {
+        inner: redb::backends::FileBackend,
+        fail: Arc<std::sync::atomic::AtomicBool>,
+    }
+
+    impl redb::StorageBackend for FlakySync {
+        fn len(&self) -> std::io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> std::io::Result<()> {
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> std::io::Result<()> {
+            if self.fail.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("injected fsync failure"));
+            }
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> std::io::Result<()> {
+            self.inner.close()
+        }
+        fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.try_lock_range(start, end)
+        }
+        fn try_lock_shared_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.try_lock_shared_range(start, end)
+        }
+        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_range(start, end)
+        }
+        fn lock_shared_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<(), BackendError> {
+            self.inner.lock_shared_range(start, end)
+        }
+        fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.unlock_range(start, end)
+        }
+        fn query_lock_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.query_lock_range(start, end)
+        }
+    }
+
+    #[tokio::test]
+    async fn failed_group_commit_fails_the_whole_batch_and_stops_writes() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .expect("create file");
+        let backend = FlakySync {
+            inner: redb::backends::FileBackend::new(file).expect("file backend"),
+            fail: Arc::clone(&fail),
+        };
+        let db = Database::builder()
+            .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
+            .create_with_backend(backend)
+            .expect("create database");
+        let store = Store::start(db, &path).expect("start");
+        store
+            .write(|txn| put(txn, "before", 1))
+            .await
+            .expect("durable before the failure");
+
+        let (release, held) = hold_writer(&store);
+        let injector = Arc::clone(&fail);
+        let a = store.write(move |txn| {
+            // The disk dies while this batch is being written.
+            injector.store(true, Ordering::SeqCst);
+            put(txn, "a", 1)
+        });
+        let b = store.write(|txn| put(txn, "b", 2));
+        wait_submitted(&store, 4).await;
+        drop(release);
+        held.await.expect("gate job committed before the failure");
+
+        for result in [a.await, b.await] {
+            match result {
+                Err(StoreError::GroupCommit { jobs: 2, source }) => {
+                    assert!(matches!(*source, StoreError::Commit(_)), "{source:?}")
+                }
+                other => panic!("expected the batch's commit error, got {other:?}"),
+            }
+        }
+        // The failed fsync latches redb's storage, so the rollback fails too, and nothing may
+        // commit the failed batch's in-memory writes later.
+        assert!(matches!(
+            store.write(|txn| put(txn, "after", 3)).await,
+            Err(StoreError::Failed { .. })
+        ));
+        assert_eq!(store.stats().commits, 2);
+        drop(store);
+
+        fail.store(false, Ordering::SeqCst);
+        let store = Store::open(&path).expect("reopen recovers the last intact state");
+        // The failed fsync may or may not have left the batch on disk, but never half of it,
+        // and nothing after the failure.
+        let found = keys(&store);
+        let with_batch: BTreeSet<String> =
+            ["a", "b", "before"].iter().map(|k| k.to_string()).collect();
+        let without_batch: BTreeSet<String> = ["before"].iter().map(|k| k.to_string()).collect();
+        assert!(found == with_batch || found == without_batch, "{found:?}");
+    }
+
+    #[tokio::test]
+    async fn json_helpers_round_trip() {
+        #[derive(Serialize, serde::Deserialize, PartialEq, Debug)]
+        struct Doc {
+            name: String,
+            cores: u32,
+        }
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("open");
+        let txn = store.read().expect("read");
+        assert_eq!(get_json::<Doc>(&txn, DOCS, "gw-1").expect("get"), None);
+        assert!(list_json::<Doc>(&txn, DOCS).expect("list").is_empty());
+        drop(txn);
+
+        store
+            .write(|txn| {
+                put_json(
+                    txn,
+                    DOCS,
+                    "gw-1",
+                    &Doc {
+                        name: "gw-1".into(),
+                        cores: 4,
+                    },
+                )?;
+                put_json(
+                    txn,
+                    DOCS,
+                    "gw-2",
+                    &Doc {
+                        name: "gw-2".into(),
+                        cores: 2,
+                    },
+                )?;
+                let mut doc: Doc = get_json_in_write(txn, DOCS, "gw-2")?
+                    .ok_or_else(|| StoreError::Aborted("gw-2 missing".into()))?;
+                doc.cores += 6;
+                put_json(txn, DOCS, "gw-2", &doc)
+            })
+            .await
+            .expect("write");
+        let txn = store.read().expect("read");
+        assert_eq!(
+            get_json::<Doc>(&txn, DOCS, "gw-2").expect("get"),
+            Some(Doc {
+                name: "gw-2".into(),
+                cores: 8
+            })
+        );
+        let names: Vec<String> = list_json::<Doc>(&txn, DOCS)
+            .expect("list")
+            .into_iter()
+            .map(|(key, _)| key)
+            .collect();
+        assert_eq!(names, ["gw-1", "gw-2"]);
+        drop(txn);
+
+        assert!(
+            store
+                .write(|txn| remove_json(txn, DOCS, "gw-1"))
+                .await
+                .expect("remove")
+        );
+        store
+            .write(|txn| {
+                put(txn, "not-json", 1).and_then(|()| {
+                    open_table(txn, DOCS)?
+                        .insert("broken", b"{not json".as_slice())
+                        .map_err(StoreError::storage("docs"))?;
+                    Ok(())
+                })
+            })
+            .await
+            .expect("write broken");
+        let txn = store.read().expect("read");
+        assert_eq!(get_json::<Doc>(&txn, DOCS, "gw-1").expect("get"), None);
+        assert!(matches!(
+            get_json::<Doc>(&txn, DOCS, "broken"),
+            Err(StoreError::Json { ref key, .. }) if key == "broken"
+        ));
+    }
+}

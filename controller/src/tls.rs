@@ -1,0 +1,365 @@
+//! The controller's TLS listener for tonic, and reading a device's identity off a request.
+//!
+//! Handshakes run here instead of in tonic's own TLS support so that the controller decides
+//! how many may be in flight, how long each may take, and that a failed one never reaches
+//! the gRPC server. The crypto provider is always ring, named explicitly, so no other
+//! provider can be picked up from the dependency tree's features.
+
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::server::WebPkiClientVerifier;
+use rustls::{RootCertStore, ServerConfig};
+use rustls_pki_types::CertificateDer;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::server::TlsStream;
+use tokio_stream::Stream;
+use tokio_stream::StreamExt as _;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::transport::server::Connected;
+
+use crate::pki::{ServerIdentity, validate_device_name};
+
+/// A handshake that has not finished by then is a slow client or an attack; either way the
+/// permit it holds is worth more to the next client.
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after an accept error that is not about one connection (e.g. EMFILE), so the loop
+/// does not spin while the process is out of descriptors.
+const ACCEPT_ERROR_PAUSE: Duration = Duration::from_millis(100);
+
+/// Why the TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The CA certificate could not be used as a trust anchor.
+    #[error("the fleet CA certificate cannot be a trust anchor: {0}")]
+    TrustAnchor(#[source] rustls::Error),
+    /// The client certificate verifier could not be built from the CA.
+    #[error("building the client certificate verifier failed: {0}")]
+    Verifier(#[source] rustls::client::VerifierBuilderError),
+    /// The server certificate, its key, or the protocol versions were rejected by rustls.
+    #[error("the server certificate or key was rejected: {0}")]
+    ServerCertificate(#[source] rustls::Error),
+}
+
+/// The controller's rustls `ServerConfig`: ring provider, ALPN "h2", TLS 1.2 and 1.3.
+///
+/// Client certificates are verified against the fleet CA but optional, because
+/// `Enrollment.Enroll` is reached by devices that have no certificate yet; `Fleet` handlers
+/// require one (see [`peer_device_name`]). A certificate from any other CA fails the
+/// handshake.
+pub fn server_config(
+    ca_der: &CertificateDer<'static>,
+    identity: ServerIdentity,
+) -> Result<Arc<ServerConfig>, TlsError> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut roots = RootCertStore::empty();
+    roots.add(ca_der.clone()).map_err(TlsError::TrustAnchor)?;
+    let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
+        .allow_unauthenticated()
+        .build()
+        .map_err(TlsError::Verifier)?;
+    let mut config = ServerConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
+        .map_err(TlsError::ServerCertificate)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(identity.cert_chain, identity.key)
+        .map_err(TlsError::ServerCertificate)?;
+    config.alpn_protocols = vec![b"h2".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// Turns a `TcpListener` into the incoming stream for
+/// `tonic::transport::Server::serve_with_incoming_shutdown`.
+///
+/// Accepts TCP and runs TLS handshakes concurrently on their own tasks, each with a 10 s
+/// timeout and at most `max_handshakes` (at least 1) in flight. When all permits are taken,
+/// accepting pauses and new connections wait in the kernel's backlog, so a flood of slow
+/// handshakes costs bounded memory and clears within one timeout. Only completed
+/// handshakes are yielded; failed or timed-out ones are logged at debug with the peer
+/// address and dropped. The stream never yields an `Err` and never ends by itself: tonic
+/// 0.14 skips `Err` items, but older tonic versions ended the server on one, and a bad
+/// client must never be able to do that. Accept errors (e.g. EMFILE) are logged and retried
+/// after a short pause.
+///
+/// Must be called within a Tokio runtime. Dropping the stream (tonic does so on shutdown)
+/// stops the accept loop and closes the listening socket.
+pub fn tls_incoming(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    max_handshakes: usize,
+) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
+    tls_incoming_with_timeout(listener, config, max_handshakes, HANDSHAKE_TIMEOUT)
+}
+
+fn tls_incoming_with_timeout(
+    listener: TcpListener,
+    config: Arc<ServerConfig>,
+    max_handshakes: usize,
+    handshake_timeout: Duration,
+) -> impl Stream<Item = Result<TlsStream<TcpStream>, io::Error>> + Send + 'static {
+    let max_handshakes = max_handshakes.max(1);
+    let (tx, rx) = mpsc::channel(max_handshakes);
+    tokio::spawn(accept_loop(
+        listener,
+        TlsAcceptor::from(config),
+        Arc::new(Semaphore::new(max_handshakes)),
+        handshake_timeout,
+        tx,
+    ));
+    ReceiverStream::new(rx).map(Ok)
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: TlsAcceptor,
+    permits: Arc<Semaphore>,
+    handshake_timeout: Duration,
+    tx: mpsc::Sender<TlsStream<TcpStream>>,
+) {
+    loop {
+        let permit = tokio::select! {
+            () = tx.closed() => return,
+            permit = permits.clone().acquire_owned() => match permit {
+                Ok(permit) => permit,
+                // Never closed while this loop holds it.
+                Err(_) => return,
+            },
+        };
+        let accepted = tokio::select! {
+            () = tx.closed() => return,
+            accepted = listener.accept() => accepted,
+        };
+        let (tcp, peer) = match accepted {
+            Ok(accepted) => accepted,
+            Err(error) if is_per_connection_error(&error) => {
+                tracing::debug!(%error, "connection failed before it was accepted");
+                continue;
+            }
+            Err(error) => {
+                tracing::warn!(%error, "accepting connections failed; retrying");
+                tokio::select! {
+                    () = tx.closed() => return,
+                    () = tokio::time::sleep(ACCEPT_ERROR_PAUSE) => continue,
+                }
+            }
+        };
+        // Session traffic is small messages that want to leave now, not be coalesced.
+        if let Err(error) = tcp.set_nodelay(true) {
+            tracing::debug!(%peer, %error, "could not disable Nagle's algorithm");
+        }
+        let acceptor = acceptor.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            let outcome = tokio::time::timeout(handshake_timeout, acceptor.accept(tcp)).await;
+            drop(permit);
+            match outcome {
+                Ok(Ok(stream)) => {
+                    // The receiver is gone only when the server is shutting down.
+                    let _ = tx.send(stream).await;
+                }
+                Ok(Err(error)) => log_failed_handshake(peer, &error),
+                Err(_) => {
+                    tracing::debug!(%peer, timeout = ?handshake_timeout, "TLS handshake timed out")
+                }
+            }
+        });
+    }
+}
+
+fn log_failed_handshake(peer: SocketAddr, error: &io::Error) {
+    tracing::debug!(%peer, %error, "TLS handshake failed");
+}
+
+/// Errors that concern one connection that died in the backlog, not the listener.
+fn is_per_connection_error(error: &io::Error) -> bool {
+    matches!(
+        error.kind(),
+        io::ErrorKind::ConnectionAborted
+            | io::ErrorKind::ConnectionReset
+            | io::ErrorKind::ConnectionRefused
+            | io::ErrorKind::Interrupted
+            | io::ErrorKind::WouldBlock
+    )
+}
+
+/// The device a request acts for: the CN of the verified client certificate. `None` when
+/// the peer sent no certificate (enrollment), or the request did not come through
+/// [`tls_incoming`]. rustls has already verified the chain against the fleet CA during the
+/// handshake, so the CN can be trusted; it is still checked against the device-name rules
+/// so nothing odd reaches object names or logs.
+pub fn peer_device_name<T>(request: &tonic::Request<T>) -> Option<String> {
+    let certs = request.extensions().get::<PeerInfo>()?.peer_certs()?;
+    let name = certificate_common_name(certs.first()?)?;
+    validate_device_name(&name).ok()?;
+    Some(name)
+}
+
+/// The remote address of a request that came through [`tls_incoming`]. Use this rather
+/// than `Request::remote_addr`, which in tonic 0.14 looks only for plain-TCP connection info
+/// unless tonic's own TLS features are on (they are not: this crate brings its own rustls).
+pub fn peer_addr<T>(request: &tonic::Request<T>) -> Option<SocketAddr> {
+    request
+        .extensions()
+        .get::<PeerInfo>()?
+        .get_ref()
+        .remote_addr()
+}
+
+/// What tonic stores in each request's extensions for a connection from [`tls_incoming`]:
+/// `TlsConnectInfo<TcpConnectInfo>`. tonic re-exports that type only with its own TLS
+/// features, which would also make its channel refuse `https://` URIs with a custom
+/// connector, so it is named through the `Connected` impl instead.
+type PeerInfo = <TlsStream<TcpStream> as Connected>::ConnectInfo;
+
+/// The first common name in a certificate's subject, if it parses.
+pub fn certificate_common_name(der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let cn = cert.subject().iter_common_name().next()?;
+    cn.as_str().ok().map(str::to_owned)
+}
+
+/// When a certificate expires, Unix milliseconds, if it parses. Shown as the
+/// `EdgeDevice`'s `certificateNotAfter` and used to decide when to renew.
+pub fn certificate_not_after_unix_ms(der: &[u8]) -> Option<i64> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    cert.validity().not_after.timestamp().checked_mul(1000)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+
+    use super::*;
+    use crate::pki::Pki;
+    use rustls_pki_types::pem::PemObject;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    fn setup() -> (tempfile::TempDir, Pki, Arc<ServerConfig>) {
+        let dir = tempfile::tempdir().unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        let ca = CertificateDer::from(pki.ca_der().to_vec());
+        let config = server_config(&ca, pki.issue_server_identity(&[]).unwrap()).unwrap();
+        (dir, pki, config)
+    }
+
+    fn client_config(pki: &Pki) -> Arc<rustls::ClientConfig> {
+        let mut roots = RootCertStore::empty();
+        roots
+            .add(CertificateDer::from(pki.ca_der().to_vec()))
+            .unwrap();
+        let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+        Arc::new(config)
+    }
+
+    async fn handshake(addr: SocketAddr, config: Arc<rustls::ClientConfig>) -> io::Result<()> {
+        let tcp = TcpStream::connect(addr).await?;
+        let connector = tokio_rustls::TlsConnector::from(config);
+        let name = rustls_pki_types::ServerName::try_from("localhost").unwrap();
+        let mut tls = connector.connect(name, tcp).await?;
+        tls.write_all(b"ping").await?;
+        tls.flush().await
+    }
+
+    #[test]
+    fn certificate_helpers_read_cn_and_expiry() {
+        let (_dir, pki, _) = setup();
+        let key = rcgen::KeyPair::generate().unwrap();
+        let csr = rcgen::CertificateParams::default()
+            .serialize_request(&key)
+            .unwrap();
+        let issued = pki
+            .sign_device_csr(csr.der(), "gw-7", Duration::from_secs(600))
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(issued.certificate_pem.as_bytes()).unwrap();
+        assert_eq!(certificate_common_name(&der).as_deref(), Some("gw-7"));
+        assert_eq!(
+            certificate_not_after_unix_ms(&der),
+            Some(issued.not_after_unix_ms)
+        );
+        assert_eq!(certificate_common_name(b"garbage"), None);
+        assert_eq!(certificate_not_after_unix_ms(&[]), None);
+    }
+
+    #[test]
+    fn peer_device_name_is_none_without_tls_info() {
+        assert_eq!(peer_device_name(&tonic::Request::new(())), None);
+    }
+
+    #[tokio::test]
+    async fn stalled_handshakes_time_out_and_free_their_permits() {
+        let (_dir, pki, config) = setup();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(tls_incoming_with_timeout(
+            listener,
+            config,
+            2,
+            Duration::from_millis(300),
+        ));
+        // Two silent clients take both permits.
+        let _idle_a = TcpStream::connect(addr).await.unwrap();
+        let _idle_b = TcpStream::connect(addr).await.unwrap();
+        let client = tokio::spawn(handshake(addr, client_config(&pki)));
+        let mut stream = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+            .await
+            .expect("a good client got through once the stalled ones timed out")
+            .unwrap()
+            .unwrap();
+        let mut buf = [0u8; 4];
+        stream.read_exact(&mut buf).await.unwrap();
+        assert_eq!(&buf, b"ping");
+        client.await.unwrap().unwrap();
+    }
+
+    #[tokio::test]
+    async fn garbage_never_reaches_the_stream() {
+        let (_dir, pki, config) = setup();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut incoming = Box::pin(tls_incoming(listener, config, 4));
+        for _ in 0..10 {
+            let mut tcp = TcpStream::connect(addr).await.unwrap();
+            tcp.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                .await
+                .unwrap();
+        }
+        handshake(addr, client_config(&pki)).await.unwrap();
+        let first = tokio::time::timeout(Duration::from_secs(5), incoming.next())
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(first.is_ok());
+    }
+
+    #[tokio::test]
+    async fn dropping_the_stream_closes_the_listener() {
+        let (_dir, _pki, config) = setup();
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let incoming = tls_incoming(listener, config, 4);
+        drop(incoming);
+        let refused = tokio::time::timeout(Duration::from_secs(5), async {
+            loop {
+                if TcpStream::connect(addr).await.is_err() {
+                    return;
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        })
+        .await;
+        assert!(
+            refused.is_ok(),
+            "listener still accepting after the stream was dropped"
+        );
+    }
+}

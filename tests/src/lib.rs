@@ -1,0 +1,322 @@
+//! Harness for end-to-end tests: start the real `micromine-controller` and
+//! `micromine-agent` binaries on loopback, read their logs and the status API, and wait for
+//! conditions (never for fixed times).
+//!
+//! The binaries come from the same target directory as the test executable; the test
+//! command (`scripts/test`) builds them first.
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Path of a workspace binary next to the test executable.
+pub fn bin(name: &str) -> PathBuf {
+    let exe = std::env::current_exe().expect("test executable path");
+    // target/<profile>/deps/<test> -> target/<profile>/<name>
+    let dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("target directory layout");
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which scripts/test does)",
+        path.display()
+    );
+    path
+}
+
+/// A loopback port that was free a moment ago.
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .expect("a free loopback port")
+}
+
+/// Polls `check` every 100 ms until it returns `Some`, or panics after `timeout` saying
+/// what was awaited.
+pub fn wait_until<T>(what: &str, timeout: Duration, mut check: impl FnMut() -> Option<T>) -> T {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Some(value) = check() {
+            return value;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "timed out after {timeout:?} waiting for {what}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A child process whose stderr is collected line by line.
+pub struct Process {
+    name: String,
+    child: Child,
+    lines: Arc<Mutex<Vec<String>>>,
+    stdout: Arc<Mutex<String>>,
+}
+
+impl Process {
+    /// Starts `binary` with `args`.
+    pub fn start(name: &str, binary: &Path, args: &[&str]) -> Process {
+        let mut child = Command::new(binary)
+            .args(args)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap_or_else(|e| panic!("starting {name}: {e}"));
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let stdout: Arc<Mutex<String>> = Arc::default();
+        if let Some(stderr) = child.stderr.take() {
+            let lines = lines.clone();
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    lines.lock().expect("log lock").push(line);
+                }
+            });
+        }
+        if let Some(mut out) = child.stdout.take() {
+            let stdout = stdout.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 4096];
+                while let Ok(n) = out.read(&mut buf) {
+                    if n == 0 {
+                        break;
+                    }
+                    stdout
+                        .lock()
+                        .expect("stdout lock")
+                        .push_str(&String::from_utf8_lossy(&buf[..n]));
+                }
+            });
+        }
+        Process {
+            name: name.to_string(),
+            child,
+            lines,
+            stdout,
+        }
+    }
+
+    /// Waits for a stderr line containing `needle`.
+    pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
+        wait_until(&format!("{} to log {needle:?}", self.name), timeout, || {
+            self.lines
+                .lock()
+                .expect("log lock")
+                .iter()
+                .find(|l| l.contains(needle))
+                .cloned()
+        })
+    }
+
+    /// Stderr so far.
+    pub fn log(&self) -> String {
+        self.lines.lock().expect("log lock").join("\n")
+    }
+
+    /// Stdout so far.
+    pub fn stdout(&self) -> String {
+        self.stdout.lock().expect("stdout lock").clone()
+    }
+
+    /// SIGKILL: no chance to clean up.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// SIGTERM, then waits for the exit status.
+    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        self.wait(timeout)
+    }
+
+    /// Waits for the process to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
+        let name = self.name.clone();
+        wait_until(&format!("{name} to exit"), timeout, || {
+            self.child.try_wait().ok().flatten()
+        })
+    }
+}
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- {} stderr ---\n{}", self.name, self.log());
+        }
+    }
+}
+
+/// GET `path` from an HTTP server and parse the JSON body.
+pub fn get_json(addr: SocketAddr, path: &str) -> Option<Value> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    if !head.starts_with("HTTP/1.1 200") {
+        return None;
+    }
+    serde_json::from_str(body).ok()
+}
+
+/// Runs a command to completion and returns its stdout, panicking with stderr on failure.
+pub fn run_to_end(binary: &Path, args: &[&str]) -> String {
+    let output = Command::new(binary)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
+    assert!(
+        output.status.success(),
+        "{} {:?} failed: {}",
+        binary.display(),
+        args,
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+/// A standalone controller on fixed loopback ports, so a restart keeps its address.
+pub struct ControllerProcess {
+    /// The process.
+    pub process: Process,
+    /// gRPC address.
+    pub grpc: SocketAddr,
+    /// HTTP address.
+    pub http: SocketAddr,
+}
+
+impl ControllerProcess {
+    /// Starts `micromine-controller run` and waits until it is ready.
+    pub fn start(
+        manifests: &Path,
+        data_dir: &Path,
+        grpc: SocketAddr,
+        http: SocketAddr,
+    ) -> ControllerProcess {
+        let process = Process::start(
+            "controller",
+            &bin("micromine-controller"),
+            &[
+                "run",
+                "--manifests",
+                &manifests.display().to_string(),
+                "--data-dir",
+                &data_dir.display().to_string(),
+                "--listen",
+                &grpc.to_string(),
+                "--http-listen",
+                &http.to_string(),
+            ],
+        );
+        wait_until("controller /readyz", Duration::from_secs(30), || {
+            get_json(http, "/readyz")
+        });
+        ControllerProcess {
+            process,
+            grpc,
+            http,
+        }
+    }
+
+    /// `https://` URL for agents.
+    pub fn url(&self) -> String {
+        format!("https://{}", self.grpc)
+    }
+
+    /// The whole status document.
+    pub fn status(&self) -> Option<Value> {
+        get_json(self.http, "/api/v1/status")
+    }
+
+    /// The device's view in the status document.
+    pub fn device(&self, name: &str) -> Option<Value> {
+        self.status()?["devices"]
+            .as_array()?
+            .iter()
+            .find(|d| d["name"] == name)
+            .cloned()
+    }
+
+    /// Live leases.
+    pub fn assignments(&self) -> Vec<Value> {
+        get_json(self.http, "/api/v1/assignments")
+            .and_then(|v| v["items"].as_array().cloned())
+            .unwrap_or_default()
+    }
+}
+
+/// Creates a bootstrap token with the controller CLI.
+pub fn create_token(data_dir: &Path, uses: u32) -> String {
+    run_to_end(
+        &bin("micromine-controller"),
+        &[
+            "token",
+            "create",
+            "--data-dir",
+            &data_dir.display().to_string(),
+            "--uses",
+            &uses.to_string(),
+        ],
+    )
+    .trim()
+    .to_string()
+}
+
+/// Starts an agent with one hashing thread.
+pub fn start_agent(
+    controller: &ControllerProcess,
+    token: &str,
+    name: &str,
+    state_dir: &Path,
+    labels: &str,
+) -> Process {
+    Process::start(
+        name,
+        &bin("micromine-agent"),
+        &[
+            "run",
+            "--controller",
+            &controller.url(),
+            "--token",
+            token,
+            "--name",
+            name,
+            "--state-dir",
+            &state_dir.display().to_string(),
+            "--labels",
+            labels,
+            "--threads",
+            "1",
+        ],
+    )
+}
+
+/// A MicroMiner manifest for tests: builtin work, all devices with `site=e2e`.
+pub fn test_manifest(name: &str, assignment_seconds: u32, network_difficulty: f64) -> String {
+    format!(
+        "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata:\n  name: {name}\nspec:\n  selector:\n    matchLabels: {{site: e2e}}\n  workSource:\n    builtin: {{networkDifficulty: {network_difficulty}}}\n  sharesPerMinute: 60\n  assignmentSeconds: {assignment_seconds}\n"
+    )
+}

@@ -1,0 +1,183 @@
+//! A standalone controller and separate agent processes on loopback: reclaiming the work
+//! of a killed agent, and surviving a controller crash.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use micromine_e2e::{
+    ControllerProcess, create_token, free_port, start_agent, test_manifest, wait_until,
+};
+use serde_json::Value;
+
+fn loopback(port: u16) -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], port))
+}
+
+fn u64_of(v: &Value) -> u64 {
+    v.as_u64().unwrap_or_default()
+}
+
+#[test]
+fn a_killed_agents_range_is_reclaimed_and_handed_out_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("mkdir");
+    // Short assignments so leases (3 x 2 s + 5 s) run out quickly; a hard network
+    // difficulty so no block rolls the header under our feet.
+    std::fs::write(manifests.join("e2e.yaml"), test_manifest("e2e", 2, 1e12)).expect("write");
+    let data = dir.path().join("data");
+    let controller = ControllerProcess::start(
+        &manifests,
+        &data,
+        loopback(free_port()),
+        loopback(free_port()),
+    );
+    let token = create_token(&data, 2);
+
+    let mut first = start_agent(
+        &controller,
+        &token,
+        "victim",
+        &dir.path().join("victim"),
+        "site=e2e",
+    );
+    let held: Vec<Value> = wait_until(
+        "victim to hold two leases with progress",
+        Duration::from_secs(30),
+        || {
+            let leases: Vec<Value> = controller
+                .assignments()
+                .into_iter()
+                .filter(|l| l["device"] == "victim")
+                .collect();
+            (leases.len() == 2
+                && leases
+                    .iter()
+                    .any(|l| u64_of(&l["scanned_until"]) > u64_of(&l["start"])))
+            .then_some(leases)
+        },
+    );
+    first.kill();
+
+    let mut second = start_agent(
+        &controller,
+        &token,
+        "rescuer",
+        &dir.path().join("rescuer"),
+        "site=e2e",
+    );
+    // Until the victim's leases expire, its ranges stay its own: no other device may get
+    // any nonce of them.
+    let expiry = held
+        .iter()
+        .map(|l| l["expires_at_ms"].as_i64().unwrap_or(0))
+        .max()
+        .unwrap_or(0);
+    let overlaps = |lease: &Value| {
+        held.iter().any(|h| {
+            h["header"] == lease["header"]
+                && u64_of(&lease["start"]) < u64_of(&h["end"])
+                && u64_of(&h["start"]) < u64_of(&lease["end"])
+        })
+    };
+    let reclaimed = wait_until(
+        "the victim's unscanned nonces to be handed to the rescuer",
+        Duration::from_secs(60),
+        || {
+            let now_ms = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_millis() as i64)
+                .unwrap_or(0);
+            for lease in controller
+                .assignments()
+                .iter()
+                .filter(|l| l["device"] == "rescuer")
+            {
+                if overlaps(lease) {
+                    assert!(
+                        now_ms >= expiry - 1000,
+                        "victim's range reassigned before its lease ran out: {lease}"
+                    );
+                    return Some(lease.clone());
+                }
+            }
+            None
+        },
+    );
+    // What the rescuer got starts where the victim had got to (its reported progress),
+    // not at the start of the victim's range: scanned work is not repeated.
+    let victim = held
+        .iter()
+        .find(|h| {
+            h["header"] == reclaimed["header"]
+                && u64_of(&h["start"]) <= u64_of(&reclaimed["start"])
+                && u64_of(&reclaimed["start"]) < u64_of(&h["end"])
+        })
+        .expect("reclaimed range lies in a victim range");
+    assert!(
+        u64_of(&reclaimed["start"]) >= u64_of(&victim["scanned_until"]),
+        "{reclaimed} vs {victim}"
+    );
+    // The victim shows as offline, the rescuer mines and its shares are accepted.
+    wait_until(
+        "rescuer to have accepted shares",
+        Duration::from_secs(30),
+        || {
+            let device = controller.device("rescuer")?;
+            (u64_of(&device["shares"]["accepted"]) > 0).then_some(())
+        },
+    );
+    assert_eq!(
+        controller.device("victim").expect("victim known")["state"],
+        "offline"
+    );
+    second.kill();
+}
+
+#[test]
+fn the_ledger_survives_a_controller_crash_and_agents_come_back_by_themselves() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("mkdir");
+    std::fs::write(manifests.join("e2e.yaml"), test_manifest("e2e", 5, 0.02)).expect("write");
+    let data = dir.path().join("data");
+    let (grpc, http) = (loopback(free_port()), loopback(free_port()));
+    let mut controller = ControllerProcess::start(&manifests, &data, grpc, http);
+    let token = create_token(&data, 1);
+    let _agent = start_agent(
+        &controller,
+        &token,
+        "survivor",
+        &dir.path().join("survivor"),
+        "site=e2e",
+    );
+
+    let before = wait_until("a few accepted shares", Duration::from_secs(60), || {
+        let totals = controller.status()?["totals"].clone();
+        (u64_of(&totals["accepted"]) >= 5).then_some(totals)
+    });
+    controller.process.kill();
+
+    let controller = ControllerProcess::start(&manifests, &data, grpc, http);
+    let after = controller.status().expect("status")["totals"].clone();
+    assert!(
+        u64_of(&after["accepted"]) >= u64_of(&before["accepted"]),
+        "acknowledged shares lost: before {before}, after {after}"
+    );
+    // The agent reconnects with backoff on its own, resumes, and keeps mining.
+    wait_until(
+        "the agent to reconnect and mine on",
+        Duration::from_secs(60),
+        || {
+            let status = controller.status()?;
+            let connected = status["sessions"].as_u64()? == 1;
+            (connected && u64_of(&status["totals"]["accepted"]) > u64_of(&after["accepted"]))
+                .then_some(())
+        },
+    );
+    let device = controller.device("survivor").expect("survivor known");
+    assert_eq!(device["state"], "mining");
+    // Nothing it resubmitted after the crash was counted twice.
+    let totals = controller.status().expect("status")["totals"].clone();
+    assert_eq!(u64_of(&totals["rejected"]["duplicate"]), 0, "{totals}");
+}

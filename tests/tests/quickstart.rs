@@ -1,0 +1,78 @@
+//! `micromine-controller quickstart`: the first thing a newcomer runs.
+
+use std::time::Duration;
+
+use micromine_e2e::{Process, bin};
+
+fn accepted_in(summary: &str) -> u64 {
+    let line = summary
+        .lines()
+        .find(|l| l.starts_with("shares: "))
+        .unwrap_or_else(|| panic!("no shares line in:\n{summary}"));
+    line.trim_start_matches("shares: ")
+        .split_whitespace()
+        .next()
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("unparsable: {line}"))
+}
+
+#[test]
+fn quickstart_mines_real_shares_and_keeps_its_ledger() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let data = dir.path().display().to_string();
+    let args = [
+        "quickstart",
+        "--devices",
+        "2",
+        "--duration",
+        "10",
+        "--data-dir",
+        &data,
+    ];
+    let mut first = Process::start("quickstart", &bin("micromine-controller"), &args);
+    assert!(
+        first.wait(Duration::from_secs(60)).success(),
+        "{}",
+        first.log()
+    );
+    let summary = first.stdout();
+    let accepted = accepted_in(&summary);
+    assert!(accepted > 0, "no accepted shares:\n{summary}");
+    assert!(
+        summary.contains("rejected (low difficulty 0, duplicate 0"),
+        "{summary}"
+    );
+    // Plain progress lines when stdout is not a terminal.
+    assert!(summary.contains("qs-device-1"), "{summary}");
+    assert!(
+        summary.contains("MicroMiner default/quickstart"),
+        "{summary}"
+    );
+
+    // Same data dir: the devices keep their identities and the ledger continues.
+    let mut second = Process::start("quickstart again", &bin("micromine-controller"), &args);
+    assert!(
+        second.wait(Duration::from_secs(60)).success(),
+        "{}",
+        second.log()
+    );
+    let again = accepted_in(&second.stdout());
+    assert!(
+        again > accepted,
+        "ledger did not continue: {accepted} then {again}"
+    );
+}
+
+#[test]
+fn quickstart_refuses_a_bad_device_count() {
+    let output = std::process::Command::new(bin("micromine-controller"))
+        .args(["quickstart", "--devices", "0", "--duration", "1"])
+        .output()
+        .expect("runs");
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains("--devices must be between 1 and 64, got 0"),
+        "{stderr}"
+    );
+}
