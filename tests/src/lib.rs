@@ -135,10 +135,10 @@ impl Process {
         let _ = self.child.wait();
     }
 
-    /// SIGTERM, then waits for the exit status.
-    pub fn terminate(&mut self, timeout: Duration) -> std::process::ExitStatus {
+    /// Sends a signal by name (`INT`, `TERM`), then waits for the exit status.
+    pub fn signal(&mut self, signal: &str, timeout: Duration) -> std::process::ExitStatus {
         let _ = Command::new("kill")
-            .args(["-TERM", &self.child.id().to_string()])
+            .args([&format!("-{signal}"), &self.child.id().to_string()])
             .status();
         self.wait(timeout)
     }

@@ -181,3 +181,99 @@ fn the_ledger_survives_a_controller_crash_and_agents_come_back_by_themselves() {
     let totals = controller.status().expect("status")["totals"].clone();
     assert_eq!(u64_of(&totals["rejected"]["duplicate"]), 0, "{totals}");
 }
+
+#[test]
+fn manifest_edits_take_effect_and_broken_ones_disturb_nothing() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("mkdir");
+    let file = manifests.join("e2e.yaml");
+    let good = test_manifest("e2e", 5, 1e12);
+    std::fs::write(&file, &good).expect("write");
+    let data = dir.path().join("data");
+    let controller = ControllerProcess::start(
+        &manifests,
+        &data,
+        loopback(free_port()),
+        loopback(free_port()),
+    );
+    let token = create_token(&data, 1);
+    let _agent = start_agent(
+        &controller,
+        &token,
+        "worker",
+        &dir.path().join("worker"),
+        "site=e2e",
+    );
+    wait_until("the worker to mine", Duration::from_secs(30), || {
+        (controller.device("worker")?["state"] == "mining").then_some(())
+    });
+
+    // A broken edit: reported with file, field and problem; the miner keeps going.
+    std::fs::write(
+        &file,
+        good.replace("sharesPerMinute: 60", "sharesPerMinute: -60"),
+    )
+    .expect("write");
+    let error = wait_until(
+        "the manifest error to be reported",
+        Duration::from_secs(15),
+        || {
+            let status = controller.status()?;
+            status["manifests"]["errors"]
+                .as_array()?
+                .first()?
+                .as_str()
+                .map(String::from)
+        },
+    );
+    assert!(
+        error.contains("e2e.yaml")
+            && error.contains("spec.sharesPerMinute")
+            && error.contains("-60"),
+        "{error}"
+    );
+    assert!(
+        controller.process.log().contains("manifest rejected"),
+        "the log says it too"
+    );
+    let accepted_then = u64_of(&controller.device("worker").expect("worker")["shares"]["accepted"]);
+    let miners = controller.status().expect("status")["miners"].clone();
+    assert_eq!(
+        miners[0]["key"], "default/e2e",
+        "the last good version stays in effect"
+    );
+    wait_until(
+        "shares to keep coming in under the last good version",
+        Duration::from_secs(30),
+        || {
+            let accepted = u64_of(&controller.device("worker")?["shares"]["accepted"]);
+            (accepted > accepted_then).then_some(())
+        },
+    );
+
+    // A good edit: pausing takes the work away.
+    std::fs::write(&file, format!("{good}  paused: true\n")).expect("write");
+    wait_until("the worker to go idle", Duration::from_secs(15), || {
+        let device = controller.device("worker")?;
+        (device["state"] == "idle" && device["assignments"] == 0).then_some(())
+    });
+    let status = controller.status().expect("status");
+    assert!(
+        status["manifests"]["errors"]
+            .as_array()
+            .is_some_and(Vec::is_empty),
+        "{status}"
+    );
+    let paused = status["miners"][0]["status"]["conditions"]
+        .as_array()
+        .and_then(|c| c.iter().find(|c| c["type"] == "Paused").cloned())
+        .expect("Paused condition");
+    assert_eq!(paused["status"], "True");
+
+    // And unpausing brings it back.
+    std::fs::write(&file, &good).expect("write");
+    wait_until("the worker to mine again", Duration::from_secs(15), || {
+        (controller.device("worker")?["state"] == "mining").then_some(())
+    });
+}

@@ -76,3 +76,30 @@ fn quickstart_refuses_a_bad_device_count() {
         "{stderr}"
     );
 }
+
+#[test]
+fn ctrl_c_stops_quickstart_cleanly_with_a_summary() {
+    let mut quickstart = Process::start(
+        "quickstart",
+        &bin("micromine-controller"),
+        &["quickstart", "--devices", "1"],
+    );
+    micromine_e2e::wait_until("a first accepted share", Duration::from_secs(60), || {
+        let out = quickstart.stdout();
+        out.lines()
+            .any(|l| {
+                l.contains("qs-device-1")
+                    && l.split_whitespace().rev().nth(1).is_some_and(|n| n != "0")
+            })
+            .then_some(())
+    });
+    let status = quickstart.signal("INT", Duration::from_secs(30));
+    assert!(status.success(), "{status}: {}", quickstart.log());
+    let out = quickstart.stdout();
+    assert!(
+        out.contains("stopping: agents hand back their work"),
+        "{out}"
+    );
+    assert!(accepted_in(&out) > 0, "{out}");
+    assert!(out.contains("state was temporary"), "{out}");
+}
