@@ -9,19 +9,8 @@ use std::time::{Duration, Instant};
 
 use micromine_agent::bench;
 use micromine_agent::engine::EngineKind;
-use micromine_proto::work::Midstate;
+use micromine_proto::work::{Midstate, SHA256_IV};
 use sha2::block_api::compress256;
-
-const IV: [u32; 8] = [
-    0x6a09_e667,
-    0xbb67_ae85,
-    0x3c6e_f372,
-    0xa54f_f53a,
-    0x510e_527f,
-    0x9b05_688c,
-    0x1f83_d9ab,
-    0x5be0_cd19,
-];
 
 /// The straightforward loop: what anyone would write first with the sha2 crate.
 fn baseline(seconds: f64) -> f64 {
@@ -42,7 +31,7 @@ fn baseline(seconds: f64) -> f64 {
             for (i, word) in state.iter().enumerate() {
                 second[i * 4..i * 4 + 4].copy_from_slice(&word.to_be_bytes());
             }
-            let mut digest = IV;
+            let mut digest = SHA256_IV;
             compress256(&mut digest, &[second]);
             black_box(digest);
             nonce = nonce.wrapping_add(1);

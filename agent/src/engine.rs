@@ -8,20 +8,8 @@
 use std::fmt;
 use std::str::FromStr;
 
-use micromine_proto::work::{HEADER_PREFIX_LEN, Midstate, Target, U256};
+use micromine_proto::work::{HEADER_PREFIX_LEN, Midstate, SHA256_IV, Target, U256};
 use sha2::block_api::compress256;
-
-/// SHA-256 initial state (FIPS 180-4, 5.3.3).
-const SHA256_IV: [u32; 8] = [
-    0x6a09_e667,
-    0xbb67_ae85,
-    0x3c6e_f372,
-    0xa54f_f53a,
-    0x510e_527f,
-    0x9b05_688c,
-    0x1f83_d9ab,
-    0x5be0_cd19,
-];
 
 /// One header prefix and target, prepared for fast scanning.
 #[derive(Clone, Debug)]

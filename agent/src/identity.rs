@@ -42,7 +42,6 @@ const CA_FILE: &str = "ca.crt";
 const META_FILE: &str = "device.json";
 /// Enrollment is one small unary call; a controller that takes longer is not answering.
 const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
-const MAX_DEVICE_NAME_LEN: usize = 63;
 
 /// Everything that can go wrong with the device's credentials and enrollment.
 #[derive(Debug, thiserror::Error)]
@@ -381,7 +380,7 @@ fn device_name_from_host(host: &str) -> String {
         }
     }
     let mut name = name.trim_matches('-').to_string();
-    name.truncate(MAX_DEVICE_NAME_LEN);
+    name.truncate(micromine_proto::names::MAX_DEVICE_NAME_LEN);
     let name = name.trim_end_matches('-');
     if name.is_empty() {
         "device".to_string()
@@ -393,28 +392,13 @@ fn device_name_from_host(host: &str) -> String {
 /// The controller's device-name rules, checked here too so a bad `--name` fails before any
 /// network traffic: 1..=63 characters of `[a-z0-9-]`, not starting or ending with '-'.
 pub fn validate_device_name(name: &str) -> Result<(), IdentityError> {
-    let reject = |reason| {
-        Err(IdentityError::InvalidDeviceName {
+    match micromine_proto::names::dns_label_problem(name) {
+        None => Ok(()),
+        Some(reason) => Err(IdentityError::InvalidDeviceName {
             name: name.to_string(),
             reason,
-        })
-    };
-    if name.is_empty() {
-        return reject("must not be empty");
+        }),
     }
-    if name.len() > MAX_DEVICE_NAME_LEN {
-        return reject("must be at most 63 characters");
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return reject("may contain only lower-case letters, digits and '-'");
-    }
-    if name.starts_with('-') || name.ends_with('-') {
-        return reject("must not start or end with '-'");
-    }
-    Ok(())
 }
 
 fn corrupt(path: &Path, reason: String) -> IdentityError {

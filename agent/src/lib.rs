@@ -10,10 +10,12 @@
 //! - `identity`, `tls`: the device's key and certificate, enrollment, TLS to the controller.
 //! - `session`: the long-lived session with the controller, reconnects and resume.
 //! - `backoff`: jittered exponential backoff.
+//! - `cli`: command-line pieces shared with the controller binary (labels, signals).
 
 pub mod backoff;
 pub mod bench;
 pub mod capacity;
+pub mod cli;
 pub mod engine;
 pub mod identity;
 pub mod miner;

@@ -1,11 +1,10 @@
 //! `micromine-agent`: the device side of micromine.
 
-use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use micromine_agent::engine::{self, EngineKind};
 use micromine_agent::session::{self, AgentConfig, AgentCounters};
@@ -71,25 +70,6 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
-}
-
-fn parse_labels(text: Option<&str>) -> Result<BTreeMap<String, String>> {
-    let mut labels = BTreeMap::new();
-    for pair in text
-        .unwrap_or_default()
-        .split(',')
-        .filter(|p| !p.trim().is_empty())
-    {
-        let Some((k, v)) = pair.split_once('=') else {
-            bail!("--labels: `{pair}` is not key=value");
-        };
-        let (k, v) = (k.trim(), v.trim());
-        if k.is_empty() {
-            bail!("--labels: `{pair}` has an empty key");
-        }
-        labels.insert(k.to_string(), v.to_string());
-    }
-    Ok(labels)
 }
 
 fn init_logging(json: bool) {
@@ -163,7 +143,7 @@ fn main() -> Result<()> {
                 controller,
                 token,
                 name,
-                labels: parse_labels(labels.as_deref())?,
+                labels: micromine_agent::cli::parse_labels(labels.as_deref())?,
                 state_dir,
                 ca_file,
                 threads: threads.unwrap_or_else(|| capacity::cores() as usize),
@@ -180,7 +160,7 @@ fn main() -> Result<()> {
                 let shutdown = CancellationToken::new();
                 let signal = shutdown.clone();
                 tokio::spawn(async move {
-                    wait_for_signal().await;
+                    micromine_agent::cli::wait_for_signal().await;
                     tracing::info!("stopping");
                     signal.cancel();
                 });
@@ -195,36 +175,5 @@ fn main() -> Result<()> {
                 Ok(())
             })
         }
-    }
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn labels_parse_and_errors_name_the_pair() {
-        let labels = parse_labels(Some("site=plant-3, class=gateway")).expect("valid");
-        assert_eq!(labels.get("site").map(String::as_str), Some("plant-3"));
-        assert_eq!(labels.len(), 2);
-        assert!(parse_labels(None).expect("empty").is_empty());
-        let err = parse_labels(Some("site")).expect_err("no =");
-        assert!(err.to_string().contains("`site`"));
-        assert!(parse_labels(Some("=x")).is_err());
     }
 }

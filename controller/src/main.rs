@@ -1,11 +1,10 @@
 //! `micromine-controller`: the micromine control plane.
 
-use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use micromine_controller::pki::Pki;
 use micromine_controller::quickstart::{self, QuickstartConfig};
@@ -106,24 +105,6 @@ enum TokenCommand {
     },
 }
 
-fn parse_labels(text: Option<&str>) -> Result<BTreeMap<String, String>> {
-    let mut labels = BTreeMap::new();
-    for pair in text
-        .unwrap_or_default()
-        .split(',')
-        .filter(|p| !p.trim().is_empty())
-    {
-        let Some((k, v)) = pair.split_once('=') else {
-            bail!("--labels: `{pair}` is not key=value");
-        };
-        if k.trim().is_empty() {
-            bail!("--labels: `{pair}` has an empty key");
-        }
-        labels.insert(k.trim().to_string(), v.trim().to_string());
-    }
-    Ok(labels)
-}
-
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
@@ -165,7 +146,7 @@ fn main() -> Result<()> {
                 let shutdown = CancellationToken::new();
                 let signal = shutdown.clone();
                 tokio::spawn(async move {
-                    wait_for_signal().await;
+                    micromine_agent::cli::wait_for_signal().await;
                     signal.cancel();
                 });
                 quickstart::run(config, shutdown).await
@@ -194,7 +175,7 @@ fn main() -> Result<()> {
                 parse_duration(&device_cert_ttl).context("--device-cert-ttl")?;
             runtime()?.block_on(async move {
                 let controller = standalone::start(config).await?;
-                wait_for_signal().await;
+                micromine_agent::cli::wait_for_signal().await;
                 tracing::info!("shutting down");
                 controller.stop().await;
                 anyhow::Ok(())
@@ -214,7 +195,7 @@ fn main() -> Result<()> {
             let spec = TokenSpec {
                 ttl: parse_duration(&ttl).context("--ttl")?,
                 uses,
-                labels: parse_labels(labels.as_deref())?,
+                labels: micromine_agent::cli::parse_labels(labels.as_deref())?,
             };
             let pki = Pki::load_or_create(&pki_dir.unwrap_or_else(|| data_dir.join("pki")))?;
             let store = TokenStore::open(&standalone::tokens_dir(&data_dir))?;
@@ -227,19 +208,4 @@ fn main() -> Result<()> {
             Ok(())
         }
     }
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

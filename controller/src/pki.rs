@@ -45,7 +45,6 @@ const SERVER_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
 const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 /// Longer device certificates than this are a configuration mistake, not a policy.
 const MAX_DEVICE_TTL: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
-const MAX_DEVICE_NAME_LEN: usize = 63;
 
 /// Everything that can go wrong with the CA and the certificates it issues.
 #[derive(Debug, thiserror::Error)]
@@ -375,28 +374,13 @@ impl Pki {
 /// Checks that `name` can be a device's certificate CN and its `EdgeDevice` object name:
 /// DNS-label rules, 1..=63 characters of `[a-z0-9-]`, not starting or ending with '-'.
 pub fn validate_device_name(name: &str) -> Result<(), PkiError> {
-    let reject = |reason| {
-        Err(PkiError::InvalidDeviceName {
+    match micromine_proto::names::dns_label_problem(name) {
+        None => Ok(()),
+        Some(reason) => Err(PkiError::InvalidDeviceName {
             name: name.to_string(),
             reason,
-        })
-    };
-    if name.is_empty() {
-        return reject("must not be empty");
+        }),
     }
-    if name.len() > MAX_DEVICE_NAME_LEN {
-        return reject("must be at most 63 characters");
-    }
-    if !name
-        .bytes()
-        .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-    {
-        return reject("may contain only lower-case letters, digits and '-'");
-    }
-    if name.starts_with('-') || name.ends_with('-') {
-        return reject("must not start or end with '-'");
-    }
-    Ok(())
 }
 
 fn parse_san(value: &str) -> Result<SanType, PkiError> {

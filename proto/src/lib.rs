@@ -11,8 +11,10 @@
 //! - `micromine/v1/fleet.proto`: the wire contract.
 //! - `src/work/`: `u256` (the integer), `target` (targets, difficulty, compact bits),
 //!   `header` (header layout, sha256d, midstate), `merkle`.
-//! - `src/token.rs`: the bootstrap token format both sides parse.
+//! - `src/token.rs`: the bootstrap token format both sides parse; `src/names.rs`: the
+//!   device-name rule both sides check.
 
+pub mod names;
 pub mod token;
 pub mod work;
 

@@ -722,7 +722,12 @@ impl FleetState {
             None => return,
         };
         let lease_ms = lease_ms(&miner.spec);
-        while self.scheduler.leases_of(name).len() < LEASES_PER_DEVICE {
+        // Each pass either leases a range or opens a fresh header (which always has room),
+        // so a few passes suffice; the bound only guards against a logic error spinning.
+        for _ in 0..4 * LEASES_PER_DEVICE {
+            if self.scheduler.leases_of(name).len() >= LEASES_PER_DEVICE {
+                break;
+            }
             let header = match self.miners.get(&key).and_then(|m| m.current_header) {
                 Some(h) => h,
                 None => self.new_header(&key, fx),

@@ -9,8 +9,9 @@ pub const HEADER_LEN: usize = 80;
 /// The part of the header that is fixed during one assignment: everything but the nonce.
 pub const HEADER_PREFIX_LEN: usize = 76;
 
-/// SHA-256 initial state (FIPS 180-4, 5.3.3).
-const SHA256_IV: [u32; 8] = [
+/// SHA-256 initial state (FIPS 180-4, 5.3.3): where every hash, and so every engine's
+/// second compression, starts.
+pub const SHA256_IV: [u32; 8] = [
     0x6a09_e667,
     0xbb67_ae85,
     0x3c6e_f372,

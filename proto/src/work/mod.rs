@@ -11,8 +11,8 @@ mod target;
 mod u256;
 
 pub use header::{
-    BlockHeader, HEADER_LEN, HEADER_PREFIX_LEN, HeaderError, Midstate, finish_second_hash,
-    hash_display_hex, header_with_nonce, sha256d,
+    BlockHeader, HEADER_LEN, HEADER_PREFIX_LEN, HeaderError, Midstate, SHA256_IV,
+    finish_second_hash, hash_display_hex, header_with_nonce, sha256d,
 };
 pub use merkle::merkle_root;
 pub use target::{DIFFICULTY_1_TARGET, Target, TargetError};

@@ -1,0 +1,78 @@
+//! Command-line pieces both micromine binaries share, so `--labels` and signal handling
+//! behave the same on the controller and on a device.
+
+use std::collections::BTreeMap;
+
+/// A `--labels` value that is not `k=v,...`.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("--labels: `{pair}` {problem}")]
+pub struct LabelsError {
+    /// The offending item.
+    pub pair: String,
+    /// What is wrong with it.
+    pub problem: &'static str,
+}
+
+/// Parses `key=value,key=value` (spaces around items are ignored; empty input is no labels).
+pub fn parse_labels(text: Option<&str>) -> Result<BTreeMap<String, String>, LabelsError> {
+    let mut labels = BTreeMap::new();
+    for pair in text
+        .unwrap_or_default()
+        .split(',')
+        .filter(|p| !p.trim().is_empty())
+    {
+        let Some((key, value)) = pair.split_once('=') else {
+            return Err(LabelsError {
+                pair: pair.trim().to_string(),
+                problem: "is not key=value",
+            });
+        };
+        if key.trim().is_empty() {
+            return Err(LabelsError {
+                pair: pair.trim().to_string(),
+                problem: "has an empty key",
+            });
+        }
+        labels.insert(key.trim().to_string(), value.trim().to_string());
+    }
+    Ok(labels)
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM, the two ways a process is asked to stop.
+pub async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        if let Ok(mut term) = signal(SignalKind::terminate()) {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            return;
+        }
+    }
+    // Without a SIGTERM handler (or off Unix), Ctrl-C is the only way in; if even that
+    // cannot be installed, run until killed.
+    if tokio::signal::ctrl_c().await.is_err() {
+        std::future::pending::<()>().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn labels_parse_and_errors_name_the_pair() {
+        let labels = parse_labels(Some("site=plant-3, class=gateway")).expect("valid");
+        assert_eq!(labels.get("site").map(String::as_str), Some("plant-3"));
+        assert_eq!(labels.len(), 2);
+        assert!(parse_labels(None).expect("empty").is_empty());
+        let err = parse_labels(Some("site")).expect_err("no =");
+        assert_eq!(err.to_string(), "--labels: `site` is not key=value");
+        assert_eq!(
+            parse_labels(Some("=x")).expect_err("no key").problem,
+            "has an empty key"
+        );
+    }
+}
