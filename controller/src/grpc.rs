@@ -122,6 +122,7 @@ async fn run_session(
             kind: Some(AgentKind::Hello(hello)),
         }))) => hello,
         Ok(Ok(Some(_))) => {
+            fleet.protocol_error(&device, "first message is not Hello");
             let _ = outbound
                 .send(Err(Status::invalid_argument(
                     "the first message of a session must be Hello",
@@ -131,7 +132,7 @@ async fn run_session(
         }
         Ok(Ok(None)) => return,
         Ok(Err(status)) => {
-            tracing::info!(error = %status, "session failed before Hello");
+            fleet.protocol_error(&device, status.message());
             let _ = outbound.try_send(Err(status));
             return;
         }
@@ -159,6 +160,9 @@ async fn run_session(
                     break;
                 }
                 if let Err(status) = handle(&fleet, &device, message, &outbound).await {
+                    if status.code() == tonic::Code::ResourceExhausted {
+                        fleet.protocol_error(&device, status.message());
+                    }
                     let _ = outbound.send(Err(status)).await;
                     break;
                 }
@@ -166,8 +170,13 @@ async fn run_session(
             Ok(None) => break,
             Err(status) => {
                 // Truncated frames, oversized messages and resets all land here. Tell the
-                // device why (if it is still listening) and end only this session.
-                tracing::info!(error = %status, "session stream failed");
+                // device why (if it is still listening) and end only this session. A
+                // cancelled stream is the device hanging up, not a violation.
+                if status.code() == tonic::Code::Cancelled {
+                    tracing::info!(error = %status, "session stream ended");
+                } else {
+                    fleet.protocol_error(&device, status.message());
+                }
                 let _ = outbound.try_send(Err(status));
                 break;
             }

@@ -297,6 +297,15 @@ async fn sessions_need_a_certificate_and_must_start_with_hello() {
     let status = s.next().await.expect_err("refused");
     assert_eq!(status.code(), tonic::Code::InvalidArgument);
     assert!(status.message().contains("must be Hello"), "{status}");
+    let counted = f
+        .controller
+        .fleet
+        .view()
+        .devices
+        .iter()
+        .find(|d| d.name == "eager")
+        .map(|d| d.protocol_errors);
+    assert_eq!(counted, Some(1));
     f.controller.stop().await;
 }
 
@@ -434,6 +443,21 @@ async fn malformed_messages_end_only_their_own_session() {
         }
     };
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+
+    // Each violation was counted against the device that made it.
+    let view = f.controller.fleet.view();
+    let count = |name: &str| {
+        view.devices
+            .iter()
+            .find(|d| d.name == name)
+            .map_or(0, |d| d.protocol_errors)
+    };
+    assert_eq!(
+        count("attacker"),
+        4,
+        "truncated, garbage, oversized, too many shares"
+    );
+    assert_eq!(count("honest"), 0);
 
     // Through all of that, an honest device gets served normally.
     let mut ok = RawSession::open(&f, &honest, hello(2_000.0)).await;

@@ -207,6 +207,12 @@ impl Fleet {
         lock(&self.state).is_current_session(device, session)
     }
 
+    /// Counts a protocol violation by `device`.
+    pub fn protocol_error(&self, device: &str, problem: &str) {
+        tracing::info!(device, problem, "protocol error; session ended");
+        lock(&self.state).protocol_error(device, now_ms());
+    }
+
     /// A capacity report.
     pub fn report(&self, device: &str, report: &pb::CapacityReport) {
         lock(&self.state).report(device, report, now_ms());

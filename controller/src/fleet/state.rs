@@ -96,6 +96,8 @@ struct DeviceRuntime {
     reported_hashrate: f64,
     reported_state: String,
     effective: RateWindow,
+    /// Malformed, oversized or out-of-order messages since the controller started.
+    protocol_errors: u64,
 }
 
 impl DeviceRuntime {
@@ -108,6 +110,7 @@ impl DeviceRuntime {
             reported_hashrate: 0.0,
             reported_state: "offline".into(),
             effective: RateWindow::default(),
+            protocol_errors: 0,
         }
     }
 
@@ -476,6 +479,11 @@ impl FleetState {
                 ..DeviceRecord::default()
             })
         })
+    }
+
+    /// Counts a message from `name` that broke the protocol (its session is ended).
+    pub fn protocol_error(&mut self, name: &str, now_ms: i64) {
+        self.device_entry(name, now_ms).protocol_errors += 1;
     }
 
     /// A device enrolled with a token carrying `labels`.
@@ -995,6 +1003,7 @@ impl FleetState {
                     share_difficulty: d.vardiff.as_ref().map_or(0.0, Vardiff::difficulty),
                     assignments: leases,
                     shares: totals(Scope::Device(&d.record.name)),
+                    protocol_errors: d.protocol_errors,
                     last_seen_unix_ms: d.record.last_seen_unix_ms,
                 }
             })

@@ -103,6 +103,9 @@ pub struct DeviceView {
     pub assignments: usize,
     /// Ledger totals.
     pub shares: Totals,
+    /// Messages that broke the protocol (malformed, truncated, oversized, out of order)
+    /// since the controller started; each ended its session.
+    pub protocol_errors: u64,
     /// Last time the device was heard from, Unix ms.
     pub last_seen_unix_ms: i64,
 }
