@@ -8,7 +8,7 @@
 //! - `device.key`: ECDSA P-256 private key, PKCS#8 PEM, mode 0600.
 //! - `device.crt`: the device certificate, PEM.
 //! - `ca.crt`: the fleet CA bundle the agent pins, PEM.
-//! - `device.json`: `{name, not_after_unix_ms, controller}`.
+//! - `device.json`: `{name, not_after_unix_ms, issued_unix_ms, controller}`.
 //!
 //! Every file is written atomically; `device.json` goes last, so a directory holding it
 //! holds a complete identity unless a later save was interrupted, which `load` detects.
@@ -119,6 +119,9 @@ pub struct DeviceIdentity {
     pub ca_pem: String,
     /// When the certificate expires, Unix ms, so the agent renews in time.
     pub not_after_unix_ms: i64,
+    /// When this device received the certificate (its own clock), Unix ms: with
+    /// `not_after_unix_ms` the lifetime renewal is planned against.
+    pub issued_unix_ms: i64,
     /// The controller URL the device enrolled with (`device.json`'s `controller`), so a
     /// restart without `--controller` knows where to go.
     pub controller: String,
@@ -140,6 +143,8 @@ impl fmt::Debug for DeviceIdentity {
 struct DeviceMeta {
     name: String,
     not_after_unix_ms: i64,
+    #[serde(default)]
+    issued_unix_ms: i64,
     controller: String,
 }
 
@@ -194,6 +199,7 @@ impl DeviceIdentity {
             key_pem,
             ca_pem,
             not_after_unix_ms: meta.not_after_unix_ms,
+            issued_unix_ms: meta.issued_unix_ms,
             controller: meta.controller,
         }))
     }
@@ -209,6 +215,7 @@ impl DeviceIdentity {
         let meta = DeviceMeta {
             name: self.name.clone(),
             not_after_unix_ms: self.not_after_unix_ms,
+            issued_unix_ms: self.issued_unix_ms,
             controller: self.controller.clone(),
         };
         let meta_path = state_dir.join(META_FILE);
@@ -232,6 +239,18 @@ impl DeviceIdentity {
         Ok(())
     }
 
+    /// Whether to renew now: less than a third of the certificate's lifetime is left (8 h
+    /// of the default 24 h), so there is time to retry through an outage.
+    pub fn renewal_due(&self, now_unix_ms: i64) -> bool {
+        let lifetime = (self.not_after_unix_ms - self.issued_unix_ms).max(0);
+        self.not_after_unix_ms - now_unix_ms < lifetime / 3
+    }
+
+    /// Whether the certificate has run out (it can no longer open a session).
+    pub fn expired(&self, now_unix_ms: i64) -> bool {
+        now_unix_ms >= self.not_after_unix_ms
+    }
+
     /// mTLS to the controller: this certificate and key, trusting only the pinned CA.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, IdentityError> {
         Ok(tls::client_config(
@@ -239,6 +258,13 @@ impl DeviceIdentity {
             Some((&self.cert_pem, &self.key_pem)),
         )?)
     }
+}
+
+/// The device's clock, Unix ms.
+pub fn now_unix_ms() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i64)
 }
 
 /// Generates a fresh ECDSA P-256 key pair and a CSR (DER) for `device_name` with rcgen.
@@ -349,6 +375,7 @@ pub async fn enroll(
         key_pem,
         ca_pem: response.ca_bundle_pem,
         not_after_unix_ms: response.not_after_unix_ms,
+        issued_unix_ms: now_unix_ms(),
         controller: controller_url.to_string(),
     })
 }
@@ -495,6 +522,7 @@ mod tests {
             key_pem,
             ca_pem: ca_cert.pem(),
             not_after_unix_ms: 1_900_000_000_000,
+            issued_unix_ms: 1_800_000_000_000,
             controller: "https://127.0.0.1:7443".into(),
         }
     }

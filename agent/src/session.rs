@@ -41,8 +41,12 @@ const SHARE_FLUSH: Duration = Duration::from_millis(100);
 const SHARE_BATCH: usize = 256;
 /// The controller must answer Hello this soon.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
-/// Renew the certificate when less than this is left.
-const RENEW_BEFORE: Duration = Duration::from_secs(8 * 3600);
+/// Resubmitted shares sent at once after a reconnect; the rest are paced.
+const RESUBMIT_BURST: usize = 16_384;
+/// Pause between paced resubmission batches (256 shares: about 1,700 shares a second).
+const RESUBMIT_PACE: Duration = Duration::from_millis(150);
+/// After a failed renewal, wait this long before trying again.
+const RENEW_RETRY: Duration = Duration::from_secs(60);
 
 /// How to run the agent.
 #[derive(Debug, Clone)]
@@ -106,6 +110,8 @@ pub struct AgentCounters {
     pub sessions: AtomicU64,
     /// Hashes computed.
     pub hashes: AtomicU64,
+    /// Certificates renewed.
+    pub renewals: AtomicU64,
 }
 
 /// A snapshot of [`AgentCounters`].
@@ -121,6 +127,8 @@ pub struct AgentStats {
     pub sessions: u64,
     /// Hashes computed.
     pub hashes: u64,
+    /// Certificates renewed.
+    pub renewals: u64,
 }
 
 impl AgentCounters {
@@ -132,6 +140,7 @@ impl AgentCounters {
             blocks: self.blocks.load(Ordering::Relaxed),
             sessions: self.sessions.load(Ordering::Relaxed),
             hashes: self.hashes.load(Ordering::Relaxed),
+            renewals: self.renewals.load(Ordering::Relaxed),
         }
     }
 }
@@ -151,15 +160,7 @@ pub async fn ensure_identity(config: &AgentConfig) -> Result<DeviceIdentity, Age
         .token
         .as_ref()
         .ok_or_else(|| AgentError::NeedsToken(config.state_dir.clone()))?;
-    let ca_pem = match &config.ca_file {
-        Some(path) => Some(
-            std::fs::read_to_string(path).map_err(|source| AgentError::CaFile {
-                path: path.clone(),
-                source,
-            })?,
-        ),
-        None => None,
-    };
+    let ca_pem = read_ca_file(config)?;
     let name = config
         .name
         .clone()
@@ -175,6 +176,45 @@ pub async fn ensure_identity(config: &AgentConfig) -> Result<DeviceIdentity, Age
     identity.save(&config.state_dir)?;
     tracing::info!(device = %identity.name, "enrolled");
     Ok(identity)
+}
+
+/// Enrolls again with the configured token, replacing the stored identity.
+async fn reenroll(config: &AgentConfig) -> Result<DeviceIdentity, AgentError> {
+    let token = config
+        .token
+        .as_ref()
+        .ok_or_else(|| AgentError::NeedsToken(config.state_dir.clone()))?;
+    let previous = DeviceIdentity::load(&config.state_dir)?;
+    let name = previous
+        .map(|p| p.name)
+        .or_else(|| config.name.clone())
+        .unwrap_or_else(identity::default_device_name);
+    let ca_pem = read_ca_file(config)?;
+    let fresh = identity::enroll(
+        &config.controller,
+        token,
+        &name,
+        &config.labels,
+        ca_pem.as_deref(),
+    )
+    .await?;
+    fresh.save(&config.state_dir)?;
+    tracing::info!(device = %fresh.name, "enrolled again after the certificate expired");
+    Ok(fresh)
+}
+
+fn read_ca_file(config: &AgentConfig) -> Result<Option<String>, AgentError> {
+    match &config.ca_file {
+        Some(path) => {
+            std::fs::read_to_string(path)
+                .map(Some)
+                .map_err(|source| AgentError::CaFile {
+                    path: path.clone(),
+                    source,
+                })
+        }
+        None => Ok(None),
+    }
 }
 
 /// What the agent knows about an assignment it holds.
@@ -215,9 +255,23 @@ pub async fn run(
         counters,
         last_hashes: 0,
         last_report: Instant::now(),
+        next_renewal_attempt: Instant::now(),
     };
     let mut backoff = Backoff::new(agent.config.backoff_base, agent.config.backoff_max);
     while !shutdown.is_cancelled() {
+        if identity.expired(identity::now_unix_ms()) {
+            // Offline past the certificate's end (no renewal possible): enroll afresh if a
+            // token is at hand, otherwise keep trying, which the operator sees in the log.
+            match &agent.config.token {
+                Some(_) => match reenroll(&agent.config).await {
+                    Ok(fresh) => identity = fresh,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "certificate expired and re-enrollment failed")
+                    }
+                },
+                None => tracing::warn!("certificate expired; restart with --token to enroll again"),
+            }
+        }
         match agent.session(&mut identity, &shutdown).await {
             Ok(SessionEnd::Shutdown) => break,
             Ok(SessionEnd::Welcomed) => backoff.reset(),
@@ -276,6 +330,7 @@ struct Agent {
     counters: Arc<AgentCounters>,
     last_hashes: u64,
     last_report: Instant,
+    next_renewal_attempt: Instant,
 }
 
 fn message(kind: AgentKind) -> pb::AgentMessage {
@@ -435,7 +490,13 @@ impl Agent {
                     }
                 },
                 _ = flush.tick() => send_batch(&tx, &mut batch).await?,
-                _ = report.tick() => self.send_reports(&tx).await?,
+                _ = report.tick() => {
+                    self.send_reports(&tx).await?;
+                    // Renewal rides on the open channel; the session itself goes on.
+                    if let Err(e) = self.renew_if_due(&mut client, identity).await {
+                        tracing::warn!(error = %e, "certificate renewal failed; will retry");
+                    }
+                }
             }
         }
     }
@@ -489,7 +550,13 @@ impl Agent {
                 }
             })
             .collect();
-        for chunk in resubmit.chunks(SHARE_BATCH) {
+        for (i, chunk) in resubmit.chunks(SHARE_BATCH).enumerate() {
+            // The controller allows a burst of resubmissions, then about 2,000 shares a
+            // second; stay under that so a long outage's backlog does not get the session
+            // cut for flooding.
+            if i * SHARE_BATCH >= RESUBMIT_BURST {
+                tokio::time::sleep(RESUBMIT_PACE).await;
+            }
             tx.send(message(AgentKind::Shares(pb::SubmitShares {
                 shares: chunk.to_vec(),
             })))
@@ -663,28 +730,32 @@ impl Agent {
         client: &mut FleetClient<tonic::transport::Channel>,
         identity: &mut DeviceIdentity,
     ) -> Result<(), SessionError> {
-        let now_ms = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_millis() as i64);
-        if identity.not_after_unix_ms - now_ms > RENEW_BEFORE.as_millis() as i64 {
+        if !identity.renewal_due(identity::now_unix_ms())
+            || self.next_renewal_attempt > Instant::now()
+        {
             return Ok(());
         }
+        self.next_renewal_attempt = Instant::now() + RENEW_RETRY;
         let (key_pem, csr_der) = identity::generate_key_and_csr(&identity.name)?;
-        let response = client
-            .renew(pb::RenewRequest { csr_der })
-            .await?
-            .into_inner();
+        let response =
+            tokio::time::timeout(WELCOME_TIMEOUT, client.renew(pb::RenewRequest { csr_der }))
+                .await
+                .map_err(|_| tonic::Status::deadline_exceeded("renewal timed out"))??
+                .into_inner();
         let mut renewed = identity.clone();
         renewed.cert_pem = response.certificate_pem;
         renewed.key_pem = key_pem;
         renewed.ca_pem = response.ca_bundle_pem;
         renewed.not_after_unix_ms = response.not_after_unix_ms;
+        renewed.issued_unix_ms = identity::now_unix_ms();
         renewed.save(&self.config.state_dir)?;
         tracing::info!(
             not_after_unix_ms = renewed.not_after_unix_ms,
             "certificate renewed"
         );
         *identity = renewed;
+        self.next_renewal_attempt = Instant::now();
+        self.counters.renewals.fetch_add(1, Ordering::Relaxed);
         Ok(())
     }
 }

@@ -124,6 +124,9 @@ pub fn client_config(
                 provider,
             })),
     };
+    // Without a certificate the only thing to do is enroll; the marker tells the controller
+    // so during the handshake, which it otherwise refuses without a client certificate.
+    let enrolling = client_identity.is_none();
     let mut config = match client_identity {
         None => builder.with_no_client_auth(),
         Some((chain_pem, key_pem)) => {
@@ -139,6 +142,11 @@ pub fn client_config(
         }
     };
     config.alpn_protocols = vec![b"h2".to_vec()];
+    if enrolling {
+        config
+            .alpn_protocols
+            .push(micromine_proto::ENROLL_ALPN.to_vec());
+    }
     Ok(Arc::new(config))
 }
 
@@ -493,8 +501,11 @@ mod tests {
     }
 
     #[test]
-    fn client_config_speaks_h2() {
+    fn client_config_speaks_h2_and_marks_enrollment() {
         let config = client_config(&TrustAnchor::Fingerprint([0; 32]), None).unwrap();
-        assert_eq!(config.alpn_protocols, vec![b"h2".to_vec()]);
+        assert_eq!(
+            config.alpn_protocols,
+            vec![b"h2".to_vec(), micromine_proto::ENROLL_ALPN.to_vec()]
+        );
     }
 }

@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::fleet::{Fleet, Outbound};
 use crate::pki::{Pki, validate_device_name};
+use crate::revocation::Revocations;
 use crate::tls::{peer_addr, peer_device_name};
 use crate::tokens::{TokenStore, now_unix_ms};
 
@@ -28,12 +29,84 @@ const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
 const OUTBOUND_CAPACITY: usize = 256;
 /// Shares one batch may carry; a bigger batch is refused whole.
 pub const MAX_SHARES_PER_BATCH: usize = 4096;
+/// Messages per second a session may send on average (an honest agent sends a few).
+pub const MESSAGES_PER_SECOND: f64 = 250.0;
+/// Shares per second a session may submit on average (vardiff aims at well under one; a
+/// reconnecting agent resubmitting after an outage needs a burst).
+pub const SHARES_PER_SECOND: f64 = 2_000.0;
+
+/// A token bucket: `capacity` at once, refilled at `per_second`.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    capacity: f64,
+    per_second: f64,
+    last: std::time::Instant,
+}
+
+impl Bucket {
+    fn new(per_second: f64, burst_seconds: f64) -> Bucket {
+        let capacity = per_second * burst_seconds;
+        Bucket {
+            tokens: capacity,
+            capacity,
+            per_second,
+            last: std::time::Instant::now(),
+        }
+    }
+
+    fn take(&mut self, amount: f64) -> bool {
+        let now = std::time::Instant::now();
+        let refill = now.duration_since(self.last).as_secs_f64() * self.per_second;
+        self.tokens = (self.tokens + refill).min(self.capacity);
+        self.last = now;
+        if self.tokens >= amount {
+            self.tokens -= amount;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// Per-session limits, so one device cannot monopolise the controller.
+#[derive(Debug)]
+struct Limits {
+    messages: Bucket,
+    shares: Bucket,
+}
+
+impl Limits {
+    fn new() -> Limits {
+        Limits {
+            messages: Bucket::new(MESSAGES_PER_SECOND, 2.0),
+            shares: Bucket::new(SHARES_PER_SECOND, 10.0),
+        }
+    }
+
+    fn admit(&mut self, message: &pb::AgentMessage) -> Result<(), Status> {
+        if !self.messages.take(1.0) {
+            return Err(Status::resource_exhausted(format!(
+                "message rate limit: at most {MESSAGES_PER_SECOND} messages per second"
+            )));
+        }
+        if let Some(AgentKind::Shares(batch)) = &message.kind
+            && !self.shares.take(batch.shares.len() as f64)
+        {
+            return Err(Status::resource_exhausted(format!(
+                "share rate limit: at most {SHARES_PER_SECOND} shares per second"
+            )));
+        }
+        Ok(())
+    }
+}
 
 /// `Fleet`: sessions and renewal, over mutual TLS.
 #[derive(Clone)]
 pub struct FleetService {
     fleet: Arc<Fleet>,
     pki: Arc<Pki>,
+    revocations: Arc<Revocations>,
     cert_ttl: Duration,
     shutdown: CancellationToken,
 }
@@ -43,12 +116,14 @@ impl FleetService {
     pub fn new(
         fleet: Arc<Fleet>,
         pki: Arc<Pki>,
+        revocations: Arc<Revocations>,
         cert_ttl: Duration,
         shutdown: CancellationToken,
     ) -> Self {
         FleetService {
             fleet,
             pki,
+            revocations,
             cert_ttl,
             shutdown,
         }
@@ -96,11 +171,23 @@ impl pb::fleet_server::Fleet for FleetService {
         request: Request<pb::RenewRequest>,
     ) -> Result<Response<pb::RenewResponse>, Status> {
         let device = require_device(&request)?;
+        if self.revocations.is_blocked(&device) {
+            return Err(Status::permission_denied(format!(
+                "device {device} is revoked"
+            )));
+        }
         let csr = request.into_inner().csr_der;
         let issued = self
             .pki
             .sign_device_csr(&csr, &device, self.cert_ttl)
             .map_err(|e| Status::invalid_argument(format!("csr_der: {e}")))?;
+        self.fleet
+            .certified(&device, None, issued.not_after_unix_ms)
+            .await
+            .map_err(|e| {
+                tracing::error!(error = %e, "recording the renewed certificate failed");
+                Status::unavailable("the controller's store is unavailable")
+            })?;
         tracing::info!(device = %device, not_after_unix_ms = issued.not_after_unix_ms, "certificate renewed");
         Ok(Response::new(pb::RenewResponse {
             certificate_pem: issued.certificate_pem,
@@ -143,7 +230,9 @@ async fn run_session(
             return;
         }
     };
-    let session = fleet.connect(&device, &hello, outbound.clone());
+    let cut = CancellationToken::new();
+    let session = fleet.connect(&device, &hello, outbound.clone(), cut.clone());
+    let mut limits = Limits::new();
     tracing::info!(
         version = %hello.version,
         resumed = hello.resume.as_ref().map_or(0, |r| r.assignments.len()),
@@ -152,6 +241,8 @@ async fn run_session(
     loop {
         let message = tokio::select! {
             _ = shutdown.cancelled() => break,
+            // Revoked: the fleet already told the device and reclaimed its work.
+            _ = cut.cancelled() => return,
             message = inbound.message() => message,
         };
         match message {
@@ -159,7 +250,11 @@ async fn run_session(
                 if !fleet.is_current_session(&device, session) {
                     break;
                 }
-                if let Err(status) = handle(&fleet, &device, message, &outbound).await {
+                let handled = match limits.admit(&message) {
+                    Ok(()) => handle(&fleet, &device, message, &outbound).await,
+                    Err(status) => Err(status),
+                };
+                if let Err(status) = handled {
                     if status.code() == tonic::Code::ResourceExhausted {
                         fleet.protocol_error(&device, status.message());
                     }
@@ -266,6 +361,11 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
             .map_err(|e| Status::invalid_argument(format!("token: {e}")))?;
         validate_device_name(&req.device_name)
             .map_err(|e| Status::invalid_argument(format!("device_name: {e}")))?;
+        // Checked before the token is spent, so a refused name does not cost a use.
+        if let Err(reason) = self.fleet.may_enroll(&req.device_name) {
+            tracing::warn!(device = %req.device_name, peer = %peer, reason, "enrollment refused");
+            return Err(Status::already_exists(reason));
+        }
         let tokens = self.tokens.clone();
         let fingerprint = self.pki.ca_fingerprint();
         let redeemed =
@@ -288,7 +388,7 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
             .map_err(|e| Status::invalid_argument(format!("csr_der: {e}")))?;
         let labels: BTreeMap<String, String> = record.labels.clone();
         self.fleet
-            .enrolled(&req.device_name, labels)
+            .certified(&req.device_name, Some(labels), issued.not_after_unix_ms)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "recording the enrolled device failed");

@@ -7,7 +7,8 @@
 //! - `worksource`: where block headers come from (the builtin synthetic source).
 //! - `store`, `ledger`: the embedded transactional store (redb) with group commit, and the
 //!   share ledger on top of it.
-//! - `pki`, `tokens`, `tls`: the fleet CA, bootstrap tokens, the TLS listener.
+//! - `pki`, `tokens`, `revocation`, `tls`: the fleet CA, bootstrap tokens, revoked
+//!   devices, the TLS listener.
 //! - `fleet`: the live state that ties devices, miners, assignments and shares together.
 //! - `grpc`: the `Enrollment` and `Fleet` services.
 //! - `http`: health and the status API.
@@ -21,6 +22,7 @@ pub mod ledger;
 pub mod manifest;
 pub mod pki;
 pub mod quickstart;
+pub mod revocation;
 pub mod scheduler;
 pub mod selector;
 pub mod standalone;

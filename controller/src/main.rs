@@ -8,8 +8,9 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use micromine_controller::pki::Pki;
 use micromine_controller::quickstart::{self, QuickstartConfig};
+use micromine_controller::revocation::RevocationStore;
 use micromine_controller::standalone::{self, ControllerConfig};
-use micromine_controller::tokens::{TokenSpec, TokenStore, parse_duration};
+use micromine_controller::tokens::{TokenSpec, TokenStore, now_unix_ms, parse_duration};
 use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
@@ -81,10 +82,61 @@ enum Command {
         #[command(subcommand)]
         command: TokenCommand,
     },
+    /// Devices: revoke and let back in (standalone mode).
+    Device {
+        #[command(subcommand)]
+        command: DeviceCommand,
+    },
+    /// The fleet CA.
+    Ca {
+        #[command(subcommand)]
+        command: CaCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeviceCommand {
+    /// Cut a device off: its live session ends within seconds, its certificates are refused
+    /// at the handshake, and it cannot enroll or renew until unrevoked.
+    Revoke {
+        /// The device (EdgeDevice) name.
+        name: String,
+        /// The controller's data directory.
+        #[arg(long, default_value = "/var/lib/micromine")]
+        data_dir: PathBuf,
+    },
+    /// Let a revoked device enroll again with a new token; its old certificates stay refused.
+    Unrevoke {
+        /// The device (EdgeDevice) name.
+        name: String,
+        /// The controller's data directory.
+        #[arg(long, default_value = "/var/lib/micromine")]
+        data_dir: PathBuf,
+    },
+}
+
+#[derive(Subcommand)]
+enum CaCommand {
+    /// Print the CA certificate (PEM) for `micromine-agent --ca-file`; its SHA-256
+    /// fingerprint goes to stderr.
+    Export {
+        /// The controller's data directory.
+        #[arg(long, default_value = "/var/lib/micromine")]
+        data_dir: PathBuf,
+        /// CA directory (default: <data-dir>/pki).
+        #[arg(long)]
+        pki_dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Subcommand)]
 enum TokenCommand {
+    /// List tokens that can still be used (never their secrets).
+    List {
+        /// The controller's data directory.
+        #[arg(long, default_value = "/var/lib/micromine")]
+        data_dir: PathBuf,
+    },
     /// Create a token and print it (once; only its hash is stored).
     Create {
         /// The controller's data directory.
@@ -182,6 +234,31 @@ fn main() -> Result<()> {
             })
         }
         Command::Token {
+            command: TokenCommand::List { data_dir },
+        } => {
+            init_logging(cli.log_format, "warn");
+            let store = TokenStore::open(&standalone::tokens_dir(&data_dir))?;
+            println!(
+                "{:<18} {:>5} {:>15} LABELS",
+                "ID", "USES", "EXPIRES(UNIX S)"
+            );
+            for token in store.list()? {
+                let labels: Vec<String> = token
+                    .labels
+                    .iter()
+                    .map(|(k, v)| format!("{k}={v}"))
+                    .collect();
+                println!(
+                    "{:<18} {:>5} {:>15} {}",
+                    token.id_hex,
+                    token.uses_remaining,
+                    token.expires_unix_ms / 1000,
+                    labels.join(",")
+                );
+            }
+            Ok(())
+        }
+        Command::Token {
             command:
                 TokenCommand::Create {
                     data_dir,
@@ -205,6 +282,38 @@ fn main() -> Result<()> {
                 "token {} allows {} enrollment(s) until {} (Unix ms); it is shown only once",
                 record.id_hex, record.uses_remaining, record.expires_unix_ms
             );
+            Ok(())
+        }
+        Command::Device { command } => {
+            init_logging(cli.log_format, "warn");
+            match command {
+                DeviceCommand::Revoke { name, data_dir } => {
+                    let store = RevocationStore::open(&standalone::revocations_dir(&data_dir))?;
+                    let revocation = store.revoke(&name, now_unix_ms())?;
+                    println!(
+                        "device {name} revoked at {} (Unix ms): a running controller cuts its session within seconds",
+                        revocation.revoked_at_unix_ms
+                    );
+                }
+                DeviceCommand::Unrevoke { name, data_dir } => {
+                    let store = RevocationStore::open(&standalone::revocations_dir(&data_dir))?;
+                    match store.unblock(&name)? {
+                        Some(_) => println!(
+                            "device {name} may enroll again with a new token; its revoked certificates stay refused"
+                        ),
+                        None => anyhow::bail!("device {name} is not revoked"),
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Ca {
+            command: CaCommand::Export { data_dir, pki_dir },
+        } => {
+            init_logging(cli.log_format, "warn");
+            let pki = Pki::load_or_create(&pki_dir.unwrap_or_else(|| data_dir.join("pki")))?;
+            print!("{}", pki.ca_pem());
+            eprintln!("sha256 fingerprint: {}", hex::encode(pki.ca_fingerprint()));
             Ok(())
         }
     }

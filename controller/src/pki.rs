@@ -41,8 +41,9 @@ const CA_KEY_FILE: &str = "ca.key";
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// The serving certificate is reissued on every controller start, so it can be short-lived.
 const SERVER_VALIDITY: Duration = Duration::from_secs(90 * 24 * 3600);
-/// Certificates start a little in the past so devices whose clocks run behind accept them.
-const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
+/// Certificates start a little in the past so devices whose clocks run behind accept them;
+/// a certificate was issued this long after its `notBefore`.
+pub const CLOCK_SKEW: Duration = Duration::from_secs(5 * 60);
 /// Longer device certificates than this are a configuration mistake, not a policy.
 const MAX_DEVICE_TTL: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
 

@@ -2,7 +2,8 @@
 //! embedded store under the data directory, the fleet CA on disk.
 //!
 //! Data directory layout: `store.redb` (ledger and fleet state), `pki/` (CA, unless
-//! `--pki-dir` says otherwise), `tokens/` (bootstrap tokens).
+//! `--pki-dir` says otherwise), `tokens/` (bootstrap tokens), `revocations/` (revoked
+//! devices).
 
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -25,12 +26,19 @@ use crate::http::{self, HttpState};
 use crate::ledger::Ledger;
 use crate::manifest::{self, ManifestError, MicroMiner, MinerSet};
 use crate::pki::Pki;
+use crate::revocation::{RevocationStore, Revocations};
 use crate::store::Store;
-use crate::tls;
+use crate::tls::{self, ServerTls};
 use crate::tokens::TokenStore;
 
 /// TLS handshakes in flight at once.
 const MAX_HANDSHAKES: usize = 512;
+/// HTTP/2 streams one connection may have open at once.
+const MAX_STREAMS_PER_CONNECTION: u32 = 4;
+/// How often the serving certificate's expiry is checked.
+const SERVING_CERT_CHECK: Duration = Duration::from_secs(3600);
+/// The serving certificate is reissued when less than this is left (of its 90 days).
+const SERVING_CERT_RENEW_BEFORE: Duration = Duration::from_secs(30 * 24 * 3600);
 /// How often settled share records are pruned from the ledger.
 const LEDGER_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 
@@ -83,6 +91,11 @@ pub fn tokens_dir(data_dir: &Path) -> PathBuf {
     data_dir.join("tokens")
 }
 
+/// The revocation directory under a data directory.
+pub fn revocations_dir(data_dir: &Path) -> PathBuf {
+    data_dir.join("revocations")
+}
+
 /// Why the controller could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
@@ -95,6 +108,9 @@ pub enum StartError {
     /// The token directory could not be opened.
     #[error(transparent)]
     Tokens(#[from] crate::tokens::TokenError),
+    /// The revocation directory could not be opened.
+    #[error(transparent)]
+    Revocations(#[from] crate::revocation::RevocationError),
     /// The store could not be opened.
     #[error("store {path}: {source}")]
     Store {
@@ -165,8 +181,20 @@ pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
     report_manifests(&initial, &status);
     fleet.apply_miners(&initial.miners);
 
+    let revocation_store = RevocationStore::open(&revocations_dir(&config.data_dir))?;
+    let revocations = Arc::new(Revocations::default());
+    let (initial_revocations, problems) = revocation_store.load();
+    for problem in &problems {
+        tracing::error!(%problem, "revocation record unreadable");
+    }
+    revocations.replace(initial_revocations);
+    fleet.set_revocations(revocations.clone());
     let identity = pki.issue_server_identity(&config.tls_sans)?;
-    let tls_config = tls::server_config(&CertificateDer::from(pki.ca_der().to_vec()), identity)?;
+    let server_tls = Arc::new(ServerTls::new(
+        &CertificateDer::from(pki.ca_der().to_vec()),
+        identity,
+        revocations.clone(),
+    )?);
     let grpc_listener =
         TcpListener::bind(config.listen)
             .await
@@ -200,6 +228,7 @@ pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
     let fleet_service = FleetService::new(
         fleet.clone(),
         pki.clone(),
+        revocations.clone(),
         config.device_cert_ttl,
         shutdown.clone(),
     );
@@ -209,10 +238,13 @@ pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
         tokens.clone(),
         config.device_cert_ttl,
     );
-    let incoming = tls::tls_incoming(grpc_listener, tls_config, MAX_HANDSHAKES);
+    let incoming = tls::tls_incoming(grpc_listener, server_tls.clone(), MAX_HANDSHAKES);
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
+            // One session stream and the odd enrollment or renewal per connection: a
+            // device has no business opening more.
+            .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
             .http2_keepalive_interval(Some(Duration::from_secs(30)))
             .http2_keepalive_timeout(Some(Duration::from_secs(10)))
             .add_service(
@@ -270,6 +302,58 @@ pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
                     Ok(removed) => tracing::info!(removed, "settled share records pruned"),
                     Err(e) => tracing::warn!(error = %e, "pruning the ledger failed"),
                 },
+            }
+        }
+    }));
+
+    // Revocations: picked up within a second, live sessions of newly revoked devices cut.
+    let revoke_fleet = fleet.clone();
+    let stop = shutdown.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(Duration::from_secs(1));
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut reported: Vec<String> = Vec::new();
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = every.tick() => {}
+            }
+            let (found, problems) = revocation_store.load();
+            let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
+            if messages != reported {
+                for problem in &messages {
+                    tracing::error!(%problem, "revocation record unreadable");
+                }
+                reported = messages;
+            }
+            for device in revocations.replace(found) {
+                revoke_fleet.cut(&device, "certificate revoked");
+            }
+        }
+    }));
+
+    // The serving certificate is reissued well before it expires; agents pin the CA, so
+    // they accept the new one on their next connection without anyone touching them.
+    let stop = shutdown.clone();
+    let rotate_pki = pki.clone();
+    let rotate_tls = server_tls.clone();
+    let sans = config.tls_sans.clone();
+    tasks.push(tokio::spawn(async move {
+        let mut every = tokio::time::interval(SERVING_CERT_CHECK);
+        loop {
+            tokio::select! {
+                _ = stop.cancelled() => break,
+                _ = every.tick() => {}
+            }
+            let left_ms = rotate_tls.serving_not_after_unix_ms() - crate::fleet::now_ms();
+            if left_ms > SERVING_CERT_RENEW_BEFORE.as_millis() as i64 {
+                continue;
+            }
+            match rotate_pki.issue_server_identity(&sans).map_err(|e| e.to_string()).and_then(|id| {
+                rotate_tls.rotate(id).map_err(|e| e.to_string())
+            }) {
+                Ok(()) => tracing::info!(not_after_unix_ms = rotate_tls.serving_not_after_unix_ms(), "serving certificate rotated"),
+                Err(e) => tracing::error!(error = %e, "rotating the serving certificate failed; will retry"),
             }
         }
     }));

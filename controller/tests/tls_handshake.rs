@@ -85,11 +85,14 @@ impl Controller {
         let pki = Arc::new(Pki::load_or_create(&dir.path().join("pki")).unwrap());
         let tokens_dir = dir.path().join("tokens");
         let tokens = TokenStore::open(&tokens_dir).unwrap();
-        let config = tls::server_config(
-            &CertificateDer::from(pki.ca_der().to_vec()),
-            pki.issue_server_identity(&[]).unwrap(),
-        )
-        .unwrap();
+        let config = Arc::new(
+            tls::ServerTls::new(
+                &CertificateDer::from(pki.ca_der().to_vec()),
+                pki.issue_server_identity(&[]).unwrap(),
+                Arc::default(),
+            )
+            .unwrap(),
+        );
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (shutdown, stopped) = oneshot::channel::<()>();

@@ -24,6 +24,11 @@ pub mod pb {
     tonic::include_proto!("micromine.v1");
 }
 
+/// ALPN protocol id a client offers, next to `h2`, to say it is enrolling and has no
+/// certificate yet. The controller then completes the handshake without asking for one;
+/// every other connection must present a fleet certificate during the handshake.
+pub const ENROLL_ALPN: &[u8] = b"micromine-enroll";
+
 /// Upper bound for one gRPC message in either direction. A share batch of thousands of
 /// shares is a few tens of kilobytes; anything near this size is hostile or broken.
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024;

@@ -14,6 +14,8 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod raw;
+
 /// Path of a workspace binary next to the test executable.
 pub fn bin(name: &str) -> PathBuf {
     let exe = std::env::current_exe().expect("test executable path");
@@ -216,21 +218,35 @@ impl ControllerProcess {
         grpc: SocketAddr,
         http: SocketAddr,
     ) -> ControllerProcess {
-        let process = Process::start(
-            "controller",
-            &bin("micromine-controller"),
-            &[
-                "run",
-                "--manifests",
-                &manifests.display().to_string(),
-                "--data-dir",
-                &data_dir.display().to_string(),
-                "--listen",
-                &grpc.to_string(),
-                "--http-listen",
-                &http.to_string(),
-            ],
+        ControllerProcess::start_with(manifests, data_dir, grpc, http, &[])
+    }
+
+    /// [`ControllerProcess::start`] with extra command-line arguments.
+    pub fn start_with(
+        manifests: &Path,
+        data_dir: &Path,
+        grpc: SocketAddr,
+        http: SocketAddr,
+        extra: &[&str],
+    ) -> ControllerProcess {
+        let (manifests, data_dir) = (
+            manifests.display().to_string(),
+            data_dir.display().to_string(),
         );
+        let (grpc_arg, http_arg) = (grpc.to_string(), http.to_string());
+        let mut args = vec![
+            "run",
+            "--manifests",
+            &manifests,
+            "--data-dir",
+            &data_dir,
+            "--listen",
+            &grpc_arg,
+            "--http-listen",
+            &http_arg,
+        ];
+        args.extend_from_slice(extra);
+        let process = Process::start("controller", &bin("micromine-controller"), &args);
         wait_until("controller /readyz", Duration::from_secs(30), || {
             get_json(http, "/readyz")
         });
@@ -285,6 +301,46 @@ pub fn create_token(data_dir: &Path, uses: u32) -> String {
     .to_string()
 }
 
+/// A loopback address with a port that was free a moment ago.
+pub fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// A controller on fresh loopback ports with `manifest` as its only MicroMiner file.
+pub struct Fixture {
+    /// Holds the directories.
+    pub dir: tempfile::TempDir,
+    /// The data directory.
+    pub data: PathBuf,
+    /// The running controller.
+    pub controller: ControllerProcess,
+}
+
+impl Fixture {
+    /// Starts a controller with `extra` arguments.
+    pub fn start(manifest: &str, extra: &[&str]) -> Fixture {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let manifests = dir.path().join("manifests");
+        std::fs::create_dir_all(&manifests).expect("mkdir");
+        std::fs::write(manifests.join("test.yaml"), manifest).expect("write manifest");
+        let data = dir.path().join("data");
+        let controller =
+            ControllerProcess::start_with(&manifests, &data, loopback(), loopback(), extra);
+        Fixture {
+            dir,
+            data,
+            controller,
+        }
+    }
+
+    /// The device's view in the status document, or panics.
+    pub fn device(&self, name: &str) -> Value {
+        self.controller
+            .device(name)
+            .unwrap_or_else(|| panic!("device {name} not in the status"))
+    }
+}
+
 /// Starts an agent with one hashing thread.
 pub fn start_agent(
     controller: &ControllerProcess,
@@ -312,6 +368,14 @@ pub fn start_agent(
             "1",
         ],
     )
+}
+
+/// Field at JSON pointer `pointer` of `value` as a number (0 when missing).
+pub fn number(value: &Value, pointer: &str) -> u64 {
+    value
+        .pointer(pointer)
+        .and_then(Value::as_u64)
+        .unwrap_or_default()
 }
 
 /// A MicroMiner manifest for tests: builtin work, all devices with `site=e2e`.

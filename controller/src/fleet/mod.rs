@@ -8,6 +8,7 @@
 //! same order, so a device can never see a `Cancel` before the `Assignment` it cancels.
 
 mod conditions;
+mod honesty;
 pub mod persist;
 pub mod state;
 pub mod status;
@@ -21,11 +22,13 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use micromine_proto::pb::{self, RejectReason, ShareStatus};
 use micromine_proto::work::{header_with_nonce, sha256d};
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 use crate::ledger::{
     AcceptedShare, Ledger, LedgerError, Rejection, ShareKey, ShareOutcome, Totals,
 };
 use crate::manifest::MinerSet;
+use crate::revocation::Revocations;
 use crate::store::{Store, StoreError};
 use state::{Effects, FleetState, RecordedShare, Scope, ShareCheck};
 use status::FleetView;
@@ -54,6 +57,8 @@ struct Dispatch {
 struct Link {
     session: u64,
     outbound: Outbound,
+    /// Cancelled to end the session from the controller's side (revocation).
+    cancel: CancellationToken,
 }
 
 /// The fleet. Shared by the gRPC services, the HTTP API and the periodic tick.
@@ -63,6 +68,7 @@ pub struct Fleet {
     store: Store,
     ledger: Ledger,
     dispatch: mpsc::UnboundedSender<Dispatch>,
+    revocations: Mutex<Arc<Revocations>>,
 }
 
 /// Current wall-clock time in Unix milliseconds.
@@ -113,6 +119,7 @@ impl Fleet {
             store,
             ledger,
             dispatch,
+            revocations: Mutex::new(Arc::default()),
         });
         tokio::spawn(async move {
             while let Some(item) = queue.recv().await {
@@ -156,12 +163,46 @@ impl Fleet {
         self.queue(fx);
     }
 
+    /// The revocations the status views mark devices with.
+    pub fn set_revocations(&self, revocations: Arc<Revocations>) {
+        *lock(&self.revocations) = revocations;
+    }
+
+    /// Ends a device's session now (it was revoked): the session is told why, its leases
+    /// are reclaimed at once (work from a revoked device is not waited for), and whatever
+    /// it sends afterwards is not read.
+    pub fn cut(&self, device: &str, reason: &str) {
+        let mut state = lock(&self.state);
+        if let Some(link) = lock(&self.links).remove(device) {
+            let _ = link
+                .outbound
+                .try_send(Err(tonic::Status::permission_denied(reason.to_string())));
+            link.cancel.cancel();
+            tracing::warn!(device, reason, "session cut");
+        }
+        let fx = state.cut(device, now_ms());
+        self.queue(fx);
+    }
+
     /// Registers a session after its `Hello`; the `Welcome` and first assignments follow
-    /// on `outbound`. Returns the session id.
-    pub fn connect(&self, device: &str, hello: &pb::Hello, outbound: Outbound) -> u64 {
+    /// on `outbound`. `cancel` ends the session from this side. Returns the session id.
+    pub fn connect(
+        &self,
+        device: &str,
+        hello: &pb::Hello,
+        outbound: Outbound,
+        cancel: CancellationToken,
+    ) -> u64 {
         let mut state = lock(&self.state);
         let (session, fx) = state.connect(device, hello, now_ms());
-        let replaced = lock(&self.links).insert(device.to_string(), Link { session, outbound });
+        let replaced = lock(&self.links).insert(
+            device.to_string(),
+            Link {
+                session,
+                outbound,
+                cancel,
+            },
+        );
         if let Some(old) = replaced {
             // Ending the old stream makes its agent (if it is still alive) reconnect
             // cleanly instead of two sessions fighting over one device.
@@ -173,15 +214,43 @@ impl Fleet {
         session
     }
 
-    /// Records a device that just enrolled, durably, before its certificate is returned.
-    pub async fn enrolled(
+    /// Whether `device` may enroll now: a name whose certificate is still valid and not
+    /// revoked belongs to the device holding it, and a blocked name to nobody. The reason
+    /// is for the operator's log and the caller.
+    pub fn may_enroll(&self, device: &str) -> Result<(), String> {
+        let revocation = lock(&self.revocations).get(device);
+        if revocation.is_some_and(|r| r.blocked) {
+            return Err(format!("device {device} is revoked"));
+        }
+        let record = lock(&self.state).device_record(device);
+        let Some(record) = record else {
+            return Ok(());
+        };
+        let live = record.certificate_not_after_unix_ms > now_ms();
+        let revoked_since =
+            revocation.is_some_and(|r| r.revoked_at_unix_ms >= record.certificate_issued_unix_ms);
+        if live && !revoked_since {
+            return Err(format!(
+                "device name {device} is already enrolled (certificate valid until {} Unix ms); revoke it first or choose another name",
+                record.certificate_not_after_unix_ms
+            ));
+        }
+        Ok(())
+    }
+
+    /// Records a device that just got a certificate (enrollment or renewal), durably,
+    /// before the certificate is returned. `labels` are the token's (enrollment only).
+    pub async fn certified(
         &self,
         device: &str,
-        labels: std::collections::BTreeMap<String, String>,
+        labels: Option<std::collections::BTreeMap<String, String>>,
+        not_after_unix_ms: i64,
     ) -> Result<(), FleetError> {
         let durable = {
             let mut state = lock(&self.state);
-            let ops = state.enrolled(device, labels, now_ms()).persist;
+            let ops = state
+                .certified(device, labels, not_after_unix_ms, now_ms())
+                .persist;
             // Queued under the lock, so it lands in state order with everything else.
             self.store.write(move |txn| persist::apply(txn, &ops))
         };
@@ -239,7 +308,16 @@ impl Fleet {
         device: &str,
         shares: &[pb::Share],
     ) -> Result<pb::ShareResults, FleetError> {
-        let checks = lock(&self.state).check_shares(device, shares);
+        let checks = {
+            let mut state = lock(&self.state);
+            let checks = state.check_shares(device, shares);
+            let foreign = checks
+                .iter()
+                .filter(|c| matches!(c, ShareCheck::Reject { foreign: true, .. }))
+                .count();
+            state.foreign_shares(device, foreign as u64, now_ms());
+            checks
+        };
         let now = now_ms();
         let judged: Vec<Judged> = checks.into_iter().map(|c| judge(device, c, now)).collect();
 
@@ -309,8 +387,14 @@ impl Fleet {
                 Scope::Miner(m) => ledger.miner_totals(m),
             }
         };
+        let revocations = lock(&self.revocations).clone();
         let mut state = lock(&self.state);
-        let (miners, devices) = state.view(now_ms(), &totals);
+        let (miners, mut devices) = state.view(now_ms(), &totals);
+        for device in &mut devices {
+            if revocations.is_blocked(&device.name) {
+                device.state = "revoked".into();
+            }
+        }
         FleetView {
             miners,
             devices,
@@ -377,6 +461,7 @@ fn judge(device: &str, check: ShareCheck, now: i64) -> Judged {
             share,
             reason,
             miner,
+            ..
         } => Judged::Rejected(share, reason, miner),
         ShareCheck::Verify {
             share,

@@ -120,6 +120,10 @@ pub struct DeviceRecord {
     pub first_seen_unix_ms: i64,
     /// Last time heard from, Unix ms.
     pub last_seen_unix_ms: i64,
+    /// When its newest certificate was issued, Unix ms.
+    pub certificate_issued_unix_ms: i64,
+    /// When its newest certificate expires, Unix ms.
+    pub certificate_not_after_unix_ms: i64,
 }
 
 /// One write the fleet wants durable.

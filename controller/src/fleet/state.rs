@@ -9,8 +9,9 @@ use std::sync::Arc;
 use micromine_proto::pb::{self, RejectReason, controller_message::Kind};
 use micromine_proto::work::Target;
 
+use super::honesty::HonestyWindow;
 use super::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp};
-use super::status::{DeviceView, MinerView, RateWindow};
+use super::status::{DeviceFlag, DeviceView, MinerView, RateWindow};
 use crate::ledger::Totals;
 use crate::manifest::{
     DeviceCounts, Hashrate, MicroMiner, MicroMinerStatus, MinerSet, ShareCounts,
@@ -98,6 +99,10 @@ struct DeviceRuntime {
     effective: RateWindow,
     /// Malformed, oversized or out-of-order messages since the controller started.
     protocol_errors: u64,
+    /// Claimed against proven hash rate.
+    honesty: HonestyWindow,
+    /// Shares it submitted for other devices' work.
+    foreign_shares: u64,
 }
 
 impl DeviceRuntime {
@@ -111,6 +116,8 @@ impl DeviceRuntime {
             reported_state: "offline".into(),
             effective: RateWindow::default(),
             protocol_errors: 0,
+            honesty: HonestyWindow::default(),
+            foreign_shares: 0,
         }
     }
 
@@ -135,6 +142,8 @@ pub enum ShareCheck {
         reason: RejectReason,
         /// The MicroMiner it was for, when known.
         miner: Option<String>,
+        /// It named another device's work.
+        foreign: bool,
     },
     /// To be re-hashed against this work.
     Verify {
@@ -486,20 +495,61 @@ impl FleetState {
         self.device_entry(name, now_ms).protocol_errors += 1;
     }
 
-    /// A device enrolled with a token carrying `labels`.
-    pub fn enrolled(
+    /// The stored record of a device.
+    pub fn device_record(&self, name: &str) -> Option<DeviceRecord> {
+        self.devices.get(name).map(|d| d.record.clone())
+    }
+
+    /// A device got a certificate: at enrollment (with the token's labels) or renewal.
+    pub fn certified(
         &mut self,
         name: &str,
-        labels: BTreeMap<String, String>,
+        labels: Option<BTreeMap<String, String>>,
+        not_after_unix_ms: i64,
         now_ms: i64,
     ) -> Effects {
         let device = self.device_entry(name, now_ms);
-        device.record.token_labels = labels;
+        if let Some(labels) = labels {
+            device.record.token_labels = labels;
+        }
+        device.record.certificate_issued_unix_ms = now_ms;
+        device.record.certificate_not_after_unix_ms = not_after_unix_ms;
         device.record.last_seen_unix_ms = now_ms;
         Effects {
             persist: vec![PersistOp::Device(device.record.clone())],
             messages: Vec::new(),
         }
+    }
+
+    /// Counts shares `name` submitted for work that belongs to other devices.
+    pub fn foreign_shares(&mut self, name: &str, count: u64, now_ms: i64) {
+        if count > 0 {
+            let device = self.device_entry(name, now_ms);
+            if device.foreign_shares == 0 {
+                tracing::warn!(
+                    device = name,
+                    "device submitted shares for another device's work"
+                );
+            }
+            device.foreign_shares += count;
+        }
+    }
+
+    /// A revoked device: its session is over and its leases go back now.
+    pub fn cut(&mut self, name: &str, now_ms: i64) -> Effects {
+        let mut fx = Effects::default();
+        for lease in self.scheduler.release_device(name) {
+            self.lease_meta.remove(&lease.id);
+            fx.persist.push(PersistOp::DeleteLease(lease.id));
+        }
+        if let Some(device) = self.devices.get_mut(name) {
+            device.session = None;
+            device.honesty.pause();
+            device.reported_state = "offline".into();
+            device.record.last_seen_unix_ms = now_ms;
+            fx.persist.push(PersistOp::Device(device.record.clone()));
+        }
+        fx
     }
 
     /// A session ended. Its leases stay until they expire: the agent keeps scanning them
@@ -510,6 +560,7 @@ impl FleetState {
             && device.session == Some(session)
         {
             device.session = None;
+            device.honesty.pause();
             device.reported_state = "offline".into();
             device.record.last_seen_unix_ms = now_ms;
             fx.persist.push(PersistOp::Device(device.record.clone()));
@@ -532,6 +583,7 @@ impl FleetState {
             };
             device.reported_state = report.state.chars().take(64).collect();
             device.record.last_seen_unix_ms = now_ms;
+            device.honesty.report(device.reported_hashrate, now_ms);
         }
     }
 
@@ -820,11 +872,19 @@ impl FleetState {
             share: *share,
             reason,
             miner: miner.map(str::to_string),
+            foreign: false,
+        };
+        // Work another device holds (or held): this device is acting for someone else.
+        let foreign = ShareCheck::Reject {
+            share: *share,
+            reason: RejectReason::UnknownAssignment,
+            miner: None,
+            foreign: true,
         };
         let (lease, meta, header) = match self.scheduler.lease(share.assignment_id) {
             Some(lease) => {
                 if lease.device != name {
-                    return reject(RejectReason::UnknownAssignment, None);
+                    return foreign;
                 }
                 let (Some(meta), Some(header)) = (
                     self.lease_meta.get(&share.assignment_id),
@@ -840,7 +900,7 @@ impl FleetState {
                     ended.meta.clone(),
                     ended.header.clone(),
                 ),
-                Some(_) => return reject(RejectReason::UnknownAssignment, None),
+                Some(_) => return foreign,
                 None if share.assignment_id < self.scheduler.next_id() => {
                     // Issued once, long gone: a device catching up after a long outage.
                     return reject(RejectReason::Stale, None);
@@ -874,6 +934,7 @@ impl FleetState {
         for share in recorded {
             if let Some(device) = self.devices.get_mut(name) {
                 device.effective.add(now_ms, share.difficulty);
+                device.honesty.share(share.difficulty);
                 if let Some(v) = device.vardiff.as_mut() {
                     v.record_share(share.difficulty);
                 }
@@ -943,10 +1004,16 @@ impl FleetState {
             }
         }
         for device in self.devices.values_mut() {
-            if let Some(v) = device.vardiff.as_mut()
-                && let Some(new) = v.retarget(now_ms)
-            {
-                tracing::debug!(device = %device.record.name, difficulty = new, "vardiff retarget");
+            if let Some(v) = device.vardiff.as_mut() {
+                let flagged_before = device.honesty.mismatch().is_some();
+                if let Some(mismatch) = device.honesty.judge(v.difficulty(), now_ms)
+                    && !flagged_before
+                {
+                    tracing::warn!(device = %device.record.name, "{}", mismatch.describe());
+                }
+                if let Some(new) = v.retarget(now_ms) {
+                    tracing::debug!(device = %device.record.name, difficulty = new, "vardiff retarget");
+                }
             }
         }
         let names: Vec<String> = self
@@ -1004,6 +1071,8 @@ impl FleetState {
                     assignments: leases,
                     shares: totals(Scope::Device(&d.record.name)),
                     protocol_errors: d.protocol_errors,
+                    certificate_not_after_unix_ms: d.record.certificate_not_after_unix_ms,
+                    flags: device_flags(d),
                     last_seen_unix_ms: d.record.last_seen_unix_ms,
                 }
             })
@@ -1095,6 +1164,26 @@ impl FleetState {
         leases.sort_by_key(|l| l.id);
         leases
     }
+}
+
+fn device_flags(d: &DeviceRuntime) -> Vec<DeviceFlag> {
+    let mut flags = Vec::new();
+    if let Some(mismatch) = d.honesty.mismatch() {
+        flags.push(DeviceFlag {
+            kind: "HashrateMismatch".into(),
+            message: mismatch.describe(),
+        });
+    }
+    if d.foreign_shares > 0 {
+        flags.push(DeviceFlag {
+            kind: "ForeignShares".into(),
+            message: format!(
+                "submitted {} share(s) for work assigned to other devices",
+                d.foreign_shares
+            ),
+        });
+    }
+    flags
 }
 
 /// Which ledger totals a view asks for.

@@ -108,6 +108,23 @@ pub struct DeviceView {
     pub protocol_errors: u64,
     /// Last time the device was heard from, Unix ms.
     pub last_seen_unix_ms: i64,
+    /// When its newest certificate expires, Unix ms (0 if never issued by this controller).
+    pub certificate_not_after_unix_ms: i64,
+    /// Signs of a broken or hostile agent (`HashrateMismatch`, `ForeignShares`).
+    pub flags: Vec<DeviceFlag>,
+}
+
+/// Something about a device an operator should look at.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceFlag {
+    /// `HashrateMismatch`: the rate it reports and the rate its shares prove disagree
+    /// beyond statistical noise. `ForeignShares`: it submitted shares for other devices'
+    /// work.
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// Figures behind the flag.
+    pub message: String,
 }
 
 /// One MicroMiner as operators see it.
