@@ -84,9 +84,12 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(|p| p.into_inner())
 }
 
-/// A share after hashing, before the ledger.
-enum Judged {
+/// A share after re-hashing, before the ledger.
+#[derive(Debug)]
+pub enum Judged {
+    /// Refused, with the reason and the MicroMiner when known.
     Rejected(pb::Share, RejectReason, Option<String>),
+    /// Meets its target: the ledger record, the header, and the hash if it is a block.
     Accepted(
         pb::Share,
         AcceptedShare,
@@ -454,8 +457,9 @@ fn send_all(links: &Mutex<HashMap<String, Link>>, messages: Vec<(String, pb::Con
     }
 }
 
-/// Re-hashes one share. Runs outside every lock.
-fn judge(device: &str, check: ShareCheck, now: i64) -> Judged {
+/// Re-hashes one share against what the state said about it. Runs outside every lock.
+/// Nothing the device claimed about the share is used: only its assignment id and nonce.
+pub fn judge(device: &str, check: ShareCheck, now: i64) -> Judged {
     match check {
         ShareCheck::Reject {
             share,
