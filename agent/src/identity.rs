@@ -251,7 +251,7 @@ impl DeviceIdentity {
         now_unix_ms >= self.not_after_unix_ms
     }
 
-    /// mTLS to the controller: this certificate and key, trusting only the pinned CA.
+    /// mTLS to the controller: this certificate and key, trusting only the pinned CA bundle.
     pub fn client_config(&self) -> Result<Arc<ClientConfig>, IdentityError> {
         Ok(tls::client_config(
             &TrustAnchor::CaPem(self.ca_pem.clone()),

@@ -748,6 +748,10 @@ impl Agent {
         renewed.ca_pem = response.ca_bundle_pem;
         renewed.not_after_unix_ms = response.not_after_unix_ms;
         renewed.issued_unix_ms = identity::now_unix_ms();
+        // What we save is what the next connection uses: a bundle or certificate that
+        // does not load would lock the device out, so it must load before it replaces
+        // the identity that works.
+        renewed.client_config()?;
         renewed.save(&self.config.state_dir)?;
         tracing::info!(
             not_after_unix_ms = renewed.not_after_unix_ms,

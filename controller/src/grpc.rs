@@ -191,7 +191,7 @@ impl pb::fleet_server::Fleet for FleetService {
         tracing::info!(device = %device, not_after_unix_ms = issued.not_after_unix_ms, "certificate renewed");
         Ok(Response::new(pb::RenewResponse {
             certificate_pem: issued.certificate_pem,
-            ca_bundle_pem: self.pki.ca_pem().to_string(),
+            ca_bundle_pem: self.pki.bundle_pem(),
             not_after_unix_ms: issued.not_after_unix_ms,
         }))
     }
@@ -397,7 +397,7 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
         tracing::info!(device = %req.device_name, token = %record.id_hex, peer = %peer, "device enrolled");
         Ok(Response::new(pb::EnrollResponse {
             certificate_pem: issued.certificate_pem,
-            ca_bundle_pem: self.pki.ca_pem().to_string(),
+            ca_bundle_pem: self.pki.bundle_pem(),
             not_after_unix_ms: issued.not_after_unix_ms,
             device_name: req.device_name,
         }))

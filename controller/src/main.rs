@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use micromine_controller::pki::Pki;
+use micromine_controller::pki::{self, CaRole, Pki};
 use micromine_controller::quickstart::{self, QuickstartConfig};
 use micromine_controller::revocation::RevocationStore;
 use micromine_controller::standalone::{self, ControllerConfig};
@@ -115,18 +115,40 @@ enum DeviceCommand {
     },
 }
 
+/// Where a `ca` command finds the CA.
+#[derive(clap::Args)]
+struct PkiLocation {
+    /// The controller's data directory.
+    #[arg(long, default_value = "/var/lib/micromine")]
+    data_dir: PathBuf,
+    /// CA directory (default: <data-dir>/pki).
+    #[arg(long)]
+    pki_dir: Option<PathBuf>,
+}
+
+impl PkiLocation {
+    fn dir(self) -> PathBuf {
+        self.pki_dir.unwrap_or_else(|| self.data_dir.join("pki"))
+    }
+}
+
 #[derive(Subcommand)]
 enum CaCommand {
-    /// Print the CA certificate (PEM) for `micromine-agent --ca-file`; its SHA-256
-    /// fingerprint goes to stderr.
-    Export {
-        /// The controller's data directory.
-        #[arg(long, default_value = "/var/lib/micromine")]
-        data_dir: PathBuf,
-        /// CA directory (default: <data-dir>/pki).
-        #[arg(long)]
-        pki_dir: Option<PathBuf>,
-    },
+    /// Print the CA bundle (PEM, the active CA first) for `micromine-agent --ca-file`; the
+    /// active CA's SHA-256 fingerprint goes to stderr.
+    Export(PkiLocation),
+    /// Show the CAs the fleet trusts and the next step of a rotation under way.
+    Status(PkiLocation),
+    /// Rotation step 1: create the next CA. After a controller restart it is trusted and
+    /// handed to every device that enrolls or renews.
+    Stage(PkiLocation),
+    /// Rotation step 2, once every device has renewed (one device certificate lifetime
+    /// after the restart that followed `stage`): the next CA signs from the controller's
+    /// next start; the old one stays trusted for the certificates it signed.
+    Promote(PkiLocation),
+    /// Rotation step 3, one device certificate lifetime after the restart that followed
+    /// `promote`: stop trusting the old CA.
+    Retire(PkiLocation),
 }
 
 #[derive(Subcommand)]
@@ -157,12 +179,70 @@ enum TokenCommand {
     },
 }
 
+fn ca_command(command: CaCommand) -> Result<()> {
+    const RESTART: &str = "restart the controller for it to take effect";
+    match command {
+        CaCommand::Export(location) => {
+            let pki = Pki::load_or_create(&location.dir())?;
+            print!("{}", pki.bundle_pem());
+            eprintln!("sha256 fingerprint: {}", hex::encode(pki.ca_fingerprint()));
+        }
+        CaCommand::Status(location) => {
+            let pki = Pki::load_or_create(&location.dir())?;
+            for ca in pki.cas() {
+                let expires = jiff::Timestamp::from_second(ca.not_after_unix_s)
+                    .map(|t| t.to_string())
+                    .unwrap_or_else(|_| ca.not_after_unix_s.to_string());
+                println!(
+                    "{:<9} {}  expires {expires}",
+                    ca.role.to_string(),
+                    hex::encode(ca.fingerprint())
+                );
+            }
+            let roles: Vec<CaRole> = pki.rotation().iter().map(|ca| ca.role).collect();
+            let next = if roles.contains(&CaRole::Next) && roles.contains(&CaRole::Previous) {
+                "retire the previous CA once every device has renewed since the last promotion (`ca retire`), then promote"
+            } else if roles.contains(&CaRole::Next) {
+                "promote (`ca promote`) once every device has renewed since the restart that followed `ca stage`"
+            } else if roles.contains(&CaRole::Previous) {
+                "retire (`ca retire`) once every device has renewed since the restart that followed `ca promote`"
+            } else {
+                "no rotation under way; `ca stage` starts one"
+            };
+            println!("next step: {next}");
+        }
+        CaCommand::Stage(location) => {
+            let next = pki::stage_next_ca(&location.dir())?;
+            println!(
+                "staged the next CA {}; {RESTART}, then wait one device certificate lifetime so every device renews and learns it",
+                hex::encode(next.fingerprint())
+            );
+        }
+        CaCommand::Promote(location) => {
+            let active = pki::promote_next_ca(&location.dir())?;
+            println!(
+                "CA {} is now active; {RESTART}. Bootstrap tokens made before this name the old CA: create new ones",
+                hex::encode(active.fingerprint())
+            );
+        }
+        CaCommand::Retire(location) => {
+            let retired = pki::retire_previous_ca(&location.dir())?;
+            println!(
+                "CA {} is no longer trusted; {RESTART}",
+                hex::encode(retired.fingerprint())
+            );
+        }
+    }
+    Ok(())
+}
+
 fn init_logging(format: LogFormat, default_level: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr);
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -299,7 +379,7 @@ fn main() -> Result<()> {
                     let store = RevocationStore::open(&standalone::revocations_dir(&data_dir))?;
                     match store.unblock(&name)? {
                         Some(_) => println!(
-                            "device {name} may enroll again with a new token; its revoked certificates stay refused"
+                            "device {name} may enroll again with a new token once a running controller has read this (within a second); its revoked certificates stay refused"
                         ),
                         None => anyhow::bail!("device {name} is not revoked"),
                     }
@@ -307,14 +387,9 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
-        Command::Ca {
-            command: CaCommand::Export { data_dir, pki_dir },
-        } => {
+        Command::Ca { command } => {
             init_logging(cli.log_format, "warn");
-            let pki = Pki::load_or_create(&pki_dir.unwrap_or_else(|| data_dir.join("pki")))?;
-            print!("{}", pki.ca_pem());
-            eprintln!("sha256 fingerprint: {}", hex::encode(pki.ca_fingerprint()));
-            Ok(())
+            ca_command(command)
         }
     }
 }

@@ -7,8 +7,19 @@
 //! keys never reach the controller.
 //!
 //! # Files
-//! - `ca.crt`: the CA certificate (PEM). Its SHA-256 goes into bootstrap tokens.
-//! - `ca.key`: the CA private key (PKCS#8 PEM, mode 0600).
+//! - `ca.crt`: the active CA certificate (PEM). Its SHA-256 goes into bootstrap tokens.
+//! - `ca.key`: the active CA private key (PKCS#8 PEM, mode 0600); it signs everything.
+//! - `ca-next.crt`, `ca-next.key`: a staged successor ([`stage_next_ca`]), trusted and
+//!   handed to devices but signing nothing until [`promote_next_ca`].
+//! - `ca-previous.crt`: the CA the last promotion replaced, trusted for the device
+//!   certificates it signed until [`retire_previous_ca`]; its key is gone.
+//!
+//! # Rotation
+//! Devices verify the controller against the CA bundle they were given, and the controller
+//! verifies devices against the same bundle, so a new CA is phased in without touching a
+//! device: stage it (everyone renewing from then on learns it), promote it once every
+//! device has renewed (new certificates come from it, old ones still work), retire the old
+//! one once every device holds a certificate from the new one.
 
 use std::fmt;
 use std::fs;
@@ -37,6 +48,9 @@ pub const SERVER_COMMON_NAME: &str = "micromine controller";
 
 const CA_CERT_FILE: &str = "ca.crt";
 const CA_KEY_FILE: &str = "ca.key";
+const NEXT_CERT_FILE: &str = "ca-next.crt";
+const NEXT_KEY_FILE: &str = "ca-next.key";
+const PREVIOUS_CERT_FILE: &str = "ca-previous.crt";
 /// Ten years: long enough that nobody has to rotate the root of a fleet in its lifetime.
 const CA_VALIDITY: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
 /// The serving certificate is reissued on every controller start, so it can be short-lived.
@@ -128,14 +142,59 @@ pub enum PkiError {
     /// The operating system's random number generator failed.
     #[error("the OS random number generator failed: {0}")]
     Random(String),
+    /// A rotation step was asked for out of order.
+    #[error("{0}")]
+    Rotation(String),
 }
 
-/// The fleet CA, loaded from or created in the PKI directory.
+/// The fleet CA, loaded from or created in the PKI directory, with the other CAs a
+/// rotation in progress trusts.
 pub struct Pki {
     issuer: Issuer<'static, KeyPair>,
-    ca_pem: String,
-    ca_der: CertificateDer<'static>,
-    ca_not_after_unix_s: i64,
+    active: CaCertificate,
+    /// The staged next CA and the previous one, whichever exist, in that order.
+    also_trusted: Vec<CaCertificate>,
+}
+
+/// Which part a CA plays in the fleet.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CaRole {
+    /// Signs the serving certificate and every new device certificate.
+    Active,
+    /// Staged: trusted and handed to devices, signs nothing yet.
+    Next,
+    /// Replaced by the last promotion: trusted for the device certificates it signed.
+    Previous,
+}
+
+impl fmt::Display for CaRole {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            CaRole::Active => "active",
+            CaRole::Next => "next",
+            CaRole::Previous => "previous",
+        })
+    }
+}
+
+/// One CA certificate the fleet trusts.
+#[derive(Debug, Clone)]
+pub struct CaCertificate {
+    /// What it is for.
+    pub role: CaRole,
+    /// The certificate, PEM.
+    pub pem: String,
+    /// The certificate, DER.
+    pub der: CertificateDer<'static>,
+    /// When it expires, Unix seconds.
+    pub not_after_unix_s: i64,
+}
+
+impl CaCertificate {
+    /// SHA-256 of the DER, as bootstrap tokens and `ca export` show it.
+    pub fn fingerprint(&self) -> [u8; 32] {
+        Sha256::digest(self.der.as_ref()).into()
+    }
 }
 
 /// The key and chain the controller serves TLS with.
@@ -162,7 +221,7 @@ impl fmt::Debug for Pki {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Pki")
             .field("ca_fingerprint", &hex::encode(self.ca_fingerprint()))
-            .field("ca_not_after_unix_s", &self.ca_not_after_unix_s)
+            .field("ca_not_after_unix_s", &self.active.not_after_unix_s)
             .finish_non_exhaustive()
     }
 }
@@ -193,6 +252,7 @@ impl Pki {
         })?;
         let key_path = dir.join(CA_KEY_FILE);
         let cert_path = dir.join(CA_CERT_FILE);
+        finish_interrupted_promotion(dir)?;
 
         if !exists(&key_path)? {
             let key = generate_key("generating the CA key")?;
@@ -208,59 +268,80 @@ impl Pki {
                 tracing::info!(path = %cert_path.display(), "created the fleet CA certificate");
             }
         }
-        let ca_pem = read_to_string(&cert_path)?;
-        let ca_der =
-            CertificateDer::from_pem_slice(ca_pem.as_bytes()).map_err(|e| PkiError::Corrupt {
-                path: cert_path.clone(),
-                what: "PEM certificate",
-                reason: e.to_string(),
-            })?;
-        let corrupt_cert = |reason: String| PkiError::Corrupt {
+        let active = load_ca_cert(&cert_path, CaRole::Active, Some((&key, &key_path)))?;
+        let mut also_trusted = Vec::new();
+        let next_cert = dir.join(NEXT_CERT_FILE);
+        let next_key = dir.join(NEXT_KEY_FILE);
+        // A staged CA is usable once both halves exist; a lone key is a staging that
+        // crashed half way, which `stage_next_ca` completes.
+        if exists(&next_cert)? && exists(&next_key)? {
+            let key = load_key(&next_key)?;
+            also_trusted.push(load_ca_cert(
+                &next_cert,
+                CaRole::Next,
+                Some((&key, &next_key)),
+            )?);
+        }
+        let previous = dir.join(PREVIOUS_CERT_FILE);
+        if exists(&previous)? {
+            also_trusted.push(load_ca_cert(&previous, CaRole::Previous, None)?);
+        }
+        let issuer = Issuer::from_ca_cert_der(&active.der, key).map_err(|e| PkiError::Corrupt {
             path: cert_path.clone(),
             what: "CA certificate",
-            reason,
-        };
-        let (_, parsed) = x509_parser::parse_x509_certificate(&ca_der)
-            .map_err(|e| corrupt_cert(e.to_string()))?;
-        if parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw() {
-            return Err(PkiError::CaKeyMismatch {
-                cert: cert_path,
-                key: key_path,
-            });
-        }
-        if !parsed.is_ca() {
-            return Err(corrupt_cert(
-                "basic constraints do not mark it as a CA".into(),
-            ));
-        }
-        let ca_not_after_unix_s = parsed.validity().not_after.timestamp();
-        if ca_not_after_unix_s <= now_unix_s() {
-            tracing::warn!(path = %cert_path.display(), "the fleet CA certificate has expired; no device can connect until it is replaced");
-        }
-        let issuer =
-            Issuer::from_ca_cert_der(&ca_der, key).map_err(|e| corrupt_cert(e.to_string()))?;
+            reason: e.to_string(),
+        })?;
         Ok(Pki {
             issuer,
-            ca_pem,
-            ca_der,
-            ca_not_after_unix_s,
+            active,
+            also_trusted,
         })
     }
 
-    /// The CA certificate as PEM, the bundle handed to devices at enrollment.
-    pub fn ca_pem(&self) -> &str {
-        &self.ca_pem
+    /// Every CA the fleet trusts, the active one first: the roots for verifying device
+    /// certificates.
+    pub fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
+        self.cas().map(|ca| ca.der.clone()).collect()
     }
 
-    /// The CA certificate as DER, for rustls trust stores.
+    /// Every CA the fleet trusts, the active one first.
+    pub fn cas(&self) -> impl Iterator<Item = &CaCertificate> {
+        std::iter::once(&self.active).chain(&self.also_trusted)
+    }
+
+    /// The CA bundle handed to devices at enrollment and renewal (PEM, the active CA
+    /// first, so a device can check it against its token's fingerprint). Devices trust
+    /// every CA in it, which is what lets a staged CA take over without touching them.
+    pub fn bundle_pem(&self) -> String {
+        let mut bundle = self.active.pem.clone();
+        for ca in &self.also_trusted {
+            if !bundle.ends_with('\n') {
+                bundle.push('\n');
+            }
+            bundle.push_str(&ca.pem);
+        }
+        bundle
+    }
+
+    /// The CAs other than the active one that are trusted now.
+    pub fn rotation(&self) -> &[CaCertificate] {
+        &self.also_trusted
+    }
+
+    /// The active CA certificate as PEM.
+    pub fn ca_pem(&self) -> &str {
+        &self.active.pem
+    }
+
+    /// The active CA certificate as DER.
     pub fn ca_der(&self) -> &[u8] {
-        self.ca_der.as_ref()
+        self.active.der.as_ref()
     }
 
     /// SHA-256 of the CA certificate DER (goes into bootstrap tokens, so a device can
     /// authenticate the controller before it reveals the token's secret).
     pub fn ca_fingerprint(&self) -> [u8; 32] {
-        Sha256::digest(self.ca_der.as_ref()).into()
+        Sha256::digest(self.active.der.as_ref()).into()
     }
 
     /// The controller's serving certificate: signed by the CA, valid 90 days, EKU serverAuth,
@@ -296,7 +377,7 @@ impl Pki {
                 source,
             })?;
         Ok(ServerIdentity {
-            cert_chain: vec![cert.der().clone(), self.ca_der.clone()],
+            cert_chain: vec![cert.der().clone(), self.active.der.clone()],
             key: PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
             not_after_unix_ms: not_after.saturating_mul(1000),
         })
@@ -366,7 +447,7 @@ impl Pki {
         let not_before = now.saturating_sub(duration_secs(CLOCK_SKEW));
         let not_after = now
             .saturating_add(duration_secs(ttl))
-            .min(self.ca_not_after_unix_s);
+            .min(self.active.not_after_unix_s);
         set_times(params, not_before, not_after);
         not_after
     }
@@ -382,6 +463,148 @@ pub fn validate_device_name(name: &str) -> Result<(), PkiError> {
             reason,
         }),
     }
+}
+
+/// Stages a new CA in `dir` as `ca-next.*` and returns it. The controller trusts it and
+/// hands it to devices from its next start; it signs nothing until [`promote_next_ca`].
+/// Fails if one is already staged.
+pub fn stage_next_ca(dir: &Path) -> Result<CaCertificate, PkiError> {
+    // The active CA must exist first: a fresh directory would otherwise get two new CAs.
+    Pki::load_or_create(dir)?;
+    let key_path = dir.join(NEXT_KEY_FILE);
+    let cert_path = dir.join(NEXT_CERT_FILE);
+    if exists(&cert_path)? {
+        return Err(PkiError::Rotation(format!(
+            "a next CA is already staged ({}); promote it with `ca promote` first",
+            cert_path.display()
+        )));
+    }
+    if !exists(&key_path)? {
+        let key = generate_key("generating the next CA key")?;
+        publish_new(&key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    }
+    let key = load_key(&key_path)?;
+    publish_new(&cert_path, self_signed_ca(&key)?.as_bytes(), 0o644)?;
+    load_ca_cert(&cert_path, CaRole::Next, Some((&key, &key_path)))
+}
+
+/// Makes the staged CA the active one: the old active certificate becomes
+/// `ca-previous.crt` (still trusted for the device certificates it signed) and its key is
+/// destroyed. Fails if nothing is staged or a previous CA has not been retired yet.
+pub fn promote_next_ca(dir: &Path) -> Result<CaCertificate, PkiError> {
+    let pki = Pki::load_or_create(dir)?;
+    let next = pki
+        .also_trusted
+        .iter()
+        .find(|ca| ca.role == CaRole::Next)
+        .cloned()
+        .ok_or_else(|| {
+            PkiError::Rotation("no next CA is staged; stage one with `ca stage` first".into())
+        })?;
+    let previous = dir.join(PREVIOUS_CERT_FILE);
+    // A copy of the active CA there is this step's own work from a run that stopped early.
+    if exists(&previous)? && read_to_string(&previous)? != pki.active.pem {
+        return Err(PkiError::Rotation(format!(
+            "{} is still trusted; retire it with `ca retire` once every device has renewed, then promote",
+            previous.display()
+        )));
+    }
+    publish_new(&previous, pki.active.pem.as_bytes(), 0o644)?;
+    // Key first: if we stop between the two renames, `ca-next.crt` without its key and
+    // an active key that matches it tells `load_or_create` to finish the job.
+    rename(&dir.join(NEXT_KEY_FILE), &dir.join(CA_KEY_FILE))?;
+    rename(&dir.join(NEXT_CERT_FILE), &dir.join(CA_CERT_FILE))?;
+    Ok(CaCertificate {
+        role: CaRole::Active,
+        ..next
+    })
+}
+
+/// Stops trusting the CA the last promotion replaced: device certificates it signed are
+/// refused from the controller's next start. Returns it; fails if there is none.
+pub fn retire_previous_ca(dir: &Path) -> Result<CaCertificate, PkiError> {
+    let path = dir.join(PREVIOUS_CERT_FILE);
+    if !exists(&path)? {
+        return Err(PkiError::Rotation(
+            "there is no previous CA to retire".into(),
+        ));
+    }
+    let retired = load_ca_cert(&path, CaRole::Previous, None)?;
+    fs::remove_file(&path).map_err(|source| PkiError::Io {
+        action: "removing",
+        path: path.clone(),
+        source,
+    })?;
+    sync_parent(&path);
+    Ok(retired)
+}
+
+/// Completes a promotion that stopped between moving the next key and the next
+/// certificate into place.
+fn finish_interrupted_promotion(dir: &Path) -> Result<(), PkiError> {
+    let next_cert = dir.join(NEXT_CERT_FILE);
+    let active_key = dir.join(CA_KEY_FILE);
+    if !exists(&next_cert)? || exists(&dir.join(NEXT_KEY_FILE))? || !exists(&active_key)? {
+        return Ok(());
+    }
+    let key = load_key(&active_key)?;
+    if load_ca_cert(&next_cert, CaRole::Next, Some((&key, &active_key))).is_ok() {
+        tracing::warn!(dir = %dir.display(), "finishing a CA promotion that was interrupted");
+        rename(&next_cert, &dir.join(CA_CERT_FILE))?;
+    }
+    Ok(())
+}
+
+/// Reads a CA certificate and checks it is one (and, given a key, that it is that key's).
+fn load_ca_cert(
+    path: &Path,
+    role: CaRole,
+    key: Option<(&KeyPair, &Path)>,
+) -> Result<CaCertificate, PkiError> {
+    let pem = read_to_string(path)?;
+    let der = CertificateDer::from_pem_slice(pem.as_bytes()).map_err(|e| PkiError::Corrupt {
+        path: path.to_path_buf(),
+        what: "PEM certificate",
+        reason: e.to_string(),
+    })?;
+    let corrupt = |reason: String| PkiError::Corrupt {
+        path: path.to_path_buf(),
+        what: "CA certificate",
+        reason,
+    };
+    let (_, parsed) =
+        x509_parser::parse_x509_certificate(&der).map_err(|e| corrupt(e.to_string()))?;
+    if let Some((key, key_path)) = key
+        && parsed.public_key().subject_public_key.data.as_ref() != key.public_key_raw()
+    {
+        return Err(PkiError::CaKeyMismatch {
+            cert: path.to_path_buf(),
+            key: key_path.to_path_buf(),
+        });
+    }
+    if !parsed.is_ca() {
+        return Err(corrupt("basic constraints do not mark it as a CA".into()));
+    }
+    let not_after_unix_s = parsed.validity().not_after.timestamp();
+    if not_after_unix_s <= now_unix_s() {
+        tracing::warn!(path = %path.display(), %role, "a fleet CA certificate has expired; certificates it signed no longer verify");
+    }
+    Ok(CaCertificate {
+        role,
+        pem,
+        der: der.into_owned(),
+        not_after_unix_s,
+    })
+}
+
+fn rename(from: &Path, to: &Path) -> Result<(), PkiError> {
+    fs::rename(from, to).map_err(|source| PkiError::Io {
+        action: "renaming",
+        path: from.to_path_buf(),
+        source,
+    })?;
+    sync_parent(to);
+    Ok(())
 }
 
 fn parse_san(value: &str) -> Result<SanType, PkiError> {
@@ -917,5 +1140,156 @@ mod tests {
             pki.sign_device_csr(&csr, "gw", MAX_DEVICE_TTL + Duration::from_secs(1)),
             Err(PkiError::InvalidTtl { .. })
         ));
+    }
+
+    fn roles(pki: &Pki) -> Vec<CaRole> {
+        pki.cas().map(|ca| ca.role).collect()
+    }
+
+    /// Whether a client verifier built from `pki`'s trust anchors accepts `cert_pem`.
+    fn trusts(pki: &Pki, cert_pem: &str) -> bool {
+        let mut roots = RootCertStore::empty();
+        for anchor in pki.trust_anchors() {
+            roots.add(anchor).unwrap();
+        }
+        let verifier = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider())
+            .build()
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+        verifier
+            .verify_client_cert(&der, &[], UnixTime::now())
+            .is_ok()
+    }
+
+    fn device_cert(pki: &Pki) -> String {
+        let (_, csr) = csr_for("gw");
+        pki.sign_device_csr(&csr, "gw", Duration::from_secs(3600))
+            .unwrap()
+            .certificate_pem
+    }
+
+    #[test]
+    fn a_rotation_trusts_old_and_new_at_every_step_a_device_needs() {
+        let dir = tempfile::tempdir().unwrap();
+        let original = Pki::load_or_create(dir.path()).unwrap();
+        let from_original = device_cert(&original);
+        assert_eq!(roles(&original), [CaRole::Active]);
+
+        let staged = stage_next_ca(dir.path()).unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        assert_eq!(roles(&pki), [CaRole::Active, CaRole::Next]);
+        // Still signing with the original; the bundle leads with it and carries the next.
+        assert_eq!(pki.ca_fingerprint(), original.ca_fingerprint());
+        assert!(trusts(&original, &device_cert(&pki)));
+        assert!(pki.bundle_pem().starts_with(original.ca_pem()));
+        assert!(pki.bundle_pem().ends_with(&staged.pem));
+        assert!(matches!(
+            stage_next_ca(dir.path()),
+            Err(PkiError::Rotation(m)) if m.contains("already staged")
+        ));
+
+        let promoted = promote_next_ca(dir.path()).unwrap();
+        assert_eq!(promoted.fingerprint(), staged.fingerprint());
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        assert_eq!(roles(&pki), [CaRole::Active, CaRole::Previous]);
+        assert_eq!(pki.ca_fingerprint(), staged.fingerprint());
+        let from_new = device_cert(&pki);
+        assert!(!trusts(&original, &from_new), "signed by the new CA");
+        assert!(trusts(&pki, &from_new));
+        assert!(
+            trusts(&pki, &from_original),
+            "the previous CA's devices still get in"
+        );
+        let server = pki.issue_server_identity(&[]).unwrap();
+        assert_eq!(server.cert_chain[1].as_ref(), staged.der.as_ref());
+
+        // A second rotation cannot begin to promote before the first is retired.
+        stage_next_ca(dir.path()).unwrap();
+        assert!(matches!(
+            promote_next_ca(dir.path()),
+            Err(PkiError::Rotation(m)) if m.contains("ca retire")
+        ));
+
+        let retired = retire_previous_ca(dir.path()).unwrap();
+        assert_eq!(retired.fingerprint(), original.ca_fingerprint());
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        assert_eq!(roles(&pki), [CaRole::Active, CaRole::Next]);
+        assert!(!trusts(&pki, &from_original));
+        assert!(trusts(&pki, &from_new));
+        assert!(matches!(
+            retire_previous_ca(dir.path()),
+            Err(PkiError::Rotation(_))
+        ));
+    }
+
+    #[test]
+    fn promoting_with_nothing_staged_is_refused_and_changes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let before = Pki::load_or_create(dir.path()).unwrap();
+        assert!(matches!(
+            promote_next_ca(dir.path()),
+            Err(PkiError::Rotation(m)) if m.contains("ca stage")
+        ));
+        let after = Pki::load_or_create(dir.path()).unwrap();
+        assert_eq!(after.ca_fingerprint(), before.ca_fingerprint());
+        assert_eq!(roles(&after), [CaRole::Active]);
+    }
+
+    #[test]
+    fn a_promotion_interrupted_between_key_and_certificate_is_finished() {
+        let dir = tempfile::tempdir().unwrap();
+        Pki::load_or_create(dir.path()).unwrap();
+        let staged = stage_next_ca(dir.path()).unwrap();
+        // The state a crash after the key's rename leaves behind.
+        fs::copy(
+            dir.path().join(CA_CERT_FILE),
+            dir.path().join(PREVIOUS_CERT_FILE),
+        )
+        .unwrap();
+        fs::rename(dir.path().join(NEXT_KEY_FILE), dir.path().join(CA_KEY_FILE)).unwrap();
+
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        assert_eq!(pki.ca_fingerprint(), staged.fingerprint());
+        assert_eq!(roles(&pki), [CaRole::Active, CaRole::Previous]);
+        assert!(!dir.path().join(NEXT_CERT_FILE).exists());
+    }
+
+    #[test]
+    fn a_promotion_that_stopped_after_copying_the_old_ca_can_be_run_again() {
+        let dir = tempfile::tempdir().unwrap();
+        let original = Pki::load_or_create(dir.path()).unwrap();
+        let staged = stage_next_ca(dir.path()).unwrap();
+        fs::copy(
+            dir.path().join(CA_CERT_FILE),
+            dir.path().join(PREVIOUS_CERT_FILE),
+        )
+        .unwrap();
+
+        promote_next_ca(dir.path()).unwrap();
+        let pki = Pki::load_or_create(dir.path()).unwrap();
+        assert_eq!(pki.ca_fingerprint(), staged.fingerprint());
+        let previous = pki.rotation();
+        assert_eq!(previous.len(), 1);
+        assert_eq!(previous[0].fingerprint(), original.ca_fingerprint());
+    }
+
+    #[test]
+    fn a_staging_interrupted_after_the_key_is_completed() {
+        let dir = tempfile::tempdir().unwrap();
+        Pki::load_or_create(dir.path()).unwrap();
+        let key = generate_key("test").unwrap();
+        fs::write(dir.path().join(NEXT_KEY_FILE), key.serialize_pem()).unwrap();
+        // Not trusted while half made...
+        assert_eq!(
+            roles(&Pki::load_or_create(dir.path()).unwrap()),
+            [CaRole::Active]
+        );
+        // ...and staging again finishes it with the key already there.
+        let staged = stage_next_ca(dir.path()).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&staged.der).unwrap();
+        assert_eq!(
+            cert.public_key().subject_public_key.data.as_ref(),
+            key.public_key_raw()
+        );
     }
 }

@@ -14,7 +14,6 @@ use std::time::Duration;
 
 use micromine_proto::MAX_MESSAGE_BYTES;
 use micromine_proto::pb::{enrollment_server::EnrollmentServer, fleet_server::FleetServer};
-use rustls_pki_types::CertificateDer;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::task::JoinHandle;
@@ -190,8 +189,11 @@ pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
     revocations.replace(initial_revocations);
     fleet.set_revocations(revocations.clone());
     let identity = pki.issue_server_identity(&config.tls_sans)?;
+    for ca in pki.rotation() {
+        tracing::info!(role = %ca.role, fingerprint = %hex::encode(ca.fingerprint()), "CA rotation under way: also trusting this CA");
+    }
     let server_tls = Arc::new(ServerTls::new(
-        &CertificateDer::from(pki.ca_der().to_vec()),
+        &pki.trust_anchors(),
         identity,
         revocations.clone(),
     )?);

@@ -81,17 +81,20 @@ impl std::fmt::Debug for ServerTls {
 }
 
 impl ServerTls {
-    /// Builds both configurations around `identity`, trusting `ca_der` for client
-    /// certificates and refusing those `revocations` names.
+    /// Builds both configurations around `identity`, trusting the CAs in `trust_anchors`
+    /// (more than one while a CA rotation is under way) for client certificates and
+    /// refusing those `revocations` names.
     pub fn new(
-        ca_der: &CertificateDer<'static>,
+        trust_anchors: &[CertificateDer<'static>],
         identity: ServerIdentity,
         revocations: Arc<Revocations>,
     ) -> Result<ServerTls, TlsError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let certificate = Arc::new(RotatingCertificate::new(&provider, identity)?);
         let mut roots = RootCertStore::empty();
-        roots.add(ca_der.clone()).map_err(TlsError::TrustAnchor)?;
+        for anchor in trust_anchors {
+            roots.add(anchor.clone()).map_err(TlsError::TrustAnchor)?;
+        }
         let webpki = WebPkiClientVerifier::builder_with_provider(Arc::new(roots), provider.clone())
             .build()
             .map_err(TlsError::Verifier)?;
@@ -448,9 +451,12 @@ mod tests {
     fn setup() -> (tempfile::TempDir, Pki, Arc<ServerTls>) {
         let dir = tempfile::tempdir().unwrap();
         let pki = Pki::load_or_create(dir.path()).unwrap();
-        let ca = CertificateDer::from(pki.ca_der().to_vec());
-        let tls =
-            ServerTls::new(&ca, pki.issue_server_identity(&[]).unwrap(), Arc::default()).unwrap();
+        let tls = ServerTls::new(
+            &pki.trust_anchors(),
+            pki.issue_server_identity(&[]).unwrap(),
+            Arc::default(),
+        )
+        .unwrap();
         (dir, pki, Arc::new(tls))
     }
 
@@ -668,7 +674,7 @@ mod tests {
         let revocations = Arc::new(Revocations::default());
         let tls = Arc::new(
             ServerTls::new(
-                &CertificateDer::from(pki.ca_der().to_vec()),
+                &pki.trust_anchors(),
                 pki.issue_server_identity(&[]).unwrap(),
                 revocations.clone(),
             )

@@ -21,7 +21,6 @@ use micromine_proto::pb::enrollment_client::EnrollmentClient;
 use micromine_proto::pb::enrollment_server::{Enrollment, EnrollmentServer};
 use micromine_proto::pb::{EnrollRequest, EnrollResponse};
 use micromine_proto::token::BootstrapToken;
-use rustls_pki_types::CertificateDer;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::oneshot;
@@ -87,7 +86,7 @@ impl Controller {
         let tokens = TokenStore::open(&tokens_dir).unwrap();
         let config = Arc::new(
             tls::ServerTls::new(
-                &CertificateDer::from(pki.ca_der().to_vec()),
+                &pki.trust_anchors(),
                 pki.issue_server_identity(&[]).unwrap(),
                 Arc::default(),
             )

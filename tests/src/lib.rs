@@ -70,7 +70,8 @@ impl Process {
     pub fn start(name: &str, binary: &Path, args: &[&str]) -> Process {
         let mut child = Command::new(binary)
             .args(args)
-            .env("RUST_LOG", "info")
+            // Handshake failures are logged at debug; the tests read them.
+            .env("RUST_LOG", "info,micromine_controller::tls=debug")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -331,6 +332,39 @@ impl Fixture {
             data,
             controller,
         }
+    }
+
+    /// Stops the controller (SIGTERM, as an operator would) and starts it again on the
+    /// same addresses and directories with `extra` arguments.
+    pub fn restart(&mut self, extra: &[&str]) {
+        let status = self
+            .controller
+            .process
+            .signal("TERM", Duration::from_secs(30));
+        assert!(status.success(), "the controller stopped cleanly: {status}");
+        self.controller = ControllerProcess::start_with(
+            &self.dir.path().join("manifests"),
+            &self.data,
+            self.controller.grpc,
+            self.controller.http,
+            extra,
+        );
+    }
+
+    /// Starts an agent named `name` (state in `<dir>/<name>`, label `site=e2e`) that
+    /// enrolls with `token`, and waits until the controller shows it mining.
+    pub fn mining_agent(&self, token: &str, name: &str) -> Process {
+        let agent = start_agent(
+            &self.controller,
+            token,
+            name,
+            &self.dir.path().join(name),
+            "site=e2e",
+        );
+        wait_until(&format!("{name} to mine"), Duration::from_secs(30), || {
+            (self.controller.device(name)?["state"] == "mining").then_some(())
+        });
+        agent
     }
 
     /// The device's view in the status document, or panics.
