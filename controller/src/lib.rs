@@ -3,6 +3,7 @@
 //!
 //! # Layout
 //! - `manifest`, `selector`: the `MicroMiner` resource and label selectors.
+//! - `edgedevice`, `crd`: the `EdgeDevice` resource; both CustomResourceDefinitions.
 //! - `scheduler`, `vardiff`: nonce ranges per device, share targets per device.
 //! - `worksource`: where block headers come from (the builtin synthetic source).
 //! - `store`, `ledger`: the embedded transactional store (redb) with group commit, and the
@@ -15,6 +16,8 @@
 //! - `standalone`: the controller without a cluster (manifests directory + embedded store).
 //! - `quickstart`: a local fleet in one command.
 
+pub mod crd;
+pub mod edgedevice;
 pub mod fleet;
 pub mod grpc;
 pub mod http;

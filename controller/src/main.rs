@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
+use micromine_controller::crd;
 use micromine_controller::pki::{self, CaRole, Pki};
 use micromine_controller::quickstart::{self, QuickstartConfig};
 use micromine_controller::revocation::RevocationStore;
@@ -86,6 +87,13 @@ enum Command {
     Device {
         #[command(subcommand)]
         command: DeviceCommand,
+    },
+    /// Print the MicroMiner and EdgeDevice CustomResourceDefinitions (YAML), for
+    /// `kubectl apply --server-side -f -`, or write one file each into a directory.
+    Crd {
+        /// Write `<name>.yaml` files here (as in charts/micromine/crds/) instead of printing.
+        #[arg(long)]
+        out_dir: Option<PathBuf>,
     },
     /// The fleet CA.
     Ca {
@@ -382,6 +390,18 @@ fn main() -> Result<()> {
                             "device {name} may enroll again with a new token once a running controller has read this (within a second); its revoked certificates stay refused"
                         ),
                         None => anyhow::bail!("device {name} is not revoked"),
+                    }
+                }
+            }
+            Ok(())
+        }
+        Command::Crd { out_dir } => {
+            init_logging(cli.log_format, "warn");
+            match out_dir {
+                None => print!("{}", crd::to_yaml_stream()?),
+                Some(dir) => {
+                    for path in crd::write_files(&dir)? {
+                        eprintln!("wrote {}", path.display());
                     }
                 }
             }

@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, LabelSelector, Time};
-use kube::CustomResource;
+use kube::{CustomResource, KubeSchema};
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
@@ -20,7 +20,9 @@ use crate::selector;
 pub const API_VERSION: &str = "micromine.dev/v1alpha1";
 
 /// What a fleet operator declares: which devices may mine what, within which limits.
-#[derive(CustomResource, Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+// Printer columns repeat `type_` and `priority` by design; clippy reads them as duplicates.
+#[allow(clippy::duplicated_attributes)]
+#[derive(CustomResource, KubeSchema, Deserialize, Serialize, Clone, Debug, PartialEq)]
 #[kube(
     group = "micromine.dev",
     version = "v1alpha1",
@@ -28,7 +30,43 @@ pub const API_VERSION: &str = "micromine.dev/v1alpha1";
     namespaced,
     status = "MicroMinerStatus",
     shortname = "mm",
-    category = "micromine"
+    category = "micromine",
+    doc = "What a fleet operator declares: which EdgeDevices may mine what, within which limits. The controller hands the selected devices non-overlapping work, re-verifies every share and reports the result in the status.",
+    printcolumn(
+        name = "Ready",
+        type_ = "string",
+        json_path = ".status.conditions[?(@.type==\"Ready\")].status",
+        description = "Whether the MicroMiner is being served."
+    ),
+    printcolumn(
+        name = "Devices",
+        type_ = "integer",
+        json_path = ".status.devices.mining",
+        description = "Devices mining for it now."
+    ),
+    printcolumn(
+        name = "Hashrate",
+        type_ = "number",
+        json_path = ".status.hashrate.effective",
+        description = "Hash rate proven by accepted shares, H/s."
+    ),
+    printcolumn(
+        name = "Shares",
+        type_ = "integer",
+        json_path = ".status.shares.accepted",
+        description = "Accepted shares."
+    ),
+    printcolumn(
+        name = "Blocks",
+        type_ = "integer",
+        json_path = ".status.blocksFound",
+        priority = 1
+    ),
+    printcolumn(
+        name = "Age",
+        type_ = "date",
+        json_path = ".metadata.creationTimestamp"
+    )
 )]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct MicroMinerSpec {
@@ -37,12 +75,15 @@ pub struct MicroMinerSpec {
     pub selector: LabelSelector,
     /// Where block headers come from. Exactly one source must be set.
     pub work_source: WorkSource,
-    /// How many shares per minute each device should find; vardiff sets per-device share
-    /// targets to aim at this.
+    /// How many shares per minute each device should find, above 0 and at most 600;
+    /// vardiff sets per-device share targets to aim at this.
     #[serde(default = "default_shares_per_minute")]
+    #[x_kube(validation = Rule::new("double(self) > 0.0 && double(self) <= 600.0").message("must be above 0 and at most 600"))]
     pub shares_per_minute: f64,
-    /// Size of each nonce range handed to a device, in seconds of that device's hashing.
+    /// Size of each nonce range handed to a device, in seconds of that device's hashing
+    /// (1 to 3600).
     #[serde(default = "default_assignment_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
     pub assignment_seconds: u32,
     /// Limits every selected device enforces locally.
     #[serde(default)]
@@ -61,7 +102,8 @@ fn default_assignment_seconds() -> u32 {
 }
 
 /// The source of work. Exactly one field is set.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema, Default)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema, Default)]
+#[x_kube(validation = Rule::new("[has(self.builtin)].filter(x, x).size() == 1").message("exactly one work source must be set (builtin)"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkSource {
     /// Synthetic block templates mined with real sha256d work: for demos, tests and
@@ -71,20 +113,22 @@ pub struct WorkSource {
 }
 
 /// Settings of the builtin work source.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct BuiltinSource {
     /// Difficulty of the synthetic network: a share meeting it is a found block, which
-    /// rolls the template. Fractional values below 1 are allowed.
+    /// rolls the template. Above 0; fractional values below 1 are allowed.
+    #[x_kube(validation = Rule::new("double(self) > 0.0").message("must be a number above 0"))]
     pub network_difficulty: f64,
 }
 
 /// Limits a device enforces locally, also while disconnected.
-#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct Limits {
-    /// Fraction of the mining threads' time spent hashing, in (0, 1].
+    /// Fraction of the mining threads' time spent hashing, above 0 and at most 1.
     #[serde(default = "default_duty_cycle")]
+    #[x_kube(validation = Rule::new("double(self) > 0.0 && double(self) <= 1.0").message("must be above 0 and at most 1"))]
     pub duty_cycle: f64,
 }
 
