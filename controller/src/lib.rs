@@ -13,6 +13,7 @@
 //! - `fleet`: the live state that ties devices, miners, assignments and shares together.
 //! - `grpc`: the `Enrollment` and `Fleet` services.
 //! - `http`: health and the status API.
+//! - `kubernetes`: the reconcilers of Kubernetes mode.
 //! - `standalone`: the controller without a cluster (manifests directory + embedded store).
 //! - `quickstart`: a local fleet in one command.
 
@@ -21,6 +22,7 @@ pub mod edgedevice;
 pub mod fleet;
 pub mod grpc;
 pub mod http;
+pub mod kubernetes;
 pub mod ledger;
 pub mod manifest;
 pub mod pki;

@@ -94,7 +94,8 @@ pub fn update(
     current.clone()
 }
 
-fn set(
+/// Sets one condition, keyed by type; `lastTransitionTime` moves only when the status flips.
+pub fn set(
     conditions: &mut Vec<Condition>,
     type_: &str,
     status: bool,

@@ -7,7 +7,7 @@
 //! job when `write` is called), and one dispatcher sends the resulting messages in that
 //! same order, so a device can never see a `Cancel` before the `Assignment` it cancels.
 
-mod conditions;
+pub mod conditions;
 mod honesty;
 pub mod persist;
 pub mod state;

@@ -1,0 +1,689 @@
+//! The MicroMiner reconciler.
+//!
+//! Every reconcile makes the fleet serve exactly the valid MicroMiners it has seen, then
+//! writes the one it was called for back with its status. A MicroMiner being deleted is
+//! drained (its devices' work is cancelled) before the finalizer comes off. A spec that
+//! passed admission but cannot be served (the checks the schema cannot express) is not
+//! served: its status says why with `Ready=False`, a Warning event carries the problems,
+//! and nothing is retried until the object changes.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use kube::api::{Api, Patch, PatchParams};
+use kube::runtime::controller::Action;
+use kube::runtime::events::{Event, EventType, Recorder};
+use kube::runtime::finalizer::{self, Event as Finalizer};
+use kube::{Resource, ResourceExt};
+use serde_json::json;
+
+use super::{FIELD_MANAGER, FINALIZER};
+use crate::fleet::conditions;
+use crate::fleet::{Fleet, now_ms};
+use crate::manifest::{API_VERSION, MicroMiner, MicroMinerStatus, MinerSet};
+
+/// How often a served MicroMiner's status is rewritten when nothing else happens: the
+/// hash rate and share counts move all the time, the API server need not hear every move.
+pub const STATUS_PERIOD: Duration = Duration::from_secs(30);
+/// First retry after a failed reconcile; doubles per consecutive failure of that object.
+const BACKOFF_BASE: Duration = Duration::from_secs(1);
+/// Retries of one object never wait longer than this.
+const BACKOFF_CAP: Duration = Duration::from_secs(300);
+
+/// What went wrong in one reconcile; the controller retries with backoff.
+#[derive(Debug, thiserror::Error)]
+pub enum ReconcileError {
+    /// A call to the API server failed.
+    #[error("writing {what} of MicroMiner {key}: {source}")]
+    Api {
+        /// What was being written, e.g. "status".
+        what: &'static str,
+        /// `namespace/name`.
+        key: String,
+        /// The client's error.
+        #[source]
+        source: kube::Error,
+    },
+    /// Adding or removing the finalizer, or the step it guards, failed.
+    #[error("finalizer of MicroMiner {key}: {source}")]
+    Finalizer {
+        /// `namespace/name`.
+        key: String,
+        /// What failed.
+        #[source]
+        source: Box<finalizer::Error<ReconcileError>>,
+    },
+}
+
+/// Shared by every reconcile.
+pub struct Context {
+    /// The API client.
+    pub client: kube::Client,
+    /// The fleet the MicroMiners drive.
+    pub fleet: Arc<Fleet>,
+    /// Publishes Events on MicroMiners.
+    pub recorder: Recorder,
+    /// The valid MicroMiners being served, by `namespace/name`.
+    served: Mutex<MinerSet>,
+    /// Consecutive failures per `namespace/name`, for backoff.
+    failures: Mutex<HashMap<String, u32>>,
+}
+
+impl Context {
+    /// A context serving nothing yet.
+    pub fn new(client: kube::Client, fleet: Arc<Fleet>, recorder: Recorder) -> Context {
+        Context {
+            client,
+            fleet,
+            recorder,
+            served: Mutex::default(),
+            failures: Mutex::default(),
+        }
+    }
+
+    /// The keys of the MicroMiners being served.
+    pub fn served(&self) -> Vec<String> {
+        lock(&self.served).keys().cloned().collect()
+    }
+
+    fn serve(&self, miner: Option<MicroMiner>, key: &str) {
+        let mut served = lock(&self.served);
+        // Status writes and resource versions do not change what is served; the spec does.
+        let changed = match miner {
+            Some(miner) => {
+                let same = served.get(key).is_some_and(|old| {
+                    old.spec == miner.spec && old.metadata.generation == miner.metadata.generation
+                });
+                served.insert(key.to_string(), miner);
+                !same
+            }
+            None => served.remove(key).is_some(),
+        };
+        if changed {
+            self.fleet.apply_miners(&served);
+        }
+    }
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Reconciles one MicroMiner.
+pub async fn reconcile(
+    miner: Arc<MicroMiner>,
+    ctx: Arc<Context>,
+) -> Result<Action, ReconcileError> {
+    let key = miner.key();
+    let api: Api<MicroMiner> = Api::namespaced(
+        ctx.client.clone(),
+        miner.metadata.namespace.as_deref().unwrap_or("default"),
+    );
+    let result = finalizer::finalizer(&api, FINALIZER, miner, |event| async {
+        match event {
+            Finalizer::Apply(miner) => apply(&miner, &api, &ctx).await,
+            Finalizer::Cleanup(miner) => cleanup(&miner, &ctx).await,
+        }
+    })
+    .await
+    .map_err(|source| ReconcileError::Finalizer {
+        key: key.clone(),
+        source: Box::new(source),
+    });
+    if result.is_ok() {
+        lock(&ctx.failures).remove(&key);
+    }
+    result
+}
+
+/// After a failed reconcile: retry after 1 s, 2 s, 4 s ... at most 5 min, per object, and
+/// tell the object's readers why with a Warning event carrying the error chain.
+pub fn error_policy(miner: Arc<MicroMiner>, error: &ReconcileError, ctx: Arc<Context>) -> Action {
+    let failures = {
+        let mut failures = lock(&ctx.failures);
+        let count = failures.entry(miner.key()).or_insert(0);
+        *count = count.saturating_add(1);
+        *count
+    };
+    let chain = error_chain(error);
+    tracing::warn!(miner = %miner.key(), failures, error = %chain, "reconcile failed; will retry");
+    let recorder = ctx.recorder.clone();
+    let reference = miner.object_ref(&());
+    tokio::spawn(async move {
+        let event = Event {
+            type_: EventType::Warning,
+            reason: "ReconcileFailed".into(),
+            note: Some(truncate(&chain, 1000)),
+            action: "Reconcile".into(),
+            secondary: None,
+        };
+        if let Err(e) = recorder.publish(&event, &reference).await {
+            tracing::debug!(error = %e, "publishing an event failed");
+        }
+    });
+    Action::requeue(backoff(failures))
+}
+
+/// The wait before retry number `failures` (1-based).
+pub fn backoff(failures: u32) -> Duration {
+    let exponent = failures.saturating_sub(1).min(16);
+    BACKOFF_BASE
+        .saturating_mul(1u32 << exponent)
+        .min(BACKOFF_CAP)
+}
+
+async fn apply(
+    miner: &MicroMiner,
+    api: &Api<MicroMiner>,
+    ctx: &Context,
+) -> Result<Action, ReconcileError> {
+    let key = miner.key();
+    let previous_ready = ready_status(miner.status.as_ref());
+    let (status, event, action) = match miner.validate() {
+        Ok(()) => {
+            ctx.serve(Some(miner.clone()), &key);
+            let status = ctx
+                .fleet
+                .view()
+                .miners
+                .into_iter()
+                .find(|m| m.key == key)
+                .map(|m| m.status)
+                .unwrap_or_default();
+            let event = match (
+                previous_ready.as_deref(),
+                ready_status(Some(&status)).as_deref(),
+            ) {
+                (Some("True"), Some("True")) => None,
+                (_, Some("True")) => {
+                    Some((EventType::Normal, "Ready", "devices are mining".to_string()))
+                }
+                (Some("True"), _) => Some((
+                    EventType::Normal,
+                    "NotReady",
+                    ready_message(&status).unwrap_or_default(),
+                )),
+                _ => None,
+            };
+            (status, event, Action::requeue(STATUS_PERIOD))
+        }
+        Err(problems) => {
+            ctx.serve(None, &key);
+            let message = problems
+                .iter()
+                .map(|p| format!("{}: {}", p.field, p.problem))
+                .collect::<Vec<_>>()
+                .join("; ");
+            let status = invalid_status(miner, &message);
+            let event = Some((EventType::Warning, "InvalidSpec", message));
+            // Nothing changes until the object does.
+            (status, event, Action::await_change())
+        }
+    };
+    let patch = json!({
+        "apiVersion": API_VERSION,
+        "kind": "MicroMiner",
+        "status": status,
+    });
+    api.patch_status(
+        &miner.name_any(),
+        &PatchParams::apply(FIELD_MANAGER).force(),
+        &Patch::Apply(&patch),
+    )
+    .await
+    .map_err(|source| ReconcileError::Api {
+        what: "status",
+        key: key.clone(),
+        source,
+    })?;
+    if let Some((type_, reason, note)) = event {
+        publish(ctx, miner, type_, reason, note).await;
+    }
+    Ok(action)
+}
+
+async fn cleanup(miner: &MicroMiner, ctx: &Context) -> Result<Action, ReconcileError> {
+    let key = miner.key();
+    ctx.serve(None, &key);
+    tracing::info!(miner = %key, "MicroMiner deleted; its work was taken back from the devices");
+    publish(
+        ctx,
+        miner,
+        EventType::Normal,
+        "Drained",
+        "work taken back from every device".into(),
+    )
+    .await;
+    Ok(Action::await_change())
+}
+
+/// Events are for people reading `kubectl describe`; failing to publish one is logged, not
+/// retried, so it never holds up the reconcile.
+async fn publish(ctx: &Context, miner: &MicroMiner, type_: EventType, reason: &str, note: String) {
+    let event = Event {
+        type_,
+        reason: reason.into(),
+        note: Some(truncate(&note, 1000)),
+        action: "Reconcile".into(),
+        secondary: None,
+    };
+    if let Err(e) = ctx.recorder.publish(&event, &miner.object_ref(&())).await {
+        tracing::debug!(error = %e, miner = %miner.key(), "publishing an event failed");
+    }
+}
+
+/// The status of a MicroMiner that cannot be served: not ready, with the problems.
+fn invalid_status(miner: &MicroMiner, message: &str) -> MicroMinerStatus {
+    let generation = miner.metadata.generation;
+    let mut conditions = miner
+        .status
+        .as_ref()
+        .map(|s| s.conditions.clone())
+        .unwrap_or_default();
+    let message = truncate(message, 32_000);
+    let now = now_ms();
+    conditions::set(
+        &mut conditions,
+        "Ready",
+        false,
+        "InvalidSpec",
+        &message,
+        generation,
+        now,
+    );
+    conditions::set(
+        &mut conditions,
+        "Degraded",
+        true,
+        "InvalidSpec",
+        &message,
+        generation,
+        now,
+    );
+    MicroMinerStatus {
+        observed_generation: generation,
+        conditions,
+        ..MicroMinerStatus::default()
+    }
+}
+
+fn ready_status(status: Option<&MicroMinerStatus>) -> Option<String> {
+    status?
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.status.clone())
+}
+
+fn ready_message(status: &MicroMinerStatus) -> Option<String> {
+    status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Ready")
+        .map(|c| c.message.clone())
+}
+
+fn error_chain(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}
+
+fn truncate(text: &str, max: usize) -> String {
+    if text.len() <= max {
+        return text.to_string();
+    }
+    let mut end = max;
+    while !text.is_char_boundary(end) {
+        end -= 1;
+    }
+    format!("{}…", &text[..end])
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use http::{Method, Request, Response, StatusCode};
+    use kube::client::Body;
+    use serde_json::Value;
+
+    use crate::ledger::Ledger;
+    use crate::store::Store;
+
+    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+    type Responder = tower_test::mock::SendResponse<Response<Body>>;
+
+    const PATH: &str = "/apis/micromine.dev/v1alpha1/namespaces/plant/microminers/night-shift";
+    const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/plant/events";
+
+    struct Setup {
+        ctx: Arc<Context>,
+        api: Handle,
+        _dir: tempfile::TempDir,
+    }
+
+    async fn setup() -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store.redb")).unwrap();
+        let ledger = Ledger::open(store.clone()).unwrap();
+        let fleet = Fleet::open(store, ledger).await.unwrap();
+        let (service, api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+        let client = kube::Client::new(service, "default");
+        let recorder = Recorder::new(client.clone(), "micromine-controller".into());
+        Setup {
+            ctx: Arc::new(Context::new(client, fleet, recorder)),
+            api,
+            _dir: dir,
+        }
+    }
+
+    fn miner(
+        finalizers: &[&str],
+        deleting: bool,
+        spec: Value,
+        status: Option<Value>,
+    ) -> MicroMiner {
+        let mut object = json!({
+            "apiVersion": API_VERSION,
+            "kind": "MicroMiner",
+            "metadata": {
+                "name": "night-shift",
+                "namespace": "plant",
+                "uid": "4a1e1b9c-0000-4000-8000-000000000001",
+                "generation": 3,
+                "resourceVersion": "41",
+            },
+            "spec": spec,
+        });
+        // As the API server sends it: no field at all when there are none.
+        if !finalizers.is_empty() {
+            object["metadata"]["finalizers"] = json!(finalizers);
+        }
+        if deleting {
+            object["metadata"]["deletionTimestamp"] = json!("2026-11-26T04:00:00Z");
+        }
+        if let Some(status) = status {
+            object["status"] = status;
+        }
+        serde_json::from_value(object).unwrap()
+    }
+
+    fn valid_spec() -> Value {
+        json!({
+            "selector": {"matchLabels": {"site": "plant-3"}},
+            "workSource": {"builtin": {"networkDifficulty": 1.0e6}},
+            "sharesPerMinute": 12,
+            "assignmentSeconds": 30,
+            "limits": {"dutyCycle": 0.5},
+        })
+    }
+
+    /// The next request, which must have `method` and `path`; returns its query, body
+    /// (JSON) and content type, and the way to answer it.
+    async fn expect(
+        api: &mut Handle,
+        method: Method,
+        path: &str,
+    ) -> (String, Value, String, Responder) {
+        let (request, respond) = tokio::time::timeout(Duration::from_secs(5), api.next_request())
+            .await
+            .unwrap_or_else(|_| panic!("no {method} {path} within 5 s"))
+            .expect("the client is still there");
+        assert_eq!(request.method(), method, "{}", request.uri());
+        assert_eq!(request.uri().path(), path);
+        let query = request.uri().query().unwrap_or_default().to_string();
+        let content_type = request
+            .headers()
+            .get(http::header::CONTENT_TYPE)
+            .map(|v| v.to_str().unwrap().to_string())
+            .unwrap_or_default();
+        let bytes = request.into_body().collect_bytes().await.unwrap();
+        let body = if bytes.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_slice(&bytes).unwrap()
+        };
+        (query, body, content_type, respond)
+    }
+
+    /// The reconcile's result; a reconcile still running made a call the scenario does not
+    /// answer, which is a failure, not a hang.
+    async fn done(
+        run: tokio::task::JoinHandle<Result<Action, ReconcileError>>,
+    ) -> Result<Action, ReconcileError> {
+        tokio::time::timeout(Duration::from_secs(5), run)
+            .await
+            .expect("the reconcile made a request the scenario does not expect")
+            .unwrap()
+    }
+
+    fn answer(respond: Responder, status: StatusCode, body: &Value) {
+        respond.send_response(
+            Response::builder()
+                .status(status)
+                .body(Body::from(serde_json::to_vec(body).unwrap()))
+                .unwrap(),
+        );
+    }
+
+    fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
+        status["conditions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["type"] == type_)
+            .unwrap_or_else(|| panic!("no {type_} condition in {status}"))
+    }
+
+    #[tokio::test]
+    async fn a_new_microminer_first_gets_the_finalizer() {
+        let Setup { ctx, mut api, _dir } = setup().await;
+        let object = miner(&[], false, valid_spec(), None);
+        let echo = serde_json::to_value(&object).unwrap();
+        let run = tokio::spawn(reconcile(Arc::new(object), ctx.clone()));
+
+        let (_, body, content_type, respond) = expect(&mut api, Method::PATCH, PATH).await;
+        assert_eq!(content_type, "application/json-patch+json");
+        // The test op makes the add fail if anyone else touched the finalizers first.
+        assert_eq!(
+            body,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers", "value": null},
+                {"op": "add", "path": "/metadata/finalizers", "value": [FINALIZER]},
+            ])
+        );
+        answer(respond, StatusCode::OK, &echo);
+        // Nothing else until the watch delivers the object with the finalizer.
+        assert_eq!(done(run).await.unwrap(), Action::await_change());
+        assert!(ctx.served().is_empty());
+    }
+
+    #[tokio::test]
+    async fn a_served_microminer_gets_its_status_by_server_side_apply() {
+        let Setup { ctx, mut api, _dir } = setup().await;
+        let object = miner(&[FINALIZER], false, valid_spec(), None);
+        let echo = serde_json::to_value(&object).unwrap();
+        let run = tokio::spawn(reconcile(Arc::new(object), ctx.clone()));
+
+        let (query, body, content_type, respond) =
+            expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
+        assert_eq!(content_type, "application/apply-patch+yaml");
+        assert!(
+            query.contains("fieldManager=micromine-controller"),
+            "{query}"
+        );
+        assert!(query.contains("force=true"), "{query}");
+        assert_eq!(body["apiVersion"], API_VERSION);
+        assert_eq!(body["kind"], "MicroMiner");
+        let status = &body["status"];
+        assert_eq!(status["observedGeneration"], 3);
+        let ready = condition(status, "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "NoDevices");
+        assert_eq!(ready["observedGeneration"], 3);
+        assert_eq!(condition(status, "Paused")["status"], "False");
+        answer(respond, StatusCode::OK, &echo);
+
+        assert_eq!(done(run).await.unwrap(), Action::requeue(STATUS_PERIOD));
+        assert_eq!(ctx.served(), ["plant/night-shift"]);
+        assert!(
+            ctx.fleet
+                .view()
+                .miners
+                .iter()
+                .any(|m| m.key == "plant/night-shift")
+        );
+    }
+
+    #[tokio::test]
+    async fn losing_readiness_is_published_as_an_event() {
+        let Setup { ctx, mut api, _dir } = setup().await;
+        let was_ready = json!({"conditions": [{
+            "type": "Ready", "status": "True", "reason": "Mining", "message": "1 of 1 matched devices mining",
+            "lastTransitionTime": "2026-11-26T03:00:00Z", "observedGeneration": 3,
+        }]});
+        let object = miner(&[FINALIZER], false, valid_spec(), Some(was_ready));
+        let echo = serde_json::to_value(&object).unwrap();
+        let run = tokio::spawn(reconcile(Arc::new(object), ctx.clone()));
+
+        let (_, body, _, respond) =
+            expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
+        assert_eq!(condition(&body["status"], "Ready")["status"], "False");
+        answer(respond, StatusCode::OK, &echo);
+        let (_, event, _, respond) = expect(&mut api, Method::POST, EVENTS).await;
+        assert_eq!(event["reason"], "NotReady");
+        assert_eq!(event["type"], "Normal");
+        assert_eq!(event["regarding"]["kind"], "MicroMiner");
+        assert_eq!(event["regarding"]["name"], "night-shift");
+        assert_eq!(event["reportingController"], "micromine-controller");
+        answer(respond, StatusCode::CREATED, &event);
+        done(run).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn a_spec_that_cannot_be_served_is_reported_not_served_and_not_retried() {
+        let Setup { ctx, mut api, _dir } = setup().await;
+        let mut spec = valid_spec();
+        // Admission lets this through (no CEL rule knows selector operators); serving can't.
+        spec["selector"] = json!({"matchExpressions": [
+            {"key": "class", "operator": "Within", "values": ["gateway"]},
+        ]});
+        let object = miner(&[FINALIZER], false, spec, None);
+        let echo = serde_json::to_value(&object).unwrap();
+        let run = tokio::spawn(reconcile(Arc::new(object), ctx.clone()));
+
+        let (_, body, _, respond) =
+            expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
+        let ready = condition(&body["status"], "Ready");
+        assert_eq!(ready["status"], "False");
+        assert_eq!(ready["reason"], "InvalidSpec");
+        let message = ready["message"].as_str().unwrap();
+        assert!(
+            message.contains("spec.selector.matchExpressions[0].operator"),
+            "{message}"
+        );
+        assert_eq!(condition(&body["status"], "Degraded")["status"], "True");
+        answer(respond, StatusCode::OK, &echo);
+        let (_, event, _, respond) = expect(&mut api, Method::POST, EVENTS).await;
+        assert_eq!(event["type"], "Warning");
+        assert_eq!(event["reason"], "InvalidSpec");
+        assert!(
+            event["note"]
+                .as_str()
+                .unwrap()
+                .contains("unknown operator `Within`")
+        );
+        answer(respond, StatusCode::CREATED, &event);
+
+        assert_eq!(done(run).await.unwrap(), Action::await_change());
+        assert!(ctx.served().is_empty(), "not served");
+    }
+
+    #[tokio::test]
+    async fn deleting_drains_the_work_then_releases_the_finalizer() {
+        let Setup { ctx, mut api, _dir } = setup().await;
+        // Served first.
+        let served = miner(&[FINALIZER], false, valid_spec(), None);
+        let echo = serde_json::to_value(&served).unwrap();
+        let run = tokio::spawn(reconcile(Arc::new(served), ctx.clone()));
+        let (_, _, _, respond) = expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
+        answer(respond, StatusCode::OK, &echo);
+        done(run).await.unwrap();
+        assert_eq!(ctx.served().len(), 1);
+
+        let deleting = miner(&[FINALIZER], true, valid_spec(), None);
+        let run = tokio::spawn(reconcile(Arc::new(deleting), ctx.clone()));
+        let (_, event, _, respond) = expect(&mut api, Method::POST, EVENTS).await;
+        assert_eq!(event["reason"], "Drained");
+        // The drain happened before anyone was told, and before the finalizer comes off.
+        assert!(ctx.served().is_empty());
+        assert!(ctx.fleet.view().miners.is_empty());
+        answer(respond, StatusCode::CREATED, &event);
+        let (_, body, content_type, respond) = expect(&mut api, Method::PATCH, PATH).await;
+        assert_eq!(content_type, "application/json-patch+json");
+        assert_eq!(
+            body,
+            json!([
+                {"op": "test", "path": "/metadata/finalizers/0", "value": FINALIZER},
+                {"op": "remove", "path": "/metadata/finalizers/0"},
+            ])
+        );
+        answer(respond, StatusCode::OK, &echo);
+        done(run).await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn conflicts_are_retried_with_a_growing_capped_backoff() {
+        let Setup { ctx, mut api, _dir } = setup().await;
+        let object = Arc::new(miner(&[], false, valid_spec(), None));
+        let conflict = json!({
+            "kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409,
+            "message": "Operation cannot be fulfilled on microminers.micromine.dev \"night-shift\": the object has been modified",
+        });
+        let mut first_event_name: Option<String> = None;
+        for attempt in 1..=2u32 {
+            let run = tokio::spawn(reconcile(object.clone(), ctx.clone()));
+            let (_, _, _, respond) = expect(&mut api, Method::PATCH, PATH).await;
+            answer(respond, StatusCode::CONFLICT, &conflict);
+            let error = done(run).await.expect_err("a conflict fails the reconcile");
+            let action = error_policy(object.clone(), &error, ctx.clone());
+            assert_eq!(action, Action::requeue(backoff(attempt)));
+            // The Warning event carries the whole error chain; the repeat is recorded as a
+            // series on the same event.
+            let (method, path) = if attempt == 1 {
+                (Method::POST, EVENTS.to_string())
+            } else {
+                (
+                    Method::PATCH,
+                    format!("{EVENTS}/{}", first_event_name.as_deref().unwrap()),
+                )
+            };
+            let (_, event, _, respond) = expect(&mut api, method, &path).await;
+            if attempt == 1 {
+                first_event_name = event["metadata"]["name"].as_str().map(String::from);
+            } else {
+                assert_eq!(event["series"]["count"], 2);
+            }
+            assert_eq!(event["type"], "Warning");
+            assert_eq!(event["reason"], "ReconcileFailed");
+            let note = event["note"].as_str().unwrap();
+            assert!(
+                note.contains("finalizer") && note.contains("the object has been modified"),
+                "{note}"
+            );
+            answer(respond, StatusCode::CREATED, &event);
+        }
+        assert_eq!(backoff(1), Duration::from_secs(1));
+        assert_eq!(backoff(2), Duration::from_secs(2));
+        assert_eq!(backoff(9), Duration::from_secs(256));
+        assert_eq!(backoff(10), BACKOFF_CAP);
+        assert_eq!(backoff(u32::MAX), BACKOFF_CAP);
+    }
+}
