@@ -3,7 +3,9 @@
 //!
 //! - `miners`: the MicroMiner reconciler (finalizer, status by server-side apply,
 //!   conditions, events, per-object backoff).
+//! - `leader`: leader election on a Lease, so one replica of several schedules.
 
+pub mod leader;
 pub mod miners;
 
 /// The one field manager every status write uses, so server-side apply attributes the
