@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use micromine_proto::names::{label_key_problem, label_value_problem};
+
 /// A `--labels` value that is not `k=v,...`.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("--labels: `{pair}` {problem}")]
@@ -27,13 +29,21 @@ pub fn parse_labels(text: Option<&str>) -> Result<BTreeMap<String, String>, Labe
                 problem: "is not key=value",
             });
         };
-        if key.trim().is_empty() {
+        let (key, value) = (key.trim(), value.trim());
+        if key.is_empty() {
             return Err(LabelsError {
                 pair: pair.trim().to_string(),
                 problem: "has an empty key",
             });
         }
-        labels.insert(key.trim().to_string(), value.trim().to_string());
+        // Labels end up on EdgeDevice objects; refuse here what the API server would.
+        if let Some(problem) = label_key_problem(key).or_else(|| label_value_problem(value)) {
+            return Err(LabelsError {
+                pair: pair.trim().to_string(),
+                problem,
+            });
+        }
+        labels.insert(key.to_string(), value.to_string());
     }
     Ok(labels)
 }
@@ -74,5 +84,11 @@ mod tests {
             parse_labels(Some("=x")).expect_err("no key").problem,
             "has an empty key"
         );
+        let err = parse_labels(Some("site=plant 3")).expect_err("space in the value");
+        assert_eq!(
+            err.to_string(),
+            "--labels: `site=plant 3` may contain only letters, digits, '-', '_' and '.'"
+        );
+        assert!(parse_labels(Some("bad key=x")).is_err());
     }
 }

@@ -3,6 +3,8 @@
 
 use std::collections::BTreeMap;
 
+use micromine_proto::names::{label_key_problem, label_value_problem};
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{LabelSelector, LabelSelectorRequirement};
 
 /// A selector that cannot be evaluated, with the offending field.
@@ -17,6 +19,21 @@ pub struct SelectorError {
 
 /// Checks the parts of a selector the schema cannot: operators and their value lists.
 pub fn validate(selector: &LabelSelector) -> Result<(), SelectorError> {
+    // A key or value no label can have would silently match nothing.
+    for (key, value) in selector.match_labels.iter().flatten() {
+        if let Some(problem) = label_key_problem(key) {
+            return Err(SelectorError {
+                field: format!("matchLabels.{key}"),
+                problem: format!("`{key}` is not a label key: {problem}"),
+            });
+        }
+        if let Some(problem) = label_value_problem(value) {
+            return Err(SelectorError {
+                field: format!("matchLabels.{key}"),
+                problem: format!("`{value}` is not a label value: {problem}"),
+            });
+        }
+    }
     for (i, requirement) in selector.match_expressions.iter().flatten().enumerate() {
         let field = |name: &str| format!("matchExpressions[{i}].{name}");
         let values = requirement.values.as_deref().unwrap_or_default();
@@ -43,11 +60,19 @@ pub fn validate(selector: &LabelSelector) -> Result<(), SelectorError> {
                 });
             }
         }
-        if requirement.key.is_empty() {
+        if let Some(problem) = label_key_problem(&requirement.key) {
             return Err(SelectorError {
                 field: field("key"),
-                problem: "must not be empty".into(),
+                problem: format!("`{}` is not a label key: {problem}", requirement.key),
             });
+        }
+        for (j, value) in values.iter().enumerate() {
+            if let Some(problem) = label_value_problem(value) {
+                return Err(SelectorError {
+                    field: field(&format!("values[{j}]")),
+                    problem: format!("`{value}` is not a label value: {problem}"),
+                });
+            }
         }
     }
     Ok(())
@@ -162,6 +187,37 @@ mod tests {
         assert_eq!(
             validate(&empty_in).expect_err("no values").field,
             "matchExpressions[0].values"
+        );
+    }
+
+    #[test]
+    fn keys_and_values_no_label_can_have_are_refused() {
+        let spaced = LabelSelector {
+            match_labels: Some([("site".to_string(), "plant 3".to_string())].into()),
+            match_expressions: None,
+        };
+        let err = validate(&spaced).expect_err("space in a value");
+        assert_eq!(err.field, "matchLabels.site");
+        assert!(
+            err.problem.contains("`plant 3` is not a label value"),
+            "{}",
+            err.problem
+        );
+        let bad_key = LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![expr("Class/x", "Exists", &[])]),
+        };
+        assert_eq!(
+            validate(&bad_key).expect_err("bad prefix").field,
+            "matchExpressions[0].key"
+        );
+        let bad_value = LabelSelector {
+            match_labels: None,
+            match_expressions: Some(vec![expr("class", "In", &["gateway", "-edge"])]),
+        };
+        assert_eq!(
+            validate(&bad_value).expect_err("bad value").field,
+            "matchExpressions[0].values[1]"
         );
     }
 }

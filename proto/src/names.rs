@@ -1,7 +1,9 @@
-//! Device names: one rule on both sides of the wire.
+//! Device names and labels: one rule on both sides of the wire.
 //!
 //! A device name is a certificate's common name and an `EdgeDevice` object name, so it
-//! follows Kubernetes' DNS-label rule.
+//! follows Kubernetes' DNS-label rule. Device labels become `EdgeDevice` labels and
+//! MicroMiners select by them, so they follow Kubernetes' label syntax: anything the API
+//! server would refuse is refused where it is typed.
 
 /// Longest device name (a DNS label).
 pub const MAX_DEVICE_NAME_LEN: usize = 63;
@@ -27,9 +29,100 @@ pub fn dns_label_problem(name: &str) -> Option<&'static str> {
     None
 }
 
+/// Longest label value, and longest label key name (the part after an optional prefix).
+pub const MAX_LABEL_LEN: usize = 63;
+
+/// The label charset: alphanumerics with '-', '_' and '.' between, alphanumeric at both
+/// ends.
+fn label_name_problem(text: &str) -> Option<&'static str> {
+    if text.len() > MAX_LABEL_LEN {
+        return Some("must be at most 63 characters");
+    }
+    if !text
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+    {
+        return Some("may contain only letters, digits, '-', '_' and '.'");
+    }
+    let ends_ok = |b: Option<u8>| b.is_some_and(|b| b.is_ascii_alphanumeric());
+    if !ends_ok(text.bytes().next()) || !ends_ok(text.bytes().last()) {
+        return Some("must start and end with a letter or digit");
+    }
+    None
+}
+
+/// What is wrong with `key` as a label key (`[prefix/]name`: the prefix a lower-case DNS
+/// subdomain of at most 253 characters, the name 1..=63 label characters), or `None`.
+pub fn label_key_problem(key: &str) -> Option<&'static str> {
+    let (prefix, name) = match key.rsplit_once('/') {
+        Some((prefix, name)) => (Some(prefix), name),
+        None => (None, key),
+    };
+    if let Some(prefix) = prefix {
+        if prefix.is_empty() || prefix.len() > 253 {
+            return Some("prefix must be 1 to 253 characters");
+        }
+        if prefix
+            .split('.')
+            .any(|part| dns_label_problem(part).is_some())
+        {
+            return Some("prefix must be a lower-case DNS subdomain");
+        }
+    }
+    if name.is_empty() {
+        return Some("name must not be empty");
+    }
+    label_name_problem(name)
+}
+
+/// What is wrong with `value` as a label value (empty, or 1..=63 label characters), or
+/// `None`.
+pub fn label_value_problem(value: &str) -> Option<&'static str> {
+    if value.is_empty() {
+        return None;
+    }
+    label_name_problem(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn label_keys_and_values_follow_kubernetes() {
+        for key in [
+            "site",
+            "micromine.dev/class",
+            "a",
+            "Zone_1.b-2",
+            &"k".repeat(63),
+        ] {
+            assert_eq!(label_key_problem(key), None, "{key}");
+        }
+        for (key, problem) in [
+            ("", "name must not be empty"),
+            ("micromine.dev/", "name must not be empty"),
+            ("/site", "prefix must be 1 to 253 characters"),
+            (
+                "Micromine.dev/site",
+                "prefix must be a lower-case DNS subdomain",
+            ),
+            (
+                "site name",
+                "may contain only letters, digits, '-', '_' and '.'",
+            ),
+            ("-site", "must start and end with a letter or digit"),
+            (&"k".repeat(64), "must be at most 63 characters"),
+        ] {
+            assert_eq!(label_key_problem(key), Some(problem), "{key:?}");
+        }
+        for value in ["", "plant-3", "Plant_3.b", &"v".repeat(63)] {
+            assert_eq!(label_value_problem(value), None, "{value}");
+        }
+        assert!(label_value_problem("plant 3").is_some());
+        assert!(label_value_problem("plant-").is_some());
+        assert!(label_value_problem(&"v".repeat(64)).is_some());
+    }
 
     #[test]
     fn dns_labels() {
