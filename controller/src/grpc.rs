@@ -230,6 +230,17 @@ async fn run_session(
             return;
         }
     };
+    // Labels become EdgeDevice labels and are matched by selectors: a device may not
+    // describe itself with ones no Kubernetes object could carry.
+    if let Some(problem) = micromine_proto::names::labels_problem(&hello.labels) {
+        fleet.protocol_error(&device, &format!("Hello.labels: {problem}"));
+        let _ = outbound
+            .send(Err(Status::invalid_argument(format!(
+                "Hello.labels: {problem}"
+            ))))
+            .await;
+        return;
+    }
     let cut = CancellationToken::new();
     let session = fleet.connect(&device, &hello, outbound.clone(), cut.clone());
     let mut limits = Limits::new();
@@ -361,6 +372,9 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
             .map_err(|e| Status::invalid_argument(format!("token: {e}")))?;
         validate_device_name(&req.device_name)
             .map_err(|e| Status::invalid_argument(format!("device_name: {e}")))?;
+        if let Some(problem) = micromine_proto::names::labels_problem(&req.labels) {
+            return Err(Status::invalid_argument(format!("labels: {problem}")));
+        }
         // Checked before the token is spent, so a refused name does not cost a use.
         if let Err(reason) = self.fleet.may_enroll(&req.device_name) {
             tracing::warn!(device = %req.device_name, peer = %peer, reason, "enrollment refused");

@@ -84,6 +84,26 @@ pub fn label_value_problem(value: &str) -> Option<&'static str> {
     label_name_problem(value)
 }
 
+/// Most labels one device may carry; a device that sends more is not describing itself.
+pub const MAX_LABELS: usize = 64;
+
+/// The first problem with a set of labels as `` `key=value`: problem ``, or `None`.
+pub fn labels_problem<'a>(
+    labels: impl IntoIterator<Item = (&'a String, &'a String)>,
+) -> Option<String> {
+    let mut count = 0;
+    for (key, value) in labels {
+        count += 1;
+        if count > MAX_LABELS {
+            return Some(format!("more than {MAX_LABELS} labels"));
+        }
+        if let Some(problem) = label_key_problem(key).or_else(|| label_value_problem(value)) {
+            return Some(format!("`{key}={value}`: {problem}"));
+        }
+    }
+    None
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -122,6 +142,26 @@ mod tests {
         assert!(label_value_problem("plant 3").is_some());
         assert!(label_value_problem("plant-").is_some());
         assert!(label_value_problem(&"v".repeat(64)).is_some());
+    }
+
+    #[test]
+    fn a_label_set_names_its_first_bad_label_and_is_bounded() {
+        let good: std::collections::BTreeMap<String, String> =
+            [("site".into(), "plant-3".into())].into();
+        assert_eq!(labels_problem(&good), None);
+        let bad: std::collections::BTreeMap<String, String> =
+            [("site".into(), "plant 3".into())].into();
+        assert_eq!(
+            labels_problem(&bad).as_deref(),
+            Some("`site=plant 3`: may contain only letters, digits, '-', '_' and '.'")
+        );
+        let many: std::collections::BTreeMap<String, String> = (0..=MAX_LABELS)
+            .map(|i| (format!("k{i}"), String::new()))
+            .collect();
+        assert_eq!(
+            labels_problem(&many).as_deref(),
+            Some("more than 64 labels")
+        );
     }
 
     #[test]

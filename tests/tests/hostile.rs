@@ -132,6 +132,27 @@ async fn replaying_accepted_shares_changes_no_total() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn labels_no_kubernetes_object_could_carry_end_the_session() {
+    let f = Fixture::start(MANIFEST, &[]);
+    let device = enroll(&f.controller, &f.data, "mislabelled").await;
+    let mut first = hello(SLOW);
+    if let Some(AgentKind::Hello(h)) = first.kind.as_mut() {
+        h.labels.insert("site".into(), "plant 3; DROP".into());
+    }
+    let mut s = RawSession::open(&f.controller.url(), &device, first).await;
+    let status = s.end().await;
+    assert_eq!(status.code(), tonic::Code::InvalidArgument, "{status}");
+    assert!(
+        status
+            .message()
+            .contains("Hello.labels: `site=plant 3; DROP`"),
+        "{status}"
+    );
+    assert_eq!(number(&f.device("mislabelled"), "/protocolErrors"), 1);
+    assert!(f.controller.assignments().is_empty(), "no work for it");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sessions_must_start_with_hello() {
     let f = Fixture::start(MANIFEST, &[]);
     let device = enroll(&f.controller, &f.data, "eager").await;
