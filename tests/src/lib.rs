@@ -27,7 +27,7 @@ pub fn bin(name: &str) -> PathBuf {
     let path = dir.join(name);
     assert!(
         path.exists(),
-        "{} is missing: build the binaries first (`cargo build --workspace --bins`, which scripts/test does)",
+        "{} is missing: build the binaries first (`cargo test --workspace` or `cargo build --workspace --bins`)",
         path.display()
     );
     path
