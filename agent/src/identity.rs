@@ -16,7 +16,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -25,11 +25,11 @@ use micromine_proto::MAX_MESSAGE_BYTES;
 use micromine_proto::pb::EnrollRequest;
 use micromine_proto::pb::enrollment_client::EnrollmentClient;
 use micromine_proto::token::BootstrapToken;
-use rand::TryRng;
-use rand::rngs::SysRng;
 use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P256_SHA256};
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore};
+
+use crate::files::{create_private_dir, write_file_atomic};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, UnixTime};
 use serde::{Deserialize, Serialize};
@@ -441,62 +441,6 @@ fn read(path: &Path) -> Result<String, IdentityError> {
         path: path.to_path_buf(),
         source,
     })
-}
-
-fn create_private_dir(dir: &Path) -> io::Result<()> {
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder.create(dir)
-}
-
-/// Temporary file + fsync + rename, so a crash leaves the old file or the new one, never a
-/// torn key. The temporary file is created with `mode` from the start, so the key is never
-/// readable by others even for a moment.
-fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut suffix = [0u8; 8];
-    SysRng
-        .try_fill_bytes(&mut suffix)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        hex::encode(suffix)
-    ));
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let result = options
-        .open(&tmp)
-        .and_then(|mut file| {
-            file.write_all(contents)?;
-            file.sync_all()
-        })
-        .and_then(|()| fs::rename(&tmp, path));
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    // Makes the rename durable; best effort, the file itself is synced.
-    if let Some(parent) = path.parent()
-        && let Ok(dir) = fs::File::open(parent)
-    {
-        let _ = dir.sync_all();
-    }
-    Ok(())
 }
 
 #[cfg(test)]

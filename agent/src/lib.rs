@@ -10,6 +10,7 @@
 //! - `identity`, `tls`: the device's key and certificate, enrollment, TLS to the controller.
 //! - `session`: the long-lived session with the controller, reconnects and resume.
 //! - `backoff`: jittered exponential backoff.
+//! - `files`: private directories and atomic file writes (device and controller alike).
 //! - `cli`: command-line pieces shared with the controller binary (labels, signals).
 
 pub mod backoff;
@@ -17,6 +18,7 @@ pub mod bench;
 pub mod capacity;
 pub mod cli;
 pub mod engine;
+pub mod files;
 pub mod identity;
 pub mod miner;
 pub mod session;

@@ -23,11 +23,12 @@
 
 use std::fmt;
 use std::fs;
-use std::io::{self, Write};
+use std::io;
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
+use micromine_agent::files::{create_private_dir, sync_parent, write_temp};
 use rand::TryRng;
 use rand::rngs::SysRng;
 use rcgen::{
@@ -733,74 +734,6 @@ fn publish_new(path: &Path, contents: &[u8], mode: u32) -> Result<bool, PkiError
         }
         Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
         Err(e) => Err(io_err("publishing", e)),
-    }
-}
-
-/// Replaces `path` with `contents` atomically (temporary file + rename), so a reader sees
-/// the old or the new file, never a torn one. `mode` applies on Unix.
-pub(crate) fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
-    let tmp = write_temp(path, contents, mode)?;
-    if let Err(e) = fs::rename(&tmp, path) {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    sync_parent(path);
-    Ok(())
-}
-
-/// Creates `dir` (and parents) readable by the owner only; an existing directory is left
-/// as the operator made it.
-pub(crate) fn create_private_dir(dir: &Path) -> io::Result<()> {
-    let mut builder = fs::DirBuilder::new();
-    builder.recursive(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::DirBuilderExt;
-        builder.mode(0o700);
-    }
-    builder.create(dir)
-}
-
-fn write_temp(path: &Path, contents: &[u8], mode: u32) -> io::Result<PathBuf> {
-    let name = path
-        .file_name()
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidInput, "path has no file name"))?;
-    let mut suffix = [0u8; 8];
-    SysRng
-        .try_fill_bytes(&mut suffix)
-        .map_err(|e| io::Error::other(e.to_string()))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        hex::encode(suffix)
-    ));
-    let mut options = fs::OpenOptions::new();
-    options.write(true).create_new(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        options.mode(mode);
-    }
-    #[cfg(not(unix))]
-    let _ = mode;
-    let result = options.open(&tmp).and_then(|mut file| {
-        file.write_all(contents)?;
-        file.sync_all()
-    });
-    if let Err(e) = result {
-        let _ = fs::remove_file(&tmp);
-        return Err(e);
-    }
-    Ok(tmp)
-}
-
-/// Makes a rename or link durable. Best effort: not every platform can fsync a directory,
-/// and the file itself is already synced.
-fn sync_parent(path: &Path) {
-    if let Some(parent) = path.parent()
-        && let Ok(dir) = fs::File::open(parent)
-    {
-        let _ = dir.sync_all();
     }
 }
 
