@@ -447,13 +447,17 @@ mod tests {
         );
     }
 
-    #[tokio::test(start_paused = true)]
-    async fn a_leader_that_cannot_renew_steps_down_before_its_lease_lapses() {
+    /// A campaign by `pod-a` that found no Lease, created one and leads.
+    async fn elected_campaign() -> (
+        Handle,
+        watch::Receiver<bool>,
+        tokio_util::sync::CancellationToken,
+        tokio::task::JoinHandle<()>,
+    ) {
         let (elector, mut api) = elector("pod-a");
         let (leading_tx, mut leading) = watch::channel(false);
         let stop = tokio_util::sync::CancellationToken::new();
         let campaign = tokio::spawn(elector.run(leading_tx, stop.clone()));
-
         expect(
             &mut api,
             Method::GET,
@@ -472,6 +476,12 @@ mod tests {
         .await;
         leading.changed().await.unwrap();
         assert!(*leading.borrow());
+        (api, leading, stop, campaign)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_leader_that_cannot_renew_steps_down_before_its_lease_lapses() {
+        let (mut api, leading, stop, campaign) = elected_campaign().await;
         let elected = tokio::time::Instant::now();
 
         // The API server stops answering properly.
@@ -509,27 +519,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn a_leader_that_stops_hands_the_lease_over_at_once() {
-        let (elector, mut api) = elector("pod-a");
-        let (leading_tx, mut leading) = watch::channel(false);
-        let stop = tokio_util::sync::CancellationToken::new();
-        let campaign = tokio::spawn(elector.run(leading_tx, stop.clone()));
-        expect(
-            &mut api,
-            Method::GET,
-            PATH,
-            StatusCode::NOT_FOUND,
-            not_found(),
-        )
-        .await;
-        expect(
-            &mut api,
-            Method::POST,
-            COLLECTION,
-            StatusCode::CREATED,
-            lease("pod-a", 0, 0, "1"),
-        )
-        .await;
-        leading.changed().await.unwrap();
+        let (mut api, leading, stop, campaign) = elected_campaign().await;
 
         stop.cancel();
         expect(
