@@ -156,51 +156,45 @@ pub async fn ensure_identity(config: &AgentConfig) -> Result<DeviceIdentity, Age
         }
         return Ok(identity);
     }
-    let token = config
-        .token
-        .as_ref()
-        .ok_or_else(|| AgentError::NeedsToken(config.state_dir.clone()))?;
-    let ca_pem = read_ca_file(config)?;
     let name = config
         .name
         .clone()
         .unwrap_or_else(identity::default_device_name);
-    let identity = identity::enroll(
-        &config.controller,
-        token,
-        &name,
-        &config.labels,
-        ca_pem.as_deref(),
-    )
-    .await?;
-    identity.save(&config.state_dir)?;
+    let identity = enroll_as(config, &name).await?;
     tracing::info!(device = %identity.name, "enrolled");
     Ok(identity)
 }
 
 /// Enrolls again with the configured token, replacing the stored identity.
 async fn reenroll(config: &AgentConfig) -> Result<DeviceIdentity, AgentError> {
-    let token = config
-        .token
-        .as_ref()
-        .ok_or_else(|| AgentError::NeedsToken(config.state_dir.clone()))?;
     let previous = DeviceIdentity::load(&config.state_dir)?;
     let name = previous
         .map(|p| p.name)
         .or_else(|| config.name.clone())
         .unwrap_or_else(identity::default_device_name);
+    let fresh = enroll_as(config, &name).await?;
+    tracing::info!(device = %fresh.name, "enrolled again after the certificate expired");
+    Ok(fresh)
+}
+
+/// Enrolls as `name` with the configured token (and `--ca-file`, if given) and saves the
+/// identity.
+async fn enroll_as(config: &AgentConfig, name: &str) -> Result<DeviceIdentity, AgentError> {
+    let token = config
+        .token
+        .as_ref()
+        .ok_or_else(|| AgentError::NeedsToken(config.state_dir.clone()))?;
     let ca_pem = read_ca_file(config)?;
-    let fresh = identity::enroll(
+    let identity = identity::enroll(
         &config.controller,
         token,
-        &name,
+        name,
         &config.labels,
         ca_pem.as_deref(),
     )
     .await?;
-    fresh.save(&config.state_dir)?;
-    tracing::info!(device = %fresh.name, "enrolled again after the certificate expired");
-    Ok(fresh)
+    identity.save(&config.state_dir)?;
+    Ok(identity)
 }
 
 fn read_ca_file(config: &AgentConfig) -> Result<Option<String>, AgentError> {
