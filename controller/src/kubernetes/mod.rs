@@ -6,6 +6,7 @@
 //! - `leader`: leader election on a Lease, so one replica of several schedules.
 
 pub mod leader;
+pub mod rbac;
 pub mod miners;
 
 /// The one field manager every status write uses, so server-side apply attributes the
