@@ -209,19 +209,17 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use http::{Method, Request, Response, StatusCode};
-    use kube::client::Body;
+    use http::{Method, StatusCode};
     use serde_json::{Value, json};
 
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+    use crate::kubernetes::testing::{self, Handle, exchange};
 
     const PATH: &str =
         "/apis/coordination.k8s.io/v1/namespaces/micromine/leases/micromine-controller";
     const COLLECTION: &str = "/apis/coordination.k8s.io/v1/namespaces/micromine/leases";
 
     fn elector(identity: &str) -> (LeaderElector, Handle) {
-        let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(service, "micromine");
+        let (client, handle) = testing::client("micromine");
         let api = Api::namespaced(client, "micromine");
         (
             LeaderElector::new(api, "micromine-controller", identity),
@@ -256,47 +254,19 @@ mod tests {
         })
     }
 
-    async fn expect(
-        api: &mut Handle,
-        method: Method,
-        path: &str,
-        status: StatusCode,
-        reply: Value,
-    ) -> Value {
-        let (request, respond) = tokio::time::timeout(Duration::from_secs(5), api.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("no {method} {path}"))
-            .expect("client alive");
-        assert_eq!(request.method(), method);
-        assert_eq!(request.uri().path(), path);
-        let bytes = request.into_body().collect_bytes().await.unwrap();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        respond.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(&reply).unwrap()))
-                .unwrap(),
-        );
-        body
-    }
-
     fn not_found() -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404, "message": "leases \"micromine-controller\" not found"})
+        testing::failure(404, "NotFound", "leases \"micromine-controller\" not found")
     }
 
     fn conflict() -> Value {
-        json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "Conflict", "code": 409, "message": "the object has been modified"})
+        testing::failure(409, "Conflict", "the object has been modified")
     }
 
     #[tokio::test]
     async fn the_first_replica_creates_the_lease_and_leads() {
         let (elector, mut api) = elector("pod-a");
         let round = tokio::spawn(async move { elector.round(now()).await });
-        expect(
+        exchange(
             &mut api,
             Method::GET,
             PATH,
@@ -304,7 +274,7 @@ mod tests {
             not_found(),
         )
         .await;
-        let created = expect(
+        let created = exchange(
             &mut api,
             Method::POST,
             COLLECTION,
@@ -329,7 +299,7 @@ mod tests {
     async fn a_valid_lease_of_another_replica_is_followed_without_a_write() {
         let (elector, mut api) = elector("pod-b");
         let round = tokio::spawn(async move { elector.round(now()).await });
-        expect(
+        exchange(
             &mut api,
             Method::GET,
             PATH,
@@ -347,7 +317,7 @@ mod tests {
     async fn a_lapsed_lease_is_taken_over_with_the_version_read() {
         let (elector, mut api) = elector("pod-b");
         let round = tokio::spawn(async move { elector.round(now()).await });
-        expect(
+        exchange(
             &mut api,
             Method::GET,
             PATH,
@@ -355,7 +325,7 @@ mod tests {
             lease("pod-a", 15, 2, "7"),
         )
         .await;
-        let replaced = expect(
+        let replaced = exchange(
             &mut api,
             Method::PUT,
             PATH,
@@ -382,7 +352,7 @@ mod tests {
     async fn the_holder_renews_keeping_its_acquire_time() {
         let (elector, mut api) = elector("pod-a");
         let round = tokio::spawn(async move { elector.round(now()).await });
-        expect(
+        exchange(
             &mut api,
             Method::GET,
             PATH,
@@ -390,7 +360,7 @@ mod tests {
             lease("pod-a", 2, 4, "9"),
         )
         .await;
-        let renewed = expect(
+        let renewed = exchange(
             &mut api,
             Method::PUT,
             PATH,
@@ -417,7 +387,7 @@ mod tests {
     async fn losing_a_takeover_race_means_following_the_winner() {
         let (elector, mut api) = elector("pod-b");
         let round = tokio::spawn(async move { elector.round(now()).await });
-        expect(
+        exchange(
             &mut api,
             Method::GET,
             PATH,
@@ -425,7 +395,7 @@ mod tests {
             lease("pod-a", 60, 1, "11"),
         )
         .await;
-        expect(
+        exchange(
             &mut api,
             Method::PUT,
             PATH,
@@ -433,7 +403,7 @@ mod tests {
             conflict(),
         )
         .await;
-        expect(
+        exchange(
             &mut api,
             Method::GET,
             PATH,
@@ -458,7 +428,7 @@ mod tests {
         let (leading_tx, mut leading) = watch::channel(false);
         let stop = tokio_util::sync::CancellationToken::new();
         let campaign = tokio::spawn(elector.run(leading_tx, stop.clone()));
-        expect(
+        exchange(
             &mut api,
             Method::GET,
             PATH,
@@ -466,7 +436,7 @@ mod tests {
             not_found(),
         )
         .await;
-        expect(
+        exchange(
             &mut api,
             Method::POST,
             COLLECTION,
@@ -488,7 +458,7 @@ mod tests {
         let unavailable = json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": 503, "message": "etcd unavailable"});
         let mut failed_rounds = 0;
         while *leading.borrow() {
-            expect(
+            exchange(
                 &mut api,
                 Method::GET,
                 PATH,
@@ -522,7 +492,7 @@ mod tests {
         let (mut api, leading, stop, campaign) = elected_campaign().await;
 
         stop.cancel();
-        expect(
+        exchange(
             &mut api,
             Method::GET,
             PATH,
@@ -530,7 +500,7 @@ mod tests {
             lease("pod-a", 0, 0, "2"),
         )
         .await;
-        let released = expect(
+        let released = exchange(
             &mut api,
             Method::PUT,
             PATH,

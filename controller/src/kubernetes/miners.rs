@@ -350,15 +350,13 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use http::{Method, Request, Response, StatusCode};
-    use kube::client::Body;
+    use http::{Method, StatusCode};
     use serde_json::Value;
+
+    use crate::kubernetes::testing::{Handle, Seen, answer, expect};
 
     use crate::ledger::Ledger;
     use crate::store::Store;
-
-    type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
-    type Responder = tower_test::mock::SendResponse<Response<Body>>;
 
     const PATH: &str = "/apis/micromine.dev/v1alpha1/namespaces/plant/microminers/night-shift";
     const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/plant/events";
@@ -374,8 +372,7 @@ mod tests {
         let store = Store::open(&dir.path().join("store.redb")).unwrap();
         let ledger = Ledger::open(store.clone()).unwrap();
         let fleet = Fleet::open(store, ledger).await.unwrap();
-        let (service, api) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
-        let client = kube::Client::new(service, "default");
+        let (client, api) = crate::kubernetes::testing::client("default");
         let recorder = Recorder::new(client.clone(), "micromine-controller".into());
         Setup {
             ctx: Arc::new(Context::new(client, fleet, recorder)),
@@ -425,34 +422,6 @@ mod tests {
         })
     }
 
-    /// The next request, which must have `method` and `path`; returns its query, body
-    /// (JSON) and content type, and the way to answer it.
-    async fn expect(
-        api: &mut Handle,
-        method: Method,
-        path: &str,
-    ) -> (String, Value, String, Responder) {
-        let (request, respond) = tokio::time::timeout(Duration::from_secs(5), api.next_request())
-            .await
-            .unwrap_or_else(|_| panic!("no {method} {path} within 5 s"))
-            .expect("the client is still there");
-        assert_eq!(request.method(), method, "{}", request.uri());
-        assert_eq!(request.uri().path(), path);
-        let query = request.uri().query().unwrap_or_default().to_string();
-        let content_type = request
-            .headers()
-            .get(http::header::CONTENT_TYPE)
-            .map(|v| v.to_str().unwrap().to_string())
-            .unwrap_or_default();
-        let bytes = request.into_body().collect_bytes().await.unwrap();
-        let body = if bytes.is_empty() {
-            Value::Null
-        } else {
-            serde_json::from_slice(&bytes).unwrap()
-        };
-        (query, body, content_type, respond)
-    }
-
     /// The reconcile's result; a reconcile still running made a call the scenario does not
     /// answer, which is a failure, not a hang.
     async fn done(
@@ -462,15 +431,6 @@ mod tests {
             .await
             .expect("the reconcile made a request the scenario does not expect")
             .unwrap()
-    }
-
-    fn answer(respond: Responder, status: StatusCode, body: &Value) {
-        respond.send_response(
-            Response::builder()
-                .status(status)
-                .body(Body::from(serde_json::to_vec(body).unwrap()))
-                .unwrap(),
-        );
     }
 
     fn condition<'a>(status: &'a Value, type_: &str) -> &'a Value {
@@ -489,7 +449,12 @@ mod tests {
         let echo = serde_json::to_value(&object).unwrap();
         let run = tokio::spawn(reconcile(Arc::new(object), ctx.clone()));
 
-        let (_, body, content_type, respond) = expect(&mut api, Method::PATCH, PATH).await;
+        let Seen {
+            body,
+            content_type,
+            respond,
+            ..
+        } = expect(&mut api, Method::PATCH, PATH).await;
         assert_eq!(content_type, "application/json-patch+json");
         // The test op makes the add fail if anyone else touched the finalizers first.
         assert_eq!(
@@ -512,8 +477,13 @@ mod tests {
         let echo = serde_json::to_value(&object).unwrap();
         let run = tokio::spawn(reconcile(Arc::new(object), ctx.clone()));
 
-        let (query, body, content_type, respond) =
-            expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
+        let Seen {
+            query,
+            body,
+            content_type,
+            respond,
+            ..
+        } = expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
         assert_eq!(content_type, "application/apply-patch+yaml");
         assert!(
             query.contains("fieldManager=micromine-controller"),
@@ -553,11 +523,15 @@ mod tests {
         let echo = serde_json::to_value(&object).unwrap();
         let run = tokio::spawn(reconcile(Arc::new(object), ctx.clone()));
 
-        let (_, body, _, respond) =
+        let Seen { body, respond, .. } =
             expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
         assert_eq!(condition(&body["status"], "Ready")["status"], "False");
         answer(respond, StatusCode::OK, &echo);
-        let (_, event, _, respond) = expect(&mut api, Method::POST, EVENTS).await;
+        let Seen {
+            body: event,
+            respond,
+            ..
+        } = expect(&mut api, Method::POST, EVENTS).await;
         assert_eq!(event["reason"], "NotReady");
         assert_eq!(event["type"], "Normal");
         assert_eq!(event["regarding"]["kind"], "MicroMiner");
@@ -579,7 +553,7 @@ mod tests {
         let echo = serde_json::to_value(&object).unwrap();
         let run = tokio::spawn(reconcile(Arc::new(object), ctx.clone()));
 
-        let (_, body, _, respond) =
+        let Seen { body, respond, .. } =
             expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
         let ready = condition(&body["status"], "Ready");
         assert_eq!(ready["status"], "False");
@@ -591,7 +565,11 @@ mod tests {
         );
         assert_eq!(condition(&body["status"], "Degraded")["status"], "True");
         answer(respond, StatusCode::OK, &echo);
-        let (_, event, _, respond) = expect(&mut api, Method::POST, EVENTS).await;
+        let Seen {
+            body: event,
+            respond,
+            ..
+        } = expect(&mut api, Method::POST, EVENTS).await;
         assert_eq!(event["type"], "Warning");
         assert_eq!(event["reason"], "InvalidSpec");
         assert!(
@@ -613,20 +591,29 @@ mod tests {
         let served = miner(&[FINALIZER], false, valid_spec(), None);
         let echo = serde_json::to_value(&served).unwrap();
         let run = tokio::spawn(reconcile(Arc::new(served), ctx.clone()));
-        let (_, _, _, respond) = expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
+        let Seen { respond, .. } = expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
         answer(respond, StatusCode::OK, &echo);
         done(run).await.unwrap();
         assert_eq!(ctx.served().len(), 1);
 
         let deleting = miner(&[FINALIZER], true, valid_spec(), None);
         let run = tokio::spawn(reconcile(Arc::new(deleting), ctx.clone()));
-        let (_, event, _, respond) = expect(&mut api, Method::POST, EVENTS).await;
+        let Seen {
+            body: event,
+            respond,
+            ..
+        } = expect(&mut api, Method::POST, EVENTS).await;
         assert_eq!(event["reason"], "Drained");
         // The drain happened before anyone was told, and before the finalizer comes off.
         assert!(ctx.served().is_empty());
         assert!(ctx.fleet.view().miners.is_empty());
         answer(respond, StatusCode::CREATED, &event);
-        let (_, body, content_type, respond) = expect(&mut api, Method::PATCH, PATH).await;
+        let Seen {
+            body,
+            content_type,
+            respond,
+            ..
+        } = expect(&mut api, Method::PATCH, PATH).await;
         assert_eq!(content_type, "application/json-patch+json");
         assert_eq!(
             body,
@@ -650,7 +637,7 @@ mod tests {
         let mut first_event_name: Option<String> = None;
         for attempt in 1..=2u32 {
             let run = tokio::spawn(reconcile(object.clone(), ctx.clone()));
-            let (_, _, _, respond) = expect(&mut api, Method::PATCH, PATH).await;
+            let Seen { respond, .. } = expect(&mut api, Method::PATCH, PATH).await;
             answer(respond, StatusCode::CONFLICT, &conflict);
             let error = done(run).await.expect_err("a conflict fails the reconcile");
             let action = error_policy(object.clone(), &error, ctx.clone());
@@ -665,7 +652,11 @@ mod tests {
                     format!("{EVENTS}/{}", first_event_name.as_deref().unwrap()),
                 )
             };
-            let (_, event, _, respond) = expect(&mut api, method, &path).await;
+            let Seen {
+                body: event,
+                respond,
+                ..
+            } = expect(&mut api, method, &path).await;
             if attempt == 1 {
                 first_event_name = event["metadata"]["name"].as_str().map(String::from);
             } else {

@@ -1,0 +1,201 @@
+//! A scripted API server for the reconciler tests: each test says which request comes
+//! next (method and path), looks at its query and body, and answers it. Every request is
+//! also checked against [`super::rbac::RULES`], so code that calls the API without a
+//! permission the chart grants fails here rather than in a cluster.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::time::Duration;
+
+use http::{Method, Request, Response, StatusCode};
+use kube::client::Body;
+use serde_json::{Value, json};
+
+/// The test's end of the mocked connection.
+pub type Handle = tower_test::mock::Handle<Request<Body>, Response<Body>>;
+/// Answers one request.
+pub type Responder = tower_test::mock::SendResponse<Response<Body>>;
+
+/// A client whose every request goes to the returned handle.
+pub fn client(default_namespace: &str) -> (kube::Client, Handle) {
+    let (service, handle) = tower_test::mock::pair::<Request<Body>, Response<Body>>();
+    (kube::Client::new(service, default_namespace), handle)
+}
+
+/// One request as the test sees it.
+pub struct Seen {
+    /// The query string, empty when there is none.
+    pub query: String,
+    /// The body as JSON, `Null` when empty.
+    pub body: Value,
+    /// The `Content-Type` header, empty when absent.
+    pub content_type: String,
+    /// Answers the request.
+    pub respond: Responder,
+}
+
+impl Seen {
+    /// Answers with `status` and a JSON body.
+    pub fn answer(self, status: StatusCode, body: &Value) {
+        answer(self.respond, status, body);
+    }
+}
+
+/// The next request, which must have `method` and `path` and be allowed by the RBAC rules.
+/// Waits at most 5 s: a request that never comes is a failure, not a hang.
+pub async fn expect(api: &mut Handle, method: Method, path: &str) -> Seen {
+    let (request, respond) = tokio::time::timeout(Duration::from_secs(5), api.next_request())
+        .await
+        .unwrap_or_else(|_| panic!("no {method} {path} within 5 s"))
+        .expect("the client is still there");
+    assert_eq!(request.method(), method, "{}", request.uri());
+    assert_eq!(request.uri().path(), path);
+    let query = request.uri().query().unwrap_or_default().to_string();
+    assert_permitted(&method, path, &query);
+    let content_type = request
+        .headers()
+        .get(http::header::CONTENT_TYPE)
+        .map(|v| v.to_str().unwrap().to_string())
+        .unwrap_or_default();
+    let bytes = request.into_body().collect_bytes().await.unwrap();
+    let body = if bytes.is_empty() {
+        Value::Null
+    } else {
+        serde_json::from_slice(&bytes).unwrap()
+    };
+    Seen {
+        query,
+        body,
+        content_type,
+        respond,
+    }
+}
+
+/// Expects a request and answers it at once; returns its body.
+pub async fn exchange(
+    api: &mut Handle,
+    method: Method,
+    path: &str,
+    status: StatusCode,
+    reply: Value,
+) -> Value {
+    let seen = expect(api, method, path).await;
+    let body = seen.body.clone();
+    seen.answer(status, &reply);
+    body
+}
+
+/// Sends a JSON answer.
+pub fn answer(respond: Responder, status: StatusCode, body: &Value) {
+    respond.send_response(
+        Response::builder()
+            .status(status)
+            .body(Body::from(serde_json::to_vec(body).unwrap()))
+            .unwrap(),
+    );
+}
+
+/// A `Status` failure as the API server sends it.
+pub fn failure(code: u16, reason: &str, message: &str) -> Value {
+    json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message})
+}
+
+/// The RBAC verb and `(group, resource[/subresource])` a request needs.
+pub fn requirement(method: &Method, path: &str, query: &str) -> (String, String, &'static str) {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // /api/v1/... is the core group; /apis/GROUP/VERSION/... the rest.
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => panic!("not an API path: {path}"),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
+        other => other,
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => panic!("unexpected API path shape: {path}"),
+    };
+    let verb = match *method {
+        Method::GET if query.split('&').any(|kv| kv == "watch=true") => "watch",
+        Method::GET if named => "get",
+        Method::GET => "list",
+        Method::POST => "create",
+        Method::PUT => "update",
+        Method::PATCH => "patch",
+        Method::DELETE => "delete",
+        _ => panic!("unexpected method {method} {path}"),
+    };
+    (group.to_string(), resource, verb)
+}
+
+fn assert_permitted(method: &Method, path: &str, query: &str) {
+    let (group, resource, verb) = requirement(method, path, query);
+    assert!(
+        super::rbac::allows(&group, &resource, verb),
+        "{method} {path} needs `{verb}` on {resource} in group \"{group}\", which rbac::RULES (and so the chart) does not grant"
+    );
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn requests_map_to_the_verbs_rbac_checks() {
+        let cases = [
+            (
+                Method::GET,
+                "/apis/micromine.dev/v1alpha1/microminers",
+                "watch=true&timeoutSeconds=290",
+                ("micromine.dev", "microminers", "watch"),
+            ),
+            (
+                Method::GET,
+                "/apis/micromine.dev/v1alpha1/edgedevices",
+                "",
+                ("micromine.dev", "edgedevices", "list"),
+            ),
+            (
+                Method::PATCH,
+                "/apis/micromine.dev/v1alpha1/namespaces/a/microminers/b/status",
+                "",
+                ("micromine.dev", "microminers/status", "patch"),
+            ),
+            (
+                Method::PUT,
+                "/apis/coordination.k8s.io/v1/namespaces/a/leases/b",
+                "",
+                ("coordination.k8s.io", "leases", "update"),
+            ),
+            (
+                Method::DELETE,
+                "/api/v1/namespaces/a/secrets/b",
+                "",
+                ("", "secrets", "delete"),
+            ),
+            (
+                Method::POST,
+                "/api/v1/namespaces/a/configmaps",
+                "",
+                ("", "configmaps", "create"),
+            ),
+        ];
+        for (method, path, query, (group, resource, verb)) in cases {
+            assert_eq!(
+                requirement(&method, path, query),
+                (group.to_string(), resource.to_string(), verb),
+                "{method} {path}"
+            );
+        }
+    }
+
+    #[test]
+    #[should_panic(expected = "does not grant")]
+    fn a_request_without_a_rule_fails_the_test() {
+        assert_permitted(&Method::GET, "/api/v1/namespaces/a/secrets", "");
+    }
+}
