@@ -21,7 +21,7 @@ use crate::fleet::{Fleet, Outbound};
 use crate::pki::{Pki, validate_device_name};
 use crate::revocation::Revocations;
 use crate::tls::{peer_addr, peer_device_name};
-use crate::tokens::{TokenStore, now_unix_ms};
+use crate::tokens::{RedeemError, TokenSource, now_unix_ms};
 
 /// A session must say `Hello` this soon after opening.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);
@@ -335,18 +335,13 @@ async fn handle(
 pub struct EnrollmentService {
     fleet: Arc<Fleet>,
     pki: Arc<Pki>,
-    tokens: Arc<TokenStore>,
+    tokens: TokenSource,
     cert_ttl: Duration,
 }
 
 impl EnrollmentService {
     /// A service issuing certificates valid for `cert_ttl`.
-    pub fn new(
-        fleet: Arc<Fleet>,
-        pki: Arc<Pki>,
-        tokens: Arc<TokenStore>,
-        cert_ttl: Duration,
-    ) -> Self {
+    pub fn new(fleet: Arc<Fleet>, pki: Arc<Pki>, tokens: TokenSource, cert_ttl: Duration) -> Self {
         EnrollmentService {
             fleet,
             pki,
@@ -380,19 +375,23 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
             tracing::warn!(device = %req.device_name, peer = %peer, reason, "enrollment refused");
             return Err(Status::already_exists(reason));
         }
-        let tokens = self.tokens.clone();
-        let fingerprint = self.pki.ca_fingerprint();
-        let redeemed =
-            tokio::task::spawn_blocking(move || tokens.redeem(&token, fingerprint, now_unix_ms()))
-                .await
-                .map_err(|_| Status::internal("token check failed"))?;
+        let redeemed = self
+            .tokens
+            .redeem(&token, self.pki.ca_fingerprint(), now_unix_ms())
+            .await;
         let record = match redeemed {
             Ok(record) => record,
-            Err(e) => {
+            Err(RedeemError::Refused(reason)) => {
                 // The precise reason goes to the operator's log, never to the caller.
-                tracing::warn!(device = %req.device_name, peer = %peer, error = %e, "enrollment refused");
+                tracing::warn!(device = %req.device_name, peer = %peer, reason, "enrollment refused");
                 return Err(Status::unauthenticated(
                     "invalid or expired bootstrap token",
+                ));
+            }
+            Err(RedeemError::Unavailable(reason)) => {
+                tracing::error!(device = %req.device_name, peer = %peer, reason, "bootstrap tokens unavailable");
+                return Err(Status::unavailable(
+                    "the controller cannot check tokens right now; try again",
                 ));
             }
         };

@@ -2,7 +2,8 @@
 //! mode offers in place of `kubectl get`.
 //!
 //! - `GET /healthz`: the process is alive.
-//! - `GET /readyz`: the store is open and the manifests were read.
+//! - `GET /readyz`: the store is open and the manifests were read (standalone), or this
+//!   replica leads (Kubernetes mode; a standby answers 503 with the leader's name).
 //! - `GET /api/v1/status`: the whole fleet (MicroMiners, devices, totals, manifest errors).
 //! - `GET /api/v1/microminers`: MicroMiner resources with their status, as Kubernetes
 //!   would return them.
@@ -34,6 +35,9 @@ pub struct HttpState {
     pub manifests: Arc<Mutex<ManifestStatus>>,
     /// Set once start-up finished.
     pub ready: Arc<AtomicBool>,
+    /// `standalone`, or `leader` in Kubernetes mode (a standby serves only
+    /// [`standby_router`]).
+    pub role: &'static str,
 }
 
 /// The router, separate from serving so tests can drive it directly.
@@ -46,6 +50,25 @@ pub fn router(state: HttpState) -> axum::Router {
         .route("/api/v1/edgedevices", get(edgedevices))
         .route("/api/v1/assignments", get(assignments))
         .with_state(state)
+}
+
+/// What a standby replica serves: alive, and deliberately not ready, so the Service
+/// routes agents only to the leader. `leader` names the current holder of the Lease.
+pub fn standby_router(leader: Arc<Mutex<Option<String>>>) -> axum::Router {
+    axum::Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route(
+            "/readyz",
+            get(move || {
+                let leader = leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
+                async move {
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(json!({"ready": false, "role": "standby", "leader": leader})),
+                    )
+                }
+            }),
+        )
 }
 
 /// Serves until `shutdown` resolves.
@@ -71,7 +94,7 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if state.ready.load(Ordering::Acquire) {
         (
             StatusCode::OK,
-            Json(json!({"ready": true, "store": "open", "role": "standalone"})),
+            Json(json!({"ready": true, "store": "open", "role": state.role})),
         )
     } else {
         (

@@ -299,6 +299,24 @@ impl Pki {
         })
     }
 
+    /// Loads a CA managed elsewhere (e.g. a cert-manager Secret mounted as `tls.crt` and
+    /// `tls.key`; the key in PKCS#8 PEM). Nothing is created, and rotating it is the
+    /// manager's business: the certificate must be a CA and match the key.
+    pub fn load_files(cert_path: &Path, key_path: &Path) -> Result<Pki, PkiError> {
+        let key = load_key(key_path)?;
+        let active = load_ca_cert(cert_path, CaRole::Active, Some((&key, key_path)))?;
+        let issuer = Issuer::from_ca_cert_der(&active.der, key).map_err(|e| PkiError::Corrupt {
+            path: cert_path.to_path_buf(),
+            what: "CA certificate",
+            reason: e.to_string(),
+        })?;
+        Ok(Pki {
+            issuer,
+            active,
+            also_trusted: Vec::new(),
+        })
+    }
+
     /// Every CA the fleet trusts, the active one first: the roots for verifying device
     /// certificates.
     pub fn trust_anchors(&self) -> Vec<CertificateDer<'static>> {
@@ -759,6 +777,48 @@ mod tests {
 
     fn provider() -> Arc<rustls::crypto::CryptoProvider> {
         Arc::new(rustls::crypto::ring::default_provider())
+    }
+
+    #[test]
+    fn a_mounted_ca_loads_as_is_and_a_mismatched_key_is_refused() {
+        let made = tempfile::tempdir().unwrap();
+        let other = tempfile::tempdir().unwrap();
+        let ca = Pki::load_or_create(made.path()).unwrap();
+        let stranger = Pki::load_or_create(other.path()).unwrap();
+        let (cert, key) = (
+            made.path().join(CA_CERT_FILE),
+            made.path().join(CA_KEY_FILE),
+        );
+        let mounted = Pki::load_files(&cert, &key).unwrap();
+        assert_eq!(mounted.ca_fingerprint(), ca.ca_fingerprint());
+        assert_eq!(mounted.rotation().len(), 0);
+        let (_, csr) = csr_for("gw-1");
+        let issued = mounted
+            .sign_device_csr(&csr, "gw-1", Duration::from_secs(3600))
+            .unwrap();
+        let der = CertificateDer::from_pem_slice(issued.certificate_pem.as_bytes()).unwrap();
+        let (_, device) = x509_parser::parse_x509_certificate(&der).unwrap();
+        let (_, authority) = x509_parser::parse_x509_certificate(ca.ca_der()).unwrap();
+        assert_eq!(
+            device.issuer(),
+            authority.subject(),
+            "signed by the mounted CA"
+        );
+        assert!(
+            device
+                .verify_signature(Some(authority.public_key()))
+                .is_ok()
+        );
+
+        let wrong_key = other.path().join(CA_KEY_FILE);
+        assert!(matches!(
+            Pki::load_files(&cert, &wrong_key),
+            Err(PkiError::CaKeyMismatch { .. })
+        ));
+        let missing = made.path().join("tls.crt");
+        let error = Pki::load_files(&missing, &key).unwrap_err().to_string();
+        assert!(error.contains("tls.crt"), "{error}");
+        drop(stranger);
     }
 
     #[test]

@@ -28,7 +28,7 @@ use crate::pki::Pki;
 use crate::revocation::{RevocationStore, Revocations};
 use crate::store::Store;
 use crate::tls::{self, ServerTls};
-use crate::tokens::TokenStore;
+use crate::tokens::{TokenSource, TokenStore};
 
 /// TLS handshakes in flight at once.
 const MAX_HANDSHAKES: usize = 512;
@@ -44,8 +44,9 @@ const LEDGER_PRUNE_INTERVAL: Duration = Duration::from_secs(600);
 /// How to run a standalone controller.
 #[derive(Debug, Clone)]
 pub struct ControllerConfig {
-    /// Directory of MicroMiner YAML files.
-    pub manifests: PathBuf,
+    /// Directory of MicroMiner YAML files; `None` in Kubernetes mode, where the
+    /// MicroMiner reconciler hands the fleet its miners.
+    pub manifests: Option<PathBuf>,
     /// Directory for the store, tokens and (by default) the CA.
     pub data_dir: PathBuf,
     /// gRPC (TLS) listen address.
@@ -54,6 +55,9 @@ pub struct ControllerConfig {
     pub http_listen: SocketAddr,
     /// Where the CA lives, if not `<data_dir>/pki`.
     pub pki_dir: Option<PathBuf>,
+    /// A CA managed elsewhere (certificate and key PEM files, e.g. a cert-manager Secret
+    /// mounted as `tls.crt` and `tls.key`), used instead of `pki_dir`.
+    pub ca_files: Option<(PathBuf, PathBuf)>,
     /// Extra names and addresses for the serving certificate.
     pub tls_sans: Vec<String>,
     /// Lifetime of device certificates.
@@ -66,14 +70,32 @@ impl ControllerConfig {
     /// Defaults for everything but the two directories.
     pub fn new(manifests: PathBuf, data_dir: PathBuf) -> ControllerConfig {
         ControllerConfig {
-            manifests,
+            manifests: Some(manifests),
             data_dir,
             listen: SocketAddr::from(([0, 0, 0, 0], 7443)),
             http_listen: SocketAddr::from(([127, 0, 0, 1], 8080)),
             pki_dir: None,
+            ca_files: None,
             tls_sans: Vec::new(),
             device_cert_ttl: Duration::from_secs(24 * 3600),
             manifest_poll: Duration::from_secs(1),
+        }
+    }
+
+    /// Kubernetes mode: no manifests directory, the rest as in [`ControllerConfig::new`].
+    pub fn for_kubernetes(data_dir: PathBuf) -> ControllerConfig {
+        ControllerConfig {
+            manifests: None,
+            ..ControllerConfig::new(PathBuf::new(), data_dir)
+        }
+    }
+
+    /// The fleet CA: the mounted files if given, else the CA directory's (made on first
+    /// start).
+    pub fn load_pki(&self) -> Result<Pki, crate::pki::PkiError> {
+        match &self.ca_files {
+            Some((cert, key)) => Pki::load_files(cert, key),
+            None => Pki::load_or_create(&self.pki_dir()),
         }
     }
 
@@ -161,11 +183,34 @@ pub struct Controller {
 /// Starts a controller: opens the store, restores the fleet, reads the manifests, and
 /// serves gRPC and HTTP until [`Controller::stop`].
 pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
-    if !config.manifests.is_dir() {
-        return Err(StartError::NoManifests(config.manifests.clone()));
+    start_serving(config, None).await
+}
+
+/// Starts the serving half of a Kubernetes-mode controller (the leader's): like
+/// [`start`] without a manifests directory, with bootstrap tokens from Secrets. The
+/// MicroMiner reconciler hands the fleet its miners.
+pub async fn start_for_kubernetes(
+    config: ControllerConfig,
+    secrets: crate::kubernetes::tokens::SecretTokens,
+) -> Result<Controller, StartError> {
+    start_serving(config, Some(secrets)).await
+}
+
+async fn start_serving(
+    config: ControllerConfig,
+    secrets: Option<crate::kubernetes::tokens::SecretTokens>,
+) -> Result<Controller, StartError> {
+    if let Some(dir) = &config.manifests
+        && !dir.is_dir()
+    {
+        return Err(StartError::NoManifests(dir.clone()));
     }
-    let pki = Arc::new(Pki::load_or_create(&config.pki_dir())?);
+    let pki = Arc::new(config.load_pki()?);
     let tokens = Arc::new(TokenStore::open(&tokens_dir(&config.data_dir))?);
+    let token_source = match secrets {
+        Some(secrets) => TokenSource::Secrets(secrets),
+        None => TokenSource::Files(tokens.clone()),
+    };
     let store_path = config.data_dir.join("store.redb");
     let store = Store::open(&store_path).map_err(|source| StartError::Store {
         path: store_path.clone(),
@@ -174,11 +219,13 @@ pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
     let ledger = Ledger::open(store.clone())?;
     let fleet = Fleet::open(store.clone(), ledger).await?;
 
-    let mut watcher = ManifestWatcher::new(&config.manifests);
     let status = Arc::new(Mutex::new(ManifestStatus::default()));
-    let initial = watcher.scan();
-    report_manifests(&initial, &status);
-    fleet.apply_miners(&initial.miners);
+    let mut watcher = config.manifests.as_deref().map(ManifestWatcher::new);
+    if let Some(watcher) = watcher.as_mut() {
+        let initial = watcher.scan();
+        report_manifests(&initial, &status);
+        fleet.apply_miners(&initial.miners);
+    }
 
     let revocation_store = RevocationStore::open(&revocations_dir(&config.data_dir))?;
     let revocations = Arc::new(Revocations::default());
@@ -237,7 +284,7 @@ pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
     let enrollment_service = EnrollmentService::new(
         fleet.clone(),
         pki.clone(),
-        tokens.clone(),
+        token_source,
         config.device_cert_ttl,
     );
     let incoming = tls::tls_incoming(grpc_listener, server_tls.clone(), MAX_HANDSHAKES);
@@ -270,6 +317,11 @@ pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
         fleet: fleet.clone(),
         manifests: status.clone(),
         ready: ready.clone(),
+        role: if config.manifests.is_some() {
+            "standalone"
+        } else {
+            "leader"
+        },
     };
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
@@ -360,38 +412,40 @@ pub async fn start(config: ControllerConfig) -> Result<Controller, StartError> {
         }
     }));
 
-    let watch_fleet = fleet.clone();
-    let watch_status = status.clone();
-    let stop = shutdown.clone();
-    let poll = config.manifest_poll;
-    tasks.push(tokio::spawn(async move {
-        let mut every = tokio::time::interval(poll);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = every.tick() => {}
-            }
-            // Reading files is blocking I/O; keep it off the async workers.
-            let (back, scan) = match tokio::task::spawn_blocking(move || {
-                let scan = watcher.scan();
-                (watcher, scan)
-            })
-            .await
-            {
-                Ok(result) => result,
-                Err(e) => {
-                    tracing::error!(error = %e, "manifest scan failed; watching stops");
-                    break;
+    if let Some(mut watcher) = watcher {
+        let watch_fleet = fleet.clone();
+        let watch_status = status.clone();
+        let stop = shutdown.clone();
+        let poll = config.manifest_poll;
+        tasks.push(tokio::spawn(async move {
+            let mut every = tokio::time::interval(poll);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => break,
+                    _ = every.tick() => {}
                 }
-            };
-            watcher = back;
-            if scan.changed {
-                report_manifests(&scan, &watch_status);
-                watch_fleet.apply_miners(&scan.miners);
+                // Reading files is blocking I/O; keep it off the async workers.
+                let (back, scan) = match tokio::task::spawn_blocking(move || {
+                    let scan = watcher.scan();
+                    (watcher, scan)
+                })
+                .await
+                {
+                    Ok(result) => result,
+                    Err(e) => {
+                        tracing::error!(error = %e, "manifest scan failed; watching stops");
+                        break;
+                    }
+                };
+                watcher = back;
+                if scan.changed {
+                    report_manifests(&scan, &watch_status);
+                    watch_fleet.apply_miners(&scan.miners);
+                }
             }
-        }
-    }));
+        }));
+    }
 
     ready.store(true, Ordering::Release);
     tracing::info!(grpc = %grpc_addr, http = %http_addr, data_dir = %config.data_dir.display(),

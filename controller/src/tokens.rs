@@ -151,11 +151,12 @@ pub struct TokenRecord {
     pub labels: BTreeMap<String, String>,
 }
 
-/// The on-disk form. `id` is repeated inside the file so a renamed file is detected.
-#[derive(Debug, Serialize, Deserialize)]
+/// The stored form (a file here, a Secret in Kubernetes mode). `id` is repeated inside so
+/// a renamed file or Secret is detected.
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
-struct TokenFile {
-    id: String,
+pub(crate) struct TokenFile {
+    pub(crate) id: String,
     secret_sha256: String,
     created_unix_ms: i64,
     expires_unix_ms: i64,
@@ -164,8 +165,57 @@ struct TokenFile {
     labels: BTreeMap<String, String>,
 }
 
+/// What presenting a token to its stored record decided.
+#[derive(Debug)]
+pub(crate) enum Consumed {
+    /// Refused; the record stays as it is.
+    Refused(TokenError),
+    /// Refused, and the record is dead (expired or used up): delete it.
+    Discard(TokenError),
+    /// The last use was consumed: delete the record, then enroll.
+    Last,
+    /// A use was consumed: store the record with one use fewer, then enroll.
+    Some,
+}
+
 impl TokenFile {
-    fn record(&self) -> TokenRecord {
+    /// Checks `presented` (the SHA-256 of the secret) before anything else about the
+    /// record is revealed or changed (constant-time), then expiry and uses left, and takes
+    /// one use. `location` names the record in a corruption error.
+    pub(crate) fn consume(
+        &mut self,
+        presented: &[u8; 32],
+        now_unix_ms: i64,
+        location: &str,
+    ) -> Consumed {
+        let id = self.id.clone();
+        let Some(stored) = decode_hash(&self.secret_sha256) else {
+            return Consumed::Refused(TokenError::Corrupt {
+                path: PathBuf::from(location),
+                reason: "secret_sha256 is not 64 hex digits".into(),
+            });
+        };
+        if !ct_eq(&stored, presented) {
+            return Consumed::Refused(TokenError::WrongSecret { id });
+        }
+        if now_unix_ms >= self.expires_unix_ms {
+            return Consumed::Discard(TokenError::Expired {
+                id,
+                expires_unix_ms: self.expires_unix_ms,
+            });
+        }
+        if self.uses_remaining == 0 {
+            return Consumed::Discard(TokenError::UsedUp { id });
+        }
+        self.uses_remaining -= 1;
+        if self.uses_remaining == 0 {
+            Consumed::Last
+        } else {
+            Consumed::Some
+        }
+    }
+
+    pub(crate) fn record(&self) -> TokenRecord {
         TokenRecord {
             id_hex: self.id.clone(),
             created_unix_ms: self.created_unix_ms,
@@ -207,42 +257,7 @@ impl TokenStore {
         spec: &TokenSpec,
         ca_fingerprint: [u8; 32],
     ) -> Result<(BootstrapToken, TokenRecord), TokenError> {
-        if spec.uses == 0 {
-            return Err(TokenError::InvalidSpec {
-                field: "uses",
-                value: spec.uses.to_string(),
-                reason: "must be at least 1",
-            });
-        }
-        if spec.ttl.is_zero() || spec.ttl > MAX_TTL {
-            return Err(TokenError::InvalidSpec {
-                field: "ttl",
-                value: format!("{:?}", spec.ttl),
-                reason: "must be positive and at most 365 days",
-            });
-        }
-        let mut id = [0u8; 8];
-        let mut secret = [0u8; 16];
-        for buf in [&mut id[..], &mut secret[..]] {
-            SysRng
-                .try_fill_bytes(buf)
-                .map_err(|e| TokenError::Random(e.to_string()))?;
-        }
-        let token = BootstrapToken {
-            id,
-            secret,
-            ca_fingerprint,
-        };
-        let created_unix_ms = now_unix_ms();
-        let ttl_ms = i64::try_from(spec.ttl.as_millis()).unwrap_or(i64::MAX);
-        let file = TokenFile {
-            id: token.id_hex(),
-            secret_sha256: hex::encode(Sha256::digest(secret)),
-            created_unix_ms,
-            expires_unix_ms: created_unix_ms.saturating_add(ttl_ms),
-            uses_remaining: spec.uses,
-            labels: spec.labels.clone(),
-        };
+        let (token, file) = mint(spec, ca_fingerprint)?;
         self.write(&file)?;
         Ok((token, file.record()))
     }
@@ -260,13 +275,7 @@ impl TokenStore {
         now_unix_ms: i64,
     ) -> Result<TokenRecord, TokenError> {
         let id = token.id_hex();
-        if token.ca_fingerprint != ca_fingerprint {
-            return Err(TokenError::WrongCa {
-                id,
-                token_ca: hex::encode(token.ca_fingerprint),
-                our_ca: hex::encode(ca_fingerprint),
-            });
-        }
+        check_ca(token, ca_fingerprint)?;
         let presented: [u8; 32] = Sha256::digest(token.secret).into();
         // A poisoned lock only means another redeem panicked; the files are the truth.
         let mut used_up = self
@@ -282,34 +291,24 @@ impl TokenStore {
                 None => Err(TokenError::UnknownToken { id }),
             };
         };
-        let stored = decode_hash(&file.secret_sha256).ok_or_else(|| TokenError::Corrupt {
-            path: path.clone(),
-            reason: "secret_sha256 is not 64 hex digits".into(),
-        })?;
-        if !ct_eq(&stored, &presented) {
-            return Err(TokenError::WrongSecret { id });
-        }
-        if now_unix_ms >= file.expires_unix_ms {
-            self.remove(&path)?;
-            return Err(TokenError::Expired {
-                id,
-                expires_unix_ms: file.expires_unix_ms,
-            });
-        }
-        if file.uses_remaining == 0 {
-            self.remove(&path)?;
-            return Err(TokenError::UsedUp { id });
-        }
-        file.uses_remaining -= 1;
         // Durable before success: a crash after this point costs the device a use, never
         // grants an extra one.
-        if file.uses_remaining == 0 {
-            self.remove(&path)?;
-            used_up.insert(token.id, stored);
-        } else {
-            self.write(&file)?;
+        match file.consume(&presented, now_unix_ms, &path.display().to_string()) {
+            Consumed::Refused(e) => Err(e),
+            Consumed::Discard(e) => {
+                self.remove(&path)?;
+                Err(e)
+            }
+            Consumed::Last => {
+                self.remove(&path)?;
+                used_up.insert(token.id, presented);
+                Ok(file.record())
+            }
+            Consumed::Some => {
+                self.write(&file)?;
+                Ok(file.record())
+            }
         }
-        Ok(file.record())
     }
 
     /// All tokens on disk, oldest first, for operators. Unreadable or corrupt files are
@@ -399,6 +398,118 @@ impl TokenStore {
             }),
         }
     }
+}
+
+/// Where enrollment finds tokens: files in standalone mode, Secrets in Kubernetes mode.
+#[derive(Clone)]
+pub enum TokenSource {
+    /// A token directory.
+    Files(std::sync::Arc<TokenStore>),
+    /// Secrets in the controller's namespace.
+    Secrets(crate::kubernetes::tokens::SecretTokens),
+}
+
+/// Why a token bought nothing.
+#[derive(Debug, thiserror::Error)]
+pub enum RedeemError {
+    /// The token is wrong, expired or used up; the reason is for the operator's log only.
+    #[error("{0}")]
+    Refused(String),
+    /// The tokens could not be read or written; the device should try again later.
+    #[error("{0}")]
+    Unavailable(String),
+}
+
+impl TokenSource {
+    /// Checks and consumes one use of `token`.
+    pub async fn redeem(
+        &self,
+        token: &BootstrapToken,
+        ca_fingerprint: [u8; 32],
+        now_unix_ms: i64,
+    ) -> Result<TokenRecord, RedeemError> {
+        use crate::kubernetes::tokens::SecretTokenError;
+        match self {
+            TokenSource::Files(store) => {
+                let store = store.clone();
+                let token = token.clone();
+                tokio::task::spawn_blocking(move || {
+                    store.redeem(&token, ca_fingerprint, now_unix_ms)
+                })
+                .await
+                .map_err(|e| RedeemError::Unavailable(e.to_string()))?
+                .map_err(|e| match e {
+                    TokenError::Io { .. } => RedeemError::Unavailable(e.to_string()),
+                    e => RedeemError::Refused(e.to_string()),
+                })
+            }
+            TokenSource::Secrets(secrets) => secrets
+                .redeem(token, ca_fingerprint, now_unix_ms)
+                .await
+                .map_err(|e| match e {
+                    SecretTokenError::Token(e) => RedeemError::Refused(e.to_string()),
+                    e => RedeemError::Unavailable(e.to_string()),
+                }),
+        }
+    }
+}
+
+/// A new token for `spec` and the record to store for it: random id and secret from the
+/// OS RNG, bound to `ca_fingerprint` so a device can authenticate the controller before
+/// it reveals the secret. Only the secret's hash is in the record.
+pub(crate) fn mint(
+    spec: &TokenSpec,
+    ca_fingerprint: [u8; 32],
+) -> Result<(BootstrapToken, TokenFile), TokenError> {
+    if spec.uses == 0 {
+        return Err(TokenError::InvalidSpec {
+            field: "uses",
+            value: spec.uses.to_string(),
+            reason: "must be at least 1",
+        });
+    }
+    if spec.ttl.is_zero() || spec.ttl > MAX_TTL {
+        return Err(TokenError::InvalidSpec {
+            field: "ttl",
+            value: format!("{:?}", spec.ttl),
+            reason: "must be positive and at most 365 days",
+        });
+    }
+    let mut id = [0u8; 8];
+    let mut secret = [0u8; 16];
+    for buf in [&mut id[..], &mut secret[..]] {
+        SysRng
+            .try_fill_bytes(buf)
+            .map_err(|e| TokenError::Random(e.to_string()))?;
+    }
+    let token = BootstrapToken {
+        id,
+        secret,
+        ca_fingerprint,
+    };
+    let created_unix_ms = now_unix_ms();
+    let ttl_ms = i64::try_from(spec.ttl.as_millis()).unwrap_or(i64::MAX);
+    let file = TokenFile {
+        id: token.id_hex(),
+        secret_sha256: hex::encode(Sha256::digest(secret)),
+        created_unix_ms,
+        expires_unix_ms: created_unix_ms.saturating_add(ttl_ms),
+        uses_remaining: spec.uses,
+        labels: spec.labels.clone(),
+    };
+    Ok((token, file))
+}
+
+/// A token minted for another CA is refused before its secret is looked at.
+pub(crate) fn check_ca(token: &BootstrapToken, ca_fingerprint: [u8; 32]) -> Result<(), TokenError> {
+    if token.ca_fingerprint != ca_fingerprint {
+        return Err(TokenError::WrongCa {
+            id: token.id_hex(),
+            token_ca: hex::encode(token.ca_fingerprint),
+            our_ca: hex::encode(ca_fingerprint),
+        });
+    }
+    Ok(())
 }
 
 /// Parses the human durations `--ttl` takes: one or more `<number><unit>` pairs with units

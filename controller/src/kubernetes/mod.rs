@@ -10,6 +10,7 @@ pub mod miners;
 pub mod rbac;
 #[cfg(test)]
 pub mod testing;
+pub mod tokens;
 
 /// The one field manager every status write uses, so server-side apply attributes the
 /// status fields to this controller and nothing else.
