@@ -208,7 +208,7 @@ async fn start_serving(
     let pki = Arc::new(config.load_pki()?);
     let tokens = Arc::new(TokenStore::open(&tokens_dir(&config.data_dir))?);
     let token_source = match secrets {
-        Some(secrets) => TokenSource::Secrets(secrets),
+        Some(secrets) => TokenSource::Secrets(Box::new(secrets)),
         None => TokenSource::Files(tokens.clone()),
     };
     let store_path = config.data_dir.join("store.redb");

@@ -406,7 +406,7 @@ pub enum TokenSource {
     /// A token directory.
     Files(std::sync::Arc<TokenStore>),
     /// Secrets in the controller's namespace.
-    Secrets(crate::kubernetes::tokens::SecretTokens),
+    Secrets(Box<crate::kubernetes::tokens::SecretTokens>),
 }
 
 /// Why a token bought nothing.
