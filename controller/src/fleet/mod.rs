@@ -166,6 +166,13 @@ impl Fleet {
         self.queue(fx);
     }
 
+    /// Cordons (`true`) or uncordons a device; see `EdgeDevice.spec.unschedulable`.
+    pub fn set_unschedulable(&self, device: &str, unschedulable: bool) {
+        let mut state = lock(&self.state);
+        let fx = state.set_unschedulable(device, unschedulable, now_ms());
+        self.queue(fx);
+    }
+
     /// The revocations the status views mark devices with.
     pub fn set_revocations(&self, revocations: Arc<Revocations>) {
         *lock(&self.revocations) = revocations;

@@ -205,6 +205,10 @@ pub struct FleetState {
     tips: BTreeMap<String, ChainTip>,
     ids: FleetIds,
     next_session: u64,
+    /// Devices an operator cordoned (`EdgeDevice.spec.unschedulable`): connected, given
+    /// nothing. Kept apart from the device records because it is the API server's to
+    /// say, not the store's, and may name devices this controller has not met yet.
+    unschedulable: BTreeSet<String>,
 }
 
 fn now_unix_seconds(now_ms: i64) -> u32 {
@@ -266,6 +270,7 @@ impl FleetState {
             tips: restored.tips,
             ids,
             next_session: 1,
+            unschedulable: BTreeSet::new(),
         }
     }
 
@@ -413,6 +418,22 @@ impl FleetState {
                 );
             }
         }
+    }
+
+    /// Cordons or uncordons a device: a cordoned one keeps its session and is handed
+    /// nothing; what it holds is taken back at once.
+    pub fn set_unschedulable(&mut self, name: &str, unschedulable: bool, now_ms: i64) -> Effects {
+        let mut fx = Effects::default();
+        if unschedulable {
+            if self.unschedulable.insert(name.to_string()) {
+                tracing::info!(device = name, "device unschedulable; its work is taken back");
+                self.end_device_leases(name, "device marked unschedulable", &mut fx);
+            }
+        } else if self.unschedulable.remove(name) {
+            tracing::info!(device = name, "device schedulable again");
+            self.top_up(name, now_ms, &mut fx);
+        }
+        fx
     }
 
     // ---------------------------------------------------------------- sessions
@@ -761,7 +782,7 @@ impl FleetState {
         let Some(device) = self.devices.get(name) else {
             return;
         };
-        if device.session.is_none() {
+        if device.session.is_none() || self.unschedulable.contains(name) {
             return;
         }
         let Some(key) = device.miner.clone() else {
@@ -1042,8 +1063,11 @@ impl FleetState {
             .map(|d| {
                 let connected = d.session.is_some();
                 let leases = self.scheduler.leases_of(&d.record.name).len();
+                let unschedulable = self.unschedulable.contains(&d.record.name);
                 let state = if !connected {
                     "offline".to_string()
+                } else if unschedulable {
+                    "unschedulable".to_string()
                 } else if d.reported_state.starts_with("throttled")
                     || d.reported_state.starts_with("paused")
                 {
@@ -1059,7 +1083,9 @@ impl FleetState {
                     connected,
                     state,
                     miner: d.miner.clone(),
+                    unschedulable,
                     cores: d.record.capacity.cores,
+                    memory_bytes: d.record.capacity.memory_bytes,
                     mining_threads: d.record.capacity.mining_threads,
                     arch: d.record.capacity.arch.clone(),
                     hash_engine: d.record.capacity.hash_engine.clone(),
@@ -1398,6 +1424,34 @@ mod tests {
         let topped = assignments(&fx, "d1");
         assert_eq!(topped.len(), 1);
         assert_eq!(topped[0].nonce_start, given[1].nonce_start);
+    }
+
+    #[test]
+    fn an_unschedulable_device_gives_its_work_back_and_gets_none_until_uncordoned() {
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[miner("a", "north", 1.0, false)]), NOW);
+        // Cordoned before it ever connected: the API server may say so first.
+        s.set_unschedulable("d2", true, NOW);
+        let (_, fx) = s.connect("d2", &hello("north", vec![]), NOW);
+        assert!(assignments(&fx, "d2").is_empty());
+
+        let (_, fx) = s.connect("d1", &hello("north", vec![]), NOW);
+        let given: Vec<u64> = assignments(&fx, "d1").iter().map(|a| a.id).collect();
+        assert_eq!(given.len(), LEASES_PER_DEVICE);
+
+        let fx = s.set_unschedulable("d1", true, NOW + 1);
+        let mut cancelled = cancels(&fx, "d1");
+        cancelled.sort_unstable();
+        assert_eq!(cancelled, given);
+        assert!(s.leases().is_empty());
+        assert!(s.tick(NOW + 2).messages.is_empty(), "nothing handed out on tick");
+        let (_, devices) = s.view(NOW + 2, &|_| Totals::default());
+        let d1 = devices.iter().find(|d| d.name == "d1").unwrap();
+        assert_eq!((d1.state.as_str(), d1.unschedulable), ("unschedulable", true));
+        assert!(s.set_unschedulable("d1", true, NOW + 3).is_empty(), "idempotent");
+
+        let fx = s.set_unschedulable("d1", false, NOW + 4);
+        assert_eq!(assignments(&fx, "d1").len(), LEASES_PER_DEVICE);
     }
 
     #[test]

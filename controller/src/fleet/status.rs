@@ -77,12 +77,17 @@ pub struct DeviceView {
     pub labels: BTreeMap<String, String>,
     /// Whether a session is open now.
     pub connected: bool,
-    /// `mining`, `idle`, `offline`, or what the agent reports (e.g. `throttled:thermal`).
+    /// `mining`, `idle`, `offline`, `unschedulable`, or what the agent reports (e.g.
+    /// `throttled:thermal`).
     pub state: String,
     /// The MicroMiner it works for, `namespace/name`.
     pub miner: Option<String>,
+    /// Cordoned by an operator: connected, handed no work.
+    pub unschedulable: bool,
     /// Logical cores.
     pub cores: u32,
+    /// Physical memory, bytes.
+    pub memory_bytes: u64,
     /// Hashing threads.
     pub mining_threads: u32,
     /// CPU architecture.
