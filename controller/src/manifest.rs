@@ -207,6 +207,19 @@ pub struct ShareCounts {
     pub stale: u64,
 }
 
+impl ShareCounts {
+    /// The counts operators see, from the ledger's totals: stale shares apart from the
+    /// other rejections.
+    pub fn from_totals(t: &crate::ledger::Totals) -> ShareCounts {
+        let stale = t.rejected.stale;
+        ShareCounts {
+            accepted: t.accepted,
+            rejected: t.rejected.total().saturating_sub(stale),
+            stale,
+        }
+    }
+}
+
 impl MicroMiner {
     /// `namespace/name`, the key the ledger and the scheduler use.
     pub fn key(&self) -> String {

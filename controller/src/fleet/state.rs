@@ -426,7 +426,10 @@ impl FleetState {
         let mut fx = Effects::default();
         if unschedulable {
             if self.unschedulable.insert(name.to_string()) {
-                tracing::info!(device = name, "device unschedulable; its work is taken back");
+                tracing::info!(
+                    device = name,
+                    "device unschedulable; its work is taken back"
+                );
                 self.end_device_leases(name, "device marked unschedulable", &mut fx);
             }
         } else if self.unschedulable.remove(name) {
@@ -1125,7 +1128,6 @@ impl FleetState {
                 }
             }
             let t = totals(Scope::Miner(key));
-            let stale = t.rejected.stale;
             let status = MicroMinerStatus {
                 observed_generation: runtime.spec.metadata.generation,
                 conditions: super::conditions::update(
@@ -1139,11 +1141,7 @@ impl FleetState {
                     nominal,
                     effective: runtime.effective.hashrate(now_ms),
                 },
-                shares: ShareCounts {
-                    accepted: t.accepted,
-                    rejected: t.rejected.total().saturating_sub(stale),
-                    stale,
-                },
+                shares: ShareCounts::from_totals(&t),
                 blocks_found: t.blocks,
                 last_share_time: t
                     .last_share_unix_ms
@@ -1444,11 +1442,20 @@ mod tests {
         cancelled.sort_unstable();
         assert_eq!(cancelled, given);
         assert!(s.leases().is_empty());
-        assert!(s.tick(NOW + 2).messages.is_empty(), "nothing handed out on tick");
+        assert!(
+            s.tick(NOW + 2).messages.is_empty(),
+            "nothing handed out on tick"
+        );
         let (_, devices) = s.view(NOW + 2, &|_| Totals::default());
         let d1 = devices.iter().find(|d| d.name == "d1").unwrap();
-        assert_eq!((d1.state.as_str(), d1.unschedulable), ("unschedulable", true));
-        assert!(s.set_unschedulable("d1", true, NOW + 3).is_empty(), "idempotent");
+        assert_eq!(
+            (d1.state.as_str(), d1.unschedulable),
+            ("unschedulable", true)
+        );
+        assert!(
+            s.set_unschedulable("d1", true, NOW + 3).is_empty(),
+            "idempotent"
+        );
 
         let fx = s.set_unschedulable("d1", false, NOW + 4);
         assert_eq!(assignments(&fx, "d1").len(), LEASES_PER_DEVICE);

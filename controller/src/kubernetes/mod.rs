@@ -5,6 +5,7 @@
 //!   conditions, events, per-object backoff).
 //! - `leader`: leader election on a Lease, so one replica of several schedules.
 
+pub mod devices;
 pub mod leader;
 pub mod miners;
 pub mod rbac;
