@@ -18,14 +18,22 @@ use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
+use super::devices::{REFRESH_WRITES_PER_MINUTE, SharedBudget, WriteBudget};
 use super::{FIELD_MANAGER, FINALIZER};
 use crate::fleet::conditions;
 use crate::fleet::{Fleet, now_ms};
 use crate::manifest::{API_VERSION, MicroMiner, MicroMinerStatus, MinerSet};
 
-/// How often a served MicroMiner's status is rewritten when nothing else happens: the
-/// hash rate and share counts move all the time, the API server need not hear every move.
+/// How often a served MicroMiner is looked at again when nothing else happens. Its status
+/// is written when a condition, the device counts or the generation changed; the hash
+/// rate and share counts move all the time and are refreshed at most every
+/// [`REFRESH_INTERVAL_MS`], within the controller's write budget.
 pub const STATUS_PERIOD: Duration = Duration::from_secs(30);
+/// A MicroMiner's live figures are refreshed at most this often.
+pub const REFRESH_INTERVAL_MS: i64 = 60_000;
+/// The fleet view is computed at most this often for all reconciles together: with a
+/// thousand MicroMiners, each recomputing it would cost more than the reconciles do.
+const VIEW_MAX_AGE_MS: i64 = 1_000;
 /// First retry after a failed reconcile; doubles per consecutive failure of that object.
 const BACKOFF_BASE: Duration = Duration::from_secs(1);
 /// Retries of one object never wait longer than this.
@@ -68,18 +76,93 @@ pub struct Context {
     served: Mutex<MinerSet>,
     /// Consecutive failures per `namespace/name`, for backoff.
     failures: Mutex<HashMap<String, u32>>,
+    /// Status refreshes are drawn from this.
+    budget: SharedBudget,
+    /// When each MicroMiner's status was last written, Unix ms.
+    written: Mutex<HashMap<String, i64>>,
+    /// The MicroMiner statuses of a recent fleet view, and when it was taken.
+    view: Mutex<(i64, Arc<HashMap<String, MicroMinerStatus>>)>,
 }
 
 impl Context {
-    /// A context serving nothing yet.
+    /// A context serving nothing yet, with a write budget of its own.
     pub fn new(client: kube::Client, fleet: Arc<Fleet>, recorder: Recorder) -> Context {
+        let budget = Arc::new(Mutex::new(WriteBudget::new(
+            REFRESH_WRITES_PER_MINUTE,
+            now_ms(),
+        )));
+        Context::with_budget(client, fleet, recorder, budget)
+    }
+
+    /// A context whose status refreshes come out of `budget`, shared with the EdgeDevice
+    /// publisher.
+    pub fn with_budget(
+        client: kube::Client,
+        fleet: Arc<Fleet>,
+        recorder: Recorder,
+        budget: SharedBudget,
+    ) -> Context {
         Context {
             client,
             fleet,
             recorder,
             served: Mutex::default(),
             failures: Mutex::default(),
+            budget,
+            written: Mutex::default(),
+            view: Mutex::new((i64::MIN, Arc::default())),
         }
+    }
+
+    /// The status the fleet gives MicroMiner `key` now (a view at most
+    /// [`VIEW_MAX_AGE_MS`] old).
+    fn status_of(&self, key: &str, now_ms: i64) -> MicroMinerStatus {
+        let statuses = {
+            let mut view = lock(&self.view);
+            if now_ms.saturating_sub(view.0) >= VIEW_MAX_AGE_MS {
+                let fresh = self
+                    .fleet
+                    .view()
+                    .miners
+                    .into_iter()
+                    .map(|m| (m.key, m.status))
+                    .collect();
+                *view = (now_ms, Arc::new(fresh));
+            }
+            view.1.clone()
+        };
+        statuses.get(key).cloned().unwrap_or_default()
+    }
+
+    /// Whether `new` is worth a write over `old`, the status the object carries: always
+    /// when something an operator acts on changed, otherwise a refresh of the figures at
+    /// most every [`REFRESH_INTERVAL_MS`] and only while the budget lasts.
+    fn worth_writing(
+        &self,
+        key: &str,
+        old: Option<&MicroMinerStatus>,
+        new: &MicroMinerStatus,
+        now_ms: i64,
+    ) -> bool {
+        let Some(old) = old else {
+            return true;
+        };
+        if significant(old) != significant(new) {
+            return true;
+        }
+        let figures = |s: &MicroMinerStatus| {
+            (
+                s.hashrate.effective.round() as u64,
+                s.hashrate.nominal.round() as u64,
+                s.shares.clone(),
+                s.blocks_found,
+            )
+        };
+        if figures(old) == figures(new) {
+            return false;
+        }
+        let last = lock(&self.written).get(key).copied().unwrap_or(i64::MIN);
+        now_ms.saturating_sub(last) >= REFRESH_INTERVAL_MS && lock(&self.budget).try_take(now_ms)
     }
 
     /// The keys of the MicroMiners being served.
@@ -102,6 +185,8 @@ impl Context {
         };
         if changed {
             self.fleet.apply_miners(&served);
+            // The cached view predates the change.
+            lock(&self.view).0 = i64::MIN;
         }
     }
 }
@@ -180,17 +265,11 @@ async fn apply(
 ) -> Result<Action, ReconcileError> {
     let key = miner.key();
     let previous_ready = ready_status(miner.status.as_ref());
+    let now = now_ms();
     let (status, event, action) = match miner.validate() {
         Ok(()) => {
             ctx.serve(Some(miner.clone()), &key);
-            let status = ctx
-                .fleet
-                .view()
-                .miners
-                .into_iter()
-                .find(|m| m.key == key)
-                .map(|m| m.status)
-                .unwrap_or_default();
+            let status = ctx.status_of(&key, now);
             let event = match (
                 previous_ready.as_deref(),
                 ready_status(Some(&status)).as_deref(),
@@ -221,6 +300,9 @@ async fn apply(
             (status, event, Action::await_change())
         }
     };
+    if !ctx.worth_writing(&key, miner.status.as_ref(), &status, now) {
+        return Ok(action);
+    }
     let patch = json!({
         "apiVersion": API_VERSION,
         "kind": "MicroMiner",
@@ -237,6 +319,7 @@ async fn apply(
         key: key.clone(),
         source,
     })?;
+    lock(&ctx.written).insert(key.clone(), now);
     if let Some((type_, reason, note)) = event {
         publish(ctx, miner, type_, reason, note).await;
     }
@@ -246,6 +329,7 @@ async fn apply(
 async fn cleanup(miner: &MicroMiner, ctx: &Context) -> Result<Action, ReconcileError> {
     let key = miner.key();
     ctx.serve(None, &key);
+    lock(&ctx.written).remove(&key);
     tracing::info!(miner = %key, "MicroMiner deleted; its work was taken back from the devices");
     publish(
         ctx,
@@ -306,6 +390,21 @@ fn invalid_status(miner: &MicroMiner, message: &str) -> MicroMinerStatus {
         conditions,
         ..MicroMinerStatus::default()
     }
+}
+
+/// What must reach the API server at once: conditions (not their messages, which carry
+/// figures), the generation served, the device counts.
+fn significant(status: &MicroMinerStatus) -> (Option<i64>, Vec<(String, String, String)>, String) {
+    let conditions = status
+        .conditions
+        .iter()
+        .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
+        .collect();
+    (
+        status.observed_generation,
+        conditions,
+        format!("{:?}", status.devices),
+    )
 }
 
 fn ready_status(status: Option<&MicroMinerStatus>) -> Option<String> {
@@ -509,6 +608,71 @@ mod tests {
                 .miners
                 .iter()
                 .any(|m| m.key == "plant/night-shift")
+        );
+
+        // The periodic look with nothing changed: the status the object now carries is
+        // what the fleet says, so the API server hears nothing (an unexpected request
+        // would go unanswered and fail `done`).
+        let written = miner(&[FINALIZER], false, valid_spec(), Some(status.clone()));
+        let run = tokio::spawn(reconcile(Arc::new(written), ctx.clone()));
+        assert_eq!(done(run).await.unwrap(), Action::requeue(STATUS_PERIOD));
+    }
+
+    #[test]
+    fn only_operator_facing_changes_skip_the_refresh_budget() {
+        let status = |ready: &str, accepted: u64| MicroMinerStatus {
+            observed_generation: Some(3),
+            conditions: vec![k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition {
+                type_: "Ready".into(),
+                status: ready.into(),
+                reason: "Mining".into(),
+                message: format!("{accepted} accepted"),
+                observed_generation: Some(3),
+                last_transition_time: k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(
+                    jiff::Timestamp::UNIX_EPOCH,
+                ),
+            }],
+            shares: crate::manifest::ShareCounts {
+                accepted,
+                ..Default::default()
+            },
+            ..MicroMinerStatus::default()
+        };
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        let Setup { ctx, _dir, .. } = runtime.block_on(setup());
+        *lock(&ctx.budget) = WriteBudget::new(1, 0);
+        let key = "plant/night-shift";
+        let t = 10_000_000;
+        assert!(ctx.worth_writing(key, None, &status("True", 1), t));
+        assert!(!ctx.worth_writing(key, Some(&status("True", 1)), &status("True", 1), t));
+        assert!(ctx.worth_writing(key, Some(&status("True", 1)), &status("False", 1), t));
+        lock(&ctx.written).insert(key.into(), t);
+        assert!(
+            !ctx.worth_writing(
+                key,
+                Some(&status("True", 1)),
+                &status("True", 9),
+                t + 59_999
+            ),
+            "figures wait out the refresh interval"
+        );
+        assert!(ctx.worth_writing(
+            key,
+            Some(&status("True", 1)),
+            &status("True", 9),
+            t + 60_000
+        ));
+        assert!(
+            !ctx.worth_writing(
+                "plant/other",
+                Some(&status("True", 1)),
+                &status("True", 9),
+                t + 60_000
+            ),
+            "and the budget"
         );
     }
 
