@@ -6,8 +6,8 @@
 //! - `leader`: leader election on a Lease, so one replica of several schedules.
 
 pub mod leader;
-pub mod rbac;
 pub mod miners;
+pub mod rbac;
 
 /// The one field manager every status write uses, so server-side apply attributes the
 /// status fields to this controller and nothing else.
