@@ -1,0 +1,694 @@
+//! The Helm chart in `charts/micromine/`: it lints, every rendered document is a valid
+//! Kubernetes object of its kind, the controller and agent get the command lines the
+//! binaries expect, the RBAC grants exactly `kubernetes::rbac::RULES`, and bad values are
+//! refused by the schema with the field named.
+//!
+//! Needs helm: `$HELM`, else `<repo>/.tools/bin/helm` (`scripts/tools helm` puts it there;
+//! `scripts/test` does that first), else `helm` on the PATH. Only helm runs here, never
+//! the controller binary.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
+use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
+use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
+use micromine_controller::kubernetes::rbac::{RULES, Scope};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+const RELEASE: &str = "mm";
+const NAMESPACE: &str = "fleet";
+/// `<release>-<chart>`, the prefix of every resource.
+const FULLNAME: &str = "mm-micromine";
+
+fn repo() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("the controller crate sits in the repository")
+        .to_path_buf()
+}
+
+fn chart() -> PathBuf {
+    repo().join("charts/micromine")
+}
+
+/// The values file that turns on every non-default path of the chart.
+fn ha_values() -> PathBuf {
+    chart().join("ci/ha-values.yaml")
+}
+
+fn helm() -> PathBuf {
+    if let Some(helm) = std::env::var_os("HELM").filter(|h| !h.is_empty()) {
+        return PathBuf::from(helm);
+    }
+    let local = repo().join(".tools/bin/helm");
+    if local.is_file() {
+        return local;
+    }
+    let on_path = Command::new("helm")
+        .arg("version")
+        .output()
+        .is_ok_and(|o| o.status.success());
+    assert!(
+        on_path,
+        "helm not found ($HELM, {}, PATH); install it with `scripts/tools helm`",
+        local.display()
+    );
+    PathBuf::from("helm")
+}
+
+fn run_helm(args: &[&str]) -> Output {
+    let helm = helm();
+    Command::new(&helm)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("running {} {args:?}: {e}", helm.display()))
+}
+
+fn text(bytes: &[u8]) -> String {
+    String::from_utf8_lossy(bytes).into_owned()
+}
+
+/// `helm template` for the release, failing the test when helm does.
+fn render(extra: &[&str]) -> Rendered {
+    let chart = chart();
+    let mut args = vec![
+        "template",
+        RELEASE,
+        chart.to_str().expect("utf-8 path"),
+        "--namespace",
+        NAMESPACE,
+    ];
+    args.extend_from_slice(extra);
+    let out = run_helm(&args);
+    assert!(
+        out.status.success(),
+        "helm {args:?} failed:\n{}",
+        text(&out.stderr)
+    );
+    Rendered::parse(&text(&out.stdout))
+}
+
+/// The rendered documents, each parsed into its k8s-openapi type.
+#[derive(Default)]
+struct Rendered {
+    stateful_sets: Vec<StatefulSet>,
+    daemon_sets: Vec<DaemonSet>,
+    services: Vec<Service>,
+    service_accounts: Vec<ServiceAccount>,
+    cluster_roles: Vec<ClusterRole>,
+    cluster_role_bindings: Vec<ClusterRoleBinding>,
+    roles: Vec<Role>,
+    role_bindings: Vec<RoleBinding>,
+    config_maps: Vec<ConfigMap>,
+    service_monitors: Vec<Value>,
+}
+
+impl Rendered {
+    fn parse(yaml: &str) -> Self {
+        let documents: Vec<Value> = serde_saphyr::from_multiple(yaml)
+            .expect("helm's output is YAML without duplicate keys");
+        let mut rendered = Rendered::default();
+        for document in documents {
+            let kind = document["kind"].as_str().unwrap_or_default().to_owned();
+            match kind.as_str() {
+                "StatefulSet" => rendered.stateful_sets.push(typed(&kind, document)),
+                "DaemonSet" => rendered.daemon_sets.push(typed(&kind, document)),
+                "Service" => rendered.services.push(typed(&kind, document)),
+                "ServiceAccount" => rendered.service_accounts.push(typed(&kind, document)),
+                "ClusterRole" => rendered.cluster_roles.push(typed(&kind, document)),
+                "ClusterRoleBinding" => rendered.cluster_role_bindings.push(typed(&kind, document)),
+                "Role" => rendered.roles.push(typed(&kind, document)),
+                "RoleBinding" => rendered.role_bindings.push(typed(&kind, document)),
+                "ConfigMap" => rendered.config_maps.push(typed(&kind, document)),
+                "ServiceMonitor" => {
+                    assert_eq!(document["apiVersion"], "monitoring.coreos.com/v1");
+                    rendered.service_monitors.push(document);
+                }
+                _ => panic!("unexpected document in the chart: {document}"),
+            }
+        }
+        rendered
+    }
+
+    fn controller(&self) -> &StatefulSet {
+        assert_eq!(self.stateful_sets.len(), 1, "one controller StatefulSet");
+        &self.stateful_sets[0]
+    }
+
+    fn service(&self, name: &str) -> &Service {
+        self.services
+            .iter()
+            .find(|s| s.metadata.name.as_deref() == Some(name))
+            .unwrap_or_else(|| panic!("no Service {name}"))
+    }
+}
+
+/// Parses `document` as `T` and checks that nothing was dropped on the way: a misspelt or
+/// misplaced field would deserialize fine and be silently ignored by the API server too.
+fn typed<T: DeserializeOwned + serde::Serialize>(kind: &str, document: Value) -> T {
+    let name = document["metadata"]["name"].clone();
+    let parsed: T = serde_json::from_value(document.clone())
+        .unwrap_or_else(|e| panic!("{kind} {name} does not parse: {e}"));
+    let back = serde_json::to_value(&parsed).expect("serializes");
+    kept(&document, &back, &format!("{kind} {name}"));
+    parsed
+}
+
+/// Fails unless everything in `rendered` survived the round trip into `parsed`. The
+/// serializer may add (`apiVersion` and `kind` on nested claim templates), not drop.
+fn kept(rendered: &Value, parsed: &Value, path: &str) {
+    match (rendered, parsed) {
+        (Value::Object(r), Value::Object(p)) => {
+            for (key, value) in r {
+                let at = format!("{path}.{key}");
+                let Some(back) = p.get(key) else {
+                    panic!("{at} is not a field of its Kubernetes type (misspelt or misplaced?)");
+                };
+                kept(value, back, &at);
+            }
+        }
+        (Value::Array(r), Value::Array(p)) if r.len() == p.len() => {
+            for (i, (value, back)) in r.iter().zip(p).enumerate() {
+                kept(value, back, &format!("{path}[{i}]"));
+            }
+        }
+        _ => assert_eq!(rendered, parsed, "{path} changed in the round trip"),
+    }
+}
+
+fn container<'a>(containers: &'a [Container], name: &str) -> &'a Container {
+    containers
+        .iter()
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("no container {name}"))
+}
+
+/// A container's arguments as one line, to look for `--flag value` pairs in.
+fn command_line(c: &Container) -> String {
+    c.args.as_deref().expect("args").join(" ")
+}
+
+fn env_from_field(c: &Container, name: &str) -> String {
+    let env = c
+        .env
+        .as_deref()
+        .expect("env")
+        .iter()
+        .find(|e| e.name == name)
+        .unwrap_or_else(|| panic!("no env {name}"));
+    env.value_from
+        .as_ref()
+        .and_then(|v| v.field_ref.as_ref())
+        .map(|f| f.field_path.clone())
+        .unwrap_or_else(|| panic!("env {name} is not from the downward API"))
+}
+
+fn assert_restricted(c: &Container) {
+    let sc = c.security_context.as_ref().expect("securityContext");
+    assert_eq!(sc.run_as_non_root, Some(true), "{}", c.name);
+    assert_eq!(sc.run_as_user, Some(65532), "{}", c.name);
+    assert_eq!(sc.read_only_root_filesystem, Some(true), "{}", c.name);
+    assert_eq!(sc.allow_privilege_escalation, Some(false), "{}", c.name);
+    let caps = sc.capabilities.as_ref().expect("capabilities");
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(caps.add, None, "{}", c.name);
+    let seccomp = sc.seccomp_profile.as_ref().expect("seccompProfile");
+    assert_eq!(seccomp.type_, "RuntimeDefault");
+}
+
+#[test]
+fn lints_with_default_and_non_default_values() {
+    let chart = chart();
+    let chart = chart.to_str().expect("utf-8 path");
+    let out = run_helm(&["lint", chart]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+    let values = ha_values();
+    let out = run_helm(&[
+        "lint",
+        "--strict",
+        chart,
+        "-f",
+        values.to_str().expect("utf-8 path"),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        text(&out.stdout),
+        text(&out.stderr)
+    );
+}
+
+#[test]
+fn default_values_render_a_single_controller_with_its_services() {
+    let r = render(&[]);
+    let sts = r.controller();
+    assert_eq!(sts.metadata.name.as_deref(), Some(FULLNAME));
+    let spec = sts.spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(1));
+    assert_eq!(spec.service_name.as_deref(), Some("mm-micromine-headless"));
+    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+
+    let pod = spec.template.spec.as_ref().expect("pod spec");
+    assert_eq!(pod.service_account_name.as_deref(), Some(FULLNAME));
+    let pod_sc = pod.security_context.as_ref().expect("pod securityContext");
+    assert_eq!(pod_sc.fs_group, Some(65532));
+    assert_eq!(pod_sc.run_as_non_root, Some(true));
+
+    let c = container(&pod.containers, "controller");
+    assert_eq!(
+        c.image.as_deref(),
+        Some(concat!(
+            "ghcr.io/micromine/micromine-controller:",
+            env!("CARGO_PKG_VERSION")
+        )),
+        "the image tag defaults to appVersion, the workspace version"
+    );
+    let args = command_line(c);
+    let expected = format!(
+        "run --kubernetes --data-dir /var/lib/micromine --listen 0.0.0.0:7443 \
+         --http-listen 0.0.0.0:8080 --namespace $(POD_NAMESPACE) --lease-name {FULLNAME} \
+         --identity $(POD_NAME) --tls-san {FULLNAME} --tls-san {FULLNAME}.{NAMESPACE} \
+         --tls-san {FULLNAME}.{NAMESPACE}.svc --tls-san {FULLNAME}.{NAMESPACE}.svc.cluster.local \
+         --device-cert-ttl 24h --log-format text"
+    );
+    assert_eq!(args, expected);
+    assert!(!args.contains("--ca-cert-file"), "{args}");
+    assert_eq!(env_from_field(c, "POD_NAMESPACE"), "metadata.namespace");
+    assert_eq!(env_from_field(c, "POD_NAME"), "metadata.name");
+    assert_restricted(c);
+
+    let ports: Vec<(Option<&str>, i32)> = c
+        .ports
+        .as_deref()
+        .expect("ports")
+        .iter()
+        .map(|p| (p.name.as_deref(), p.container_port))
+        .collect();
+    assert_eq!(ports, [(Some("grpc"), 7443), (Some("http"), 8080)]);
+    let probe_path = |probe: Option<&k8s_openapi::api::core::v1::Probe>| {
+        let get = probe
+            .and_then(|p| p.http_get.as_ref())
+            .expect("an HTTP probe");
+        assert_eq!(
+            get.port,
+            k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::String("http".into())
+        );
+        get.path.clone().expect("path")
+    };
+    assert_eq!(probe_path(c.liveness_probe.as_ref()), "/healthz");
+    assert_eq!(probe_path(c.readiness_probe.as_ref()), "/readyz");
+
+    // The ledger is on a claim per replica.
+    let claims = spec.volume_claim_templates.as_deref().expect("claims");
+    assert_eq!(claims.len(), 1);
+    assert_eq!(claims[0].metadata.name.as_deref(), Some("data"));
+    let claim = claims[0].spec.as_ref().expect("claim spec");
+    assert_eq!(
+        claim.access_modes.as_deref(),
+        Some(&["ReadWriteOnce".to_owned()][..])
+    );
+    let storage = &claim
+        .resources
+        .as_ref()
+        .expect("resources")
+        .requests
+        .as_ref()
+        .expect("requests")["storage"];
+    assert_eq!(storage.0, "1Gi");
+    let mounts = c.volume_mounts.as_deref().expect("mounts");
+    assert!(
+        mounts
+            .iter()
+            .any(|m| m.name == "data" && m.mount_path == "/var/lib/micromine")
+    );
+    let volumes = pod.volumes.as_deref().unwrap_or_default();
+    assert!(
+        !volumes.iter().any(|v| v.name == "data"),
+        "the claim template provides the data volume"
+    );
+
+    let grpc = r.service(FULLNAME).spec.as_ref().expect("spec");
+    assert_eq!(grpc.type_.as_deref(), Some("ClusterIP"));
+    let grpc_port = &grpc.ports.as_deref().expect("ports")[0];
+    assert_eq!((grpc_port.port, grpc_port.node_port), (7443, None));
+    let http = r.service("mm-micromine-http").spec.as_ref().expect("spec");
+    assert_eq!(http.type_.as_deref(), Some("ClusterIP"));
+    assert_eq!(http.ports.as_deref().expect("ports")[0].port, 8080);
+    let headless = r
+        .service("mm-micromine-headless")
+        .spec
+        .as_ref()
+        .expect("spec");
+    assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
+    for svc in [grpc, http, headless] {
+        assert_eq!(
+            svc.selector.as_ref(),
+            spec.selector.match_labels.as_ref(),
+            "every Service selects the controller pods"
+        );
+    }
+
+    assert_eq!(r.service_accounts.len(), 1);
+    assert!(r.daemon_sets.is_empty(), "the agent is off by default");
+    assert!(
+        r.service_monitors.is_empty(),
+        "the ServiceMonitor is off by default"
+    );
+    assert!(
+        r.config_maps.is_empty(),
+        "the controller publishes micromine-ca itself"
+    );
+}
+
+#[test]
+fn non_default_values_render_ha_ca_load_balancer_monitor_and_agent() {
+    let values = ha_values();
+    let r = render(&["-f", values.to_str().expect("utf-8 path")]);
+    let spec = r.controller().spec.as_ref().expect("spec");
+    assert_eq!(spec.replicas, Some(2));
+    assert!(spec.volume_claim_templates.is_none(), "persistence is off");
+    let pod = spec.template.spec.as_ref().expect("pod spec");
+    let c = container(&pod.containers, "controller");
+    let args = command_line(c);
+    for expected in [
+        "run --kubernetes",
+        "--data-dir /var/lib/micromine",
+        "--tls-san mm-micromine.fleet.svc.cluster.local",
+        "--tls-san micromine.example.com --tls-san 203.0.113.7",
+        "--device-cert-ttl 12h",
+        "--ca-cert-file /etc/micromine/ca/tls.crt --ca-key-file /etc/micromine/ca/tls.key",
+        "--log-format json",
+    ] {
+        assert!(args.contains(expected), "{expected:?} not in {args}");
+    }
+    let volumes = pod.volumes.as_deref().expect("volumes");
+    let data = volumes
+        .iter()
+        .find(|v| v.name == "data")
+        .expect("data volume");
+    assert!(data.empty_dir.is_some(), "persistence off means emptyDir");
+    let ca = volumes.iter().find(|v| v.name == "ca").expect("ca volume");
+    let secret = ca.secret.as_ref().expect("the CA comes from a Secret");
+    assert_eq!(secret.secret_name.as_deref(), Some("micromine-fleet-ca"));
+    let ca_mount = c
+        .volume_mounts
+        .as_deref()
+        .expect("mounts")
+        .iter()
+        .find(|m| m.name == "ca")
+        .expect("ca mount");
+    assert_eq!(ca_mount.mount_path, "/etc/micromine/ca");
+    assert_eq!(ca_mount.read_only, Some(true));
+    assert!(pod.affinity.is_some());
+
+    let grpc = r.service(FULLNAME).spec.as_ref().expect("spec");
+    assert_eq!(grpc.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(
+        grpc.ports.as_deref().expect("ports")[0].node_port,
+        Some(30443)
+    );
+
+    assert_eq!(r.service_monitors.len(), 1);
+    let monitor = &r.service_monitors[0];
+    assert_eq!(monitor["metadata"]["labels"]["release"], "prometheus");
+    let endpoint = &monitor["spec"]["endpoints"][0];
+    assert_eq!(endpoint["port"], "http");
+    assert_eq!(endpoint["path"], "/metrics");
+    assert_eq!(endpoint["interval"], "15s");
+    // It selects the HTTP Service, and only that one.
+    let selector = monitor["spec"]["selector"]["matchLabels"]
+        .as_object()
+        .expect("matchLabels");
+    let selected: Vec<&str> = r
+        .services
+        .iter()
+        .filter(|s| {
+            let labels = s.metadata.labels.as_ref().expect("labels");
+            selector
+                .iter()
+                .all(|(k, v)| labels.get(k).map(String::as_str) == v.as_str())
+        })
+        .filter_map(|s| s.metadata.name.as_deref())
+        .collect();
+    assert_eq!(selected, ["mm-micromine-http"]);
+
+    assert_eq!(r.daemon_sets.len(), 1);
+    let ds = &r.daemon_sets[0];
+    assert_eq!(ds.metadata.name.as_deref(), Some("mm-micromine-agent"));
+    let pod = ds
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec");
+    assert_eq!(pod.automount_service_account_token, Some(false));
+    assert_eq!(pod.priority_class_name.as_deref(), Some("micromine-low"));
+    assert_eq!(
+        pod.node_selector
+            .as_ref()
+            .and_then(|n| n.get("node-role.kubernetes.io/edge"))
+            .map(String::as_str),
+        Some("")
+    );
+    assert_eq!(pod.tolerations.as_deref().map(<[_]>::len), Some(1));
+    let agent = container(&pod.containers, "agent");
+    assert_eq!(
+        agent.image.as_deref(),
+        Some(concat!(
+            "ghcr.io/micromine/micromine-agent:",
+            env!("CARGO_PKG_VERSION")
+        ))
+    );
+    assert_eq!(
+        command_line(agent),
+        "run --controller https://mm-micromine.fleet.svc:7443 \
+         --state-dir /var/lib/micromine-agent --name $(NODE_NAME) \
+         --labels class=gateway,site=plant-3 --threads 2 --log-json"
+    );
+    assert_eq!(env_from_field(agent, "NODE_NAME"), "spec.nodeName");
+    let token = agent
+        .env
+        .as_deref()
+        .expect("env")
+        .iter()
+        .find(|e| e.name == "MICROMINE_TOKEN")
+        .and_then(|e| e.value_from.as_ref())
+        .and_then(|v| v.secret_key_ref.as_ref())
+        .expect("MICROMINE_TOKEN from a Secret");
+    assert_eq!(
+        (token.name.as_str(), token.key.as_str()),
+        ("micromine-bootstrap", "token")
+    );
+    assert_restricted(agent);
+    let state = pod
+        .volumes
+        .as_deref()
+        .expect("volumes")
+        .iter()
+        .find(|v| v.name == "state")
+        .and_then(|v| v.host_path.as_ref())
+        .expect("state dir on a hostPath");
+    assert_eq!(state.path, "/var/lib/micromine-agent");
+    assert_eq!(state.type_.as_deref(), Some("DirectoryOrCreate"));
+    assert!(
+        agent
+            .volume_mounts
+            .as_deref()
+            .expect("mounts")
+            .iter()
+            .any(|m| m.name == "state" && m.mount_path == "/var/lib/micromine-agent")
+    );
+    // The init container that hands the hostPath to uid 65532 may chown and nothing else.
+    let init = container(pod.init_containers.as_deref().expect("init"), "state-dir");
+    let caps = init
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .expect("capabilities");
+    assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
+    assert_eq!(caps.add.as_deref(), Some(&["CHOWN".to_owned()][..]));
+}
+
+#[test]
+fn agent_optional_flags_and_init_container_follow_values() {
+    let r = render(&[
+        "--set",
+        "agent.enabled=true",
+        "--set",
+        "agent.tokenSecret.name=boot",
+        "--set",
+        "agent.stateDirInit.enabled=false",
+    ]);
+    let pod = r.daemon_sets[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec");
+    assert!(pod.init_containers.is_none());
+    assert_eq!(pod.priority_class_name, None);
+    assert_eq!(
+        command_line(container(&pod.containers, "agent")),
+        "run --controller https://mm-micromine.fleet.svc:7443 \
+         --state-dir /var/lib/micromine-agent --name $(NODE_NAME)"
+    );
+}
+
+type NormalisedRule = (&'static str, String, String, Vec<String>);
+
+fn normalise(scope: &'static str, rules: &[PolicyRule]) -> Vec<NormalisedRule> {
+    rules
+        .iter()
+        .map(|rule| {
+            let groups = rule.api_groups.as_deref().unwrap_or_default();
+            let resources = rule.resources.as_deref().unwrap_or_default();
+            assert!(
+                groups.len() == 1 && resources.len() == 1,
+                "one apiGroup and one resource per rule: {rule:?}"
+            );
+            assert!(
+                rule.resource_names.is_none() && rule.non_resource_urls.is_none(),
+                "{rule:?}"
+            );
+            let mut verbs = rule.verbs.clone();
+            verbs.sort();
+            (scope, groups[0].clone(), resources[0].clone(), verbs)
+        })
+        .collect()
+}
+
+#[test]
+fn rbac_grants_exactly_what_the_code_uses() {
+    let r = render(&[]);
+    assert_eq!(r.cluster_roles.len(), 1);
+    assert_eq!(r.roles.len(), 1);
+    let mut rendered = normalise(
+        "cluster",
+        r.cluster_roles[0].rules.as_deref().unwrap_or_default(),
+    );
+    rendered.extend(normalise(
+        "namespace",
+        r.roles[0].rules.as_deref().unwrap_or_default(),
+    ));
+    let mut expected: Vec<NormalisedRule> = RULES
+        .iter()
+        .map(|rule| {
+            let scope = match rule.scope {
+                Scope::Cluster => "cluster",
+                Scope::OwnNamespace => "namespace",
+            };
+            let verbs = rule.verbs.iter().map(|v| (*v).to_owned()).collect();
+            (
+                scope,
+                rule.api_group.to_owned(),
+                rule.resource.to_owned(),
+                verbs,
+            )
+        })
+        .collect();
+    rendered.sort();
+    expected.sort();
+    assert_eq!(rendered, expected);
+    assert!(
+        rendered
+            .iter()
+            .all(|(_, g, res, verbs)| g != "*" && res != "*" && !verbs.iter().any(|v| v == "*"))
+    );
+    assert_eq!(
+        r.roles[0].metadata.namespace.as_deref(),
+        Some(NAMESPACE),
+        "the Role is in the release namespace"
+    );
+
+    // Both are bound to the controller's ServiceAccount, and only to it.
+    let subject = |subjects: Option<&Vec<k8s_openapi::api::rbac::v1::Subject>>| {
+        let subjects = subjects.expect("subjects");
+        assert_eq!(subjects.len(), 1);
+        let s = &subjects[0];
+        (s.kind.clone(), s.name.clone(), s.namespace.clone())
+    };
+    let controller = (
+        "ServiceAccount".to_owned(),
+        FULLNAME.to_owned(),
+        Some(NAMESPACE.to_owned()),
+    );
+    assert_eq!(r.cluster_role_bindings.len(), 1);
+    let crb = &r.cluster_role_bindings[0];
+    assert_eq!(subject(crb.subjects.as_ref()), controller);
+    assert_eq!(
+        (crb.role_ref.kind.as_str(), crb.role_ref.name.as_str()),
+        ("ClusterRole", FULLNAME)
+    );
+    assert_eq!(r.role_bindings.len(), 1);
+    let rb = &r.role_bindings[0];
+    assert_eq!(subject(rb.subjects.as_ref()), controller);
+    assert_eq!(
+        (rb.role_ref.kind.as_str(), rb.role_ref.name.as_str()),
+        ("Role", FULLNAME)
+    );
+}
+
+/// Runs `helm template` with `args` and returns helm's complaint, failing when it succeeds.
+fn refused(args: &[&str]) -> String {
+    let chart = chart();
+    let mut all = vec!["template", RELEASE, chart.to_str().expect("utf-8 path")];
+    all.extend_from_slice(args);
+    let out = run_helm(&all);
+    assert!(!out.status.success(), "helm accepted {args:?}");
+    text(&out.stderr)
+}
+
+#[test]
+fn bad_values_are_refused_with_the_field_named() {
+    for (set, field) in [
+        ("replicaCount=-1", "/replicaCount"),
+        ("replicaCount=4", "/replicaCount"),
+        ("logFormat=xml", "/logFormat"),
+        ("service.type=ExternalName", "/service/type"),
+        ("service.nodePort=80", "/service/nodePort"),
+        (
+            "persistence.accessModes={ReadWriteSometimes}",
+            "/persistence/accessModes/0",
+        ),
+        (
+            "controller.deviceCertTtl=forever",
+            "/controller/deviceCertTtl",
+        ),
+        ("controller.typo=1", "typo"),
+        ("agent.threads=0", "/agent/threads"),
+        ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        ("bogus=1", "bogus"),
+    ] {
+        let stderr = refused(&["--set", set]);
+        assert!(
+            stderr.contains(field),
+            "--set {set}: the message does not name {field}:\n{stderr}"
+        );
+    }
+}
+
+#[test]
+fn inconsistent_values_are_refused_with_a_reason() {
+    let stderr = refused(&["--set", "agent.enabled=true"]);
+    assert!(
+        stderr.contains("agent.tokenSecret.name is required"),
+        "{stderr}"
+    );
+    let stderr = refused(&["--set", "replicaCount=2"]);
+    assert!(stderr.contains("ca.existingSecret"), "{stderr}");
+    let stderr = refused(&[
+        "--set",
+        "serviceAccount.create=false",
+        "--set",
+        "serviceAccount.name=",
+    ]);
+    assert!(
+        stderr.contains("serviceAccount.name is required"),
+        "{stderr}"
+    );
+}
