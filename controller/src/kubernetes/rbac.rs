@@ -83,6 +83,14 @@ pub const RULES: &[Rule] = &[
         resource: "secrets",
         verbs: &["delete", "get", "update"],
     },
+    // The gRPC Service has no selector: the leader points it at itself with one
+    // EndpointSlice (server-side apply), so agents reach the replica that serves.
+    Rule {
+        scope: Scope::OwnNamespace,
+        api_group: "discovery.k8s.io",
+        resource: "endpointslices",
+        verbs: &["create", "get", "patch"],
+    },
     // The CA bundle, published for agents and `token create --kubernetes`.
     Rule {
         scope: Scope::OwnNamespace,
