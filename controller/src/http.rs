@@ -3,7 +3,7 @@
 //!
 //! - `GET /healthz`: the process is alive.
 //! - `GET /readyz`: the store is open and the manifests were read (standalone), or this
-//!   replica leads (Kubernetes mode; a standby answers 503 with the leader's name).
+//!   replica leads or stands by (Kubernetes mode; `role` says which).
 //! - `GET /api/v1/status`: the whole fleet (MicroMiners, devices, totals, manifest errors).
 //! - `GET /api/v1/microminers`: MicroMiner resources with their status, as Kubernetes
 //!   would return them.
@@ -52,22 +52,15 @@ pub fn router(state: HttpState) -> axum::Router {
         .with_state(state)
 }
 
-/// What a standby replica serves: alive, and deliberately not ready, so the Service
-/// routes agents only to the leader. `leader` names the current holder of the Lease.
-pub fn standby_router(leader: Arc<Mutex<Option<String>>>) -> axum::Router {
+/// What a standby replica serves: alive and ready to take over, saying so. Readiness
+/// is not leadership (a rollout must not wait for a standby to lead); the gRPC Service
+/// reaches the leader through the EndpointSlice the leader publishes.
+pub fn standby_router() -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route(
             "/readyz",
-            get(move || {
-                let leader = leader.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                async move {
-                    (
-                        StatusCode::SERVICE_UNAVAILABLE,
-                        Json(json!({"ready": false, "role": "standby", "leader": leader})),
-                    )
-                }
-            }),
+            get(|| async { Json(json!({"ready": true, "role": "standby"})) }),
         )
 }
 

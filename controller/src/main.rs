@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use micromine_controller::crd;
+use micromine_controller::kubernetes::{self, run::KubernetesConfig, tokens::SecretTokens};
 use micromine_controller::pki::{self, CaRole, Pki};
 use micromine_controller::quickstart::{self, QuickstartConfig};
 use micromine_controller::revocation::RevocationStore;
@@ -34,6 +35,8 @@ enum LogFormat {
     Json,
 }
 
+// Parsed once at start-up; boxing the big variant would only make matching clumsier.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// A working local fleet: a controller and N agents on this machine, no cluster.
@@ -54,11 +57,30 @@ enum Command {
         #[arg(long, default_value = "127.0.0.1:0")]
         http_listen: SocketAddr,
     },
-    /// Run the controller.
+    /// Run the controller: standalone with `--manifests DIR`, or against a cluster with
+    /// `--kubernetes` (in-cluster config, or KUBECONFIG).
     Run {
         /// Read MicroMiners from this directory (standalone mode).
-        #[arg(long, value_name = "DIR")]
-        manifests: PathBuf,
+        #[arg(
+            long,
+            value_name = "DIR",
+            required_unless_present = "kubernetes",
+            conflicts_with = "kubernetes"
+        )]
+        manifests: Option<PathBuf>,
+        /// Kubernetes mode: MicroMiners and EdgeDevices from the API server, leader
+        /// election among replicas, bootstrap tokens as Secrets.
+        #[arg(long)]
+        kubernetes: bool,
+        #[command(flatten)]
+        cluster: ClusterArgs,
+        /// CA certificate (PEM) managed elsewhere, e.g. a mounted cert-manager Secret's
+        /// tls.crt; replaces the CA directory.
+        #[arg(long, requires = "ca_key_file", value_name = "FILE")]
+        ca_cert_file: Option<PathBuf>,
+        /// The CA's private key (PKCS#8 PEM), e.g. tls.key.
+        #[arg(long, requires = "ca_cert_file", value_name = "FILE")]
+        ca_key_file: Option<PathBuf>,
         /// Store, tokens and CA live here.
         #[arg(long, default_value = "/var/lib/micromine")]
         data_dir: PathBuf,
@@ -123,6 +145,46 @@ enum DeviceCommand {
     },
 }
 
+/// Kubernetes mode settings.
+#[derive(clap::Args, Clone)]
+struct ClusterArgs {
+    /// Namespace of the Lease, token Secrets, CA ConfigMap and EndpointSlice (default:
+    /// the kubeconfig's or service account's namespace).
+    #[arg(long, env = "POD_NAMESPACE")]
+    namespace: Option<String>,
+    /// The Lease replicas campaign for.
+    #[arg(long, default_value = "micromine-controller")]
+    lease_name: String,
+    /// This replica's identity in the Lease (default: the host name, which is the pod name).
+    #[arg(long, env = "POD_NAME")]
+    identity: Option<String>,
+    /// A Service without a selector that the leader points at itself (EndpointSlice
+    /// `<name>-leader`), so agents always reach the replica that serves.
+    #[arg(long, requires = "advertise_address", value_name = "SERVICE")]
+    grpc_service: Option<String>,
+    /// This replica's address for that EndpointSlice (the pod IP).
+    #[arg(long, value_name = "IP")]
+    advertise_address: Option<std::net::IpAddr>,
+}
+
+/// A client for the cluster (in-cluster config, or KUBECONFIG) and the namespace to use.
+async fn cluster(namespace: Option<String>) -> Result<(kube::Client, String)> {
+    let client = kube::Client::try_default()
+        .await
+        .context("connecting to the Kubernetes API (in-cluster config or KUBECONFIG)")?;
+    let namespace = namespace.unwrap_or_else(|| client.default_namespace().to_string());
+    Ok((client, namespace))
+}
+
+fn host_name() -> String {
+    std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/proc/sys/kernel/hostname").ok())
+        .map(|h| h.trim().to_string())
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| format!("micromine-controller-{}", std::process::id()))
+}
+
 /// Where a `ca` command finds the CA.
 #[derive(clap::Args)]
 struct PkiLocation {
@@ -166,6 +228,12 @@ enum TokenCommand {
         /// The controller's data directory.
         #[arg(long, default_value = "/var/lib/micromine")]
         data_dir: PathBuf,
+        /// List the token Secrets in the cluster instead (your kubeconfig's credentials).
+        #[arg(long)]
+        kubernetes: bool,
+        /// The controller's namespace (with --kubernetes; default: the kubeconfig's).
+        #[arg(long, requires = "kubernetes")]
+        namespace: Option<String>,
     },
     /// Create a token and print it (once; only its hash is stored).
     Create {
@@ -184,6 +252,14 @@ enum TokenCommand {
         /// Labels given to devices that enroll with it, e.g. site=plant-3.
         #[arg(long, value_name = "k=v,...")]
         labels: Option<String>,
+        /// Store the token as a Secret in the controller's namespace (your kubeconfig's
+        /// credentials); the CA fingerprint comes from the ConfigMap the controller
+        /// publishes.
+        #[arg(long, conflicts_with = "pki_dir")]
+        kubernetes: bool,
+        /// The controller's namespace (with --kubernetes; default: the kubeconfig's).
+        #[arg(long, requires = "kubernetes")]
+        namespace: Option<String>,
     },
 }
 
@@ -298,6 +374,10 @@ fn main() -> Result<()> {
         }
         Command::Run {
             manifests,
+            kubernetes,
+            cluster: cluster_args,
+            ca_cert_file,
+            ca_key_file,
             data_dir,
             listen,
             http_listen,
@@ -306,31 +386,67 @@ fn main() -> Result<()> {
             device_cert_ttl,
         } => {
             init_logging(cli.log_format, "info");
-            let mut config = ControllerConfig::new(manifests, data_dir);
+            let mut config = match manifests {
+                Some(dir) => ControllerConfig::new(dir, data_dir),
+                None => ControllerConfig::for_kubernetes(data_dir),
+            };
             config.listen = listen;
             config.http_listen = http_listen;
             config.pki_dir = pki_dir;
+            config.ca_files = ca_cert_file.zip(ca_key_file);
             config.tls_sans = tls_sans;
             config.device_cert_ttl =
                 parse_duration(&device_cert_ttl).context("--device-cert-ttl")?;
             runtime()?.block_on(async move {
-                let controller = standalone::start(config).await?;
-                micromine_agent::cli::wait_for_signal().await;
-                tracing::info!("shutting down");
-                controller.stop().await;
-                anyhow::Ok(())
+                if !kubernetes {
+                    let controller = standalone::start(config).await?;
+                    micromine_agent::cli::wait_for_signal().await;
+                    tracing::info!("shutting down");
+                    controller.stop().await;
+                    return anyhow::Ok(());
+                }
+                let (client, namespace) = cluster(cluster_args.namespace).await?;
+                let settings = KubernetesConfig {
+                    controller: config,
+                    namespace,
+                    lease_name: cluster_args.lease_name,
+                    identity: cluster_args.identity.unwrap_or_else(host_name),
+                    grpc_service: cluster_args.grpc_service,
+                    advertise_address: cluster_args.advertise_address,
+                };
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    micromine_agent::cli::wait_for_signal().await;
+                    tracing::info!("shutting down");
+                    signal.cancel();
+                });
+                kubernetes::run::run(client, settings, shutdown).await?;
+                Ok(())
             })
         }
         Command::Token {
-            command: TokenCommand::List { data_dir },
+            command:
+                TokenCommand::List {
+                    data_dir,
+                    kubernetes,
+                    namespace,
+                },
         } => {
             init_logging(cli.log_format, "warn");
-            let store = TokenStore::open(&standalone::tokens_dir(&data_dir))?;
+            let tokens = if kubernetes {
+                runtime()?.block_on(async move {
+                    let (client, namespace) = cluster(namespace).await?;
+                    anyhow::Ok(SecretTokens::new(client, &namespace).list().await?)
+                })?
+            } else {
+                TokenStore::open(&standalone::tokens_dir(&data_dir))?.list()?
+            };
             println!(
                 "{:<18} {:>5} {:>15} LABELS",
                 "ID", "USES", "EXPIRES(UNIX S)"
             );
-            for token in store.list()? {
+            for token in tokens {
                 let labels: Vec<String> = token
                     .labels
                     .iter()
@@ -354,6 +470,8 @@ fn main() -> Result<()> {
                     ttl,
                     uses,
                     labels,
+                    kubernetes,
+                    namespace,
                 },
         } => {
             init_logging(cli.log_format, "warn");
@@ -362,9 +480,22 @@ fn main() -> Result<()> {
                 uses,
                 labels: micromine_agent::cli::parse_labels(labels.as_deref())?,
             };
-            let pki = Pki::load_or_create(&pki_dir.unwrap_or_else(|| data_dir.join("pki")))?;
-            let store = TokenStore::open(&standalone::tokens_dir(&data_dir))?;
-            let (token, record) = store.create(&spec, pki.ca_fingerprint())?;
+            let (token, record) = if kubernetes {
+                runtime()?.block_on(async move {
+                    let (client, namespace) = cluster(namespace).await?;
+                    let fingerprint =
+                        kubernetes::tokens::published_ca_fingerprint(client.clone(), &namespace)
+                            .await?;
+                    let created = SecretTokens::new(client, &namespace)
+                        .create(&spec, fingerprint)
+                        .await?;
+                    anyhow::Ok(created)
+                })?
+            } else {
+                let pki = Pki::load_or_create(&pki_dir.unwrap_or_else(|| data_dir.join("pki")))?;
+                let store = TokenStore::open(&standalone::tokens_dir(&data_dir))?;
+                store.create(&spec, pki.ca_fingerprint())?
+            };
             println!("{token}");
             eprintln!(
                 "token {} allows {} enrollment(s) until {} (Unix ms); it is shown only once",

@@ -9,6 +9,7 @@ pub mod devices;
 pub mod leader;
 pub mod miners;
 pub mod rbac;
+pub mod run;
 #[cfg(test)]
 pub mod testing;
 pub mod tokens;
