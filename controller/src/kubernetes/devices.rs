@@ -39,9 +39,13 @@ pub const REFRESH_INTERVAL_MS: i64 = 60_000;
 /// A connected agent not heard from for this long is not ready (its reports come every
 /// 2 s; this allows a few to be lost or late).
 pub const HEARTBEAT_GRACE_MS: i64 = 15_000;
-/// Status refreshes (writes that only move live figures) the whole controller may make
-/// per minute, MicroMiners and EdgeDevices together.
-pub const REFRESH_WRITES_PER_MINUTE: u32 = 150;
+/// EdgeDevice status refreshes (writes that only move live figures) per minute, for the
+/// whole fleet: with [`MINER_REFRESH_WRITES_PER_MINUTE`], what the controller costs the
+/// API server in steady state however large the fleet.
+pub const DEVICE_REFRESH_WRITES_PER_MINUTE: u32 = 100;
+/// MicroMiner status refreshes per minute. A budget of their own, so ten thousand
+/// devices cannot starve the figures operators read first.
+pub const MINER_REFRESH_WRITES_PER_MINUTE: u32 = 50;
 /// How often the publisher looks at the fleet.
 pub const PUBLISH_PERIOD: Duration = Duration::from_secs(5);
 /// A deleted device is not re-created for this long, so a session the deletion is
@@ -82,7 +86,7 @@ impl WriteBudget {
     }
 }
 
-/// Shared between the MicroMiner reconciler and the device publisher.
+/// A budget one writer draws from while another task may read it.
 pub type SharedBudget = Arc<Mutex<WriteBudget>>;
 
 /// One write to the API server.

@@ -18,7 +18,7 @@ use kube::runtime::finalizer::{self, Event as Finalizer};
 use kube::{Resource, ResourceExt};
 use serde_json::json;
 
-use super::devices::{REFRESH_WRITES_PER_MINUTE, SharedBudget, WriteBudget};
+use super::devices::{MINER_REFRESH_WRITES_PER_MINUTE, SharedBudget, WriteBudget};
 use super::{FIELD_MANAGER, FINALIZER};
 use crate::fleet::conditions;
 use crate::fleet::{Fleet, now_ms};
@@ -76,26 +76,24 @@ pub struct Context {
     served: Mutex<MinerSet>,
     /// Consecutive failures per `namespace/name`, for backoff.
     failures: Mutex<HashMap<String, u32>>,
-    /// Status refreshes are drawn from this.
-    budget: SharedBudget,
-    /// When each MicroMiner's status was last written, Unix ms.
-    written: Mutex<HashMap<String, i64>>,
+    /// Which status writes are worth making.
+    gate: StatusGate,
     /// The MicroMiner statuses of a recent fleet view, and when it was taken.
     view: Mutex<(i64, Arc<HashMap<String, MicroMinerStatus>>)>,
 }
 
 impl Context {
-    /// A context serving nothing yet, with a write budget of its own.
+    /// A context serving nothing yet, refreshing at most
+    /// [`MINER_REFRESH_WRITES_PER_MINUTE`] statuses a minute.
     pub fn new(client: kube::Client, fleet: Arc<Fleet>, recorder: Recorder) -> Context {
         let budget = Arc::new(Mutex::new(WriteBudget::new(
-            REFRESH_WRITES_PER_MINUTE,
+            MINER_REFRESH_WRITES_PER_MINUTE,
             now_ms(),
         )));
         Context::with_budget(client, fleet, recorder, budget)
     }
 
-    /// A context whose status refreshes come out of `budget`, shared with the EdgeDevice
-    /// publisher.
+    /// A context whose status refreshes come out of `budget`.
     pub fn with_budget(
         client: kube::Client,
         fleet: Arc<Fleet>,
@@ -108,8 +106,7 @@ impl Context {
             recorder,
             served: Mutex::default(),
             failures: Mutex::default(),
-            budget,
-            written: Mutex::default(),
+            gate: StatusGate::new(budget),
             view: Mutex::new((i64::MIN, Arc::default())),
         }
     }
@@ -134,10 +131,53 @@ impl Context {
         statuses.get(key).cloned().unwrap_or_default()
     }
 
+    /// The keys of the MicroMiners being served.
+    pub fn served(&self) -> Vec<String> {
+        lock(&self.served).keys().cloned().collect()
+    }
+
+    fn serve(&self, miner: Option<MicroMiner>, key: &str) {
+        let mut served = lock(&self.served);
+        // Status writes and resource versions do not change what is served; the spec does.
+        let changed = match miner {
+            Some(miner) => {
+                let same = served.get(key).is_some_and(|old| {
+                    old.spec == miner.spec && old.metadata.generation == miner.metadata.generation
+                });
+                served.insert(key.to_string(), miner);
+                !same
+            }
+            None => served.remove(key).is_some(),
+        };
+        if changed {
+            self.fleet.apply_miners(&served);
+            // The cached view predates the change.
+            lock(&self.view).0 = i64::MIN;
+        }
+    }
+}
+
+/// Decides which MicroMiner status writes are worth making. Pure apart from its clock
+/// argument, so the write-rate benchmark can drive it on a simulated clock.
+pub struct StatusGate {
+    budget: SharedBudget,
+    /// When each MicroMiner's status was last written, Unix ms.
+    written: Mutex<HashMap<String, i64>>,
+}
+
+impl StatusGate {
+    /// A gate drawing refreshes from `budget`.
+    pub fn new(budget: SharedBudget) -> StatusGate {
+        StatusGate {
+            budget,
+            written: Mutex::default(),
+        }
+    }
+
     /// Whether `new` is worth a write over `old`, the status the object carries: always
     /// when something an operator acts on changed, otherwise a refresh of the figures at
     /// most every [`REFRESH_INTERVAL_MS`] and only while the budget lasts.
-    fn worth_writing(
+    pub fn worth_writing(
         &self,
         key: &str,
         old: Option<&MicroMinerStatus>,
@@ -165,29 +205,14 @@ impl Context {
         now_ms.saturating_sub(last) >= REFRESH_INTERVAL_MS && lock(&self.budget).try_take(now_ms)
     }
 
-    /// The keys of the MicroMiners being served.
-    pub fn served(&self) -> Vec<String> {
-        lock(&self.served).keys().cloned().collect()
+    /// Records a write of `key`'s status at `now_ms`.
+    pub fn wrote(&self, key: &str, now_ms: i64) {
+        lock(&self.written).insert(key.to_string(), now_ms);
     }
 
-    fn serve(&self, miner: Option<MicroMiner>, key: &str) {
-        let mut served = lock(&self.served);
-        // Status writes and resource versions do not change what is served; the spec does.
-        let changed = match miner {
-            Some(miner) => {
-                let same = served.get(key).is_some_and(|old| {
-                    old.spec == miner.spec && old.metadata.generation == miner.metadata.generation
-                });
-                served.insert(key.to_string(), miner);
-                !same
-            }
-            None => served.remove(key).is_some(),
-        };
-        if changed {
-            self.fleet.apply_miners(&served);
-            // The cached view predates the change.
-            lock(&self.view).0 = i64::MIN;
-        }
+    /// Forgets a MicroMiner that is gone.
+    pub fn forget(&self, key: &str) {
+        lock(&self.written).remove(key);
     }
 }
 
@@ -300,7 +325,10 @@ async fn apply(
             (status, event, Action::await_change())
         }
     };
-    if !ctx.worth_writing(&key, miner.status.as_ref(), &status, now) {
+    if !ctx
+        .gate
+        .worth_writing(&key, miner.status.as_ref(), &status, now)
+    {
         return Ok(action);
     }
     let patch = json!({
@@ -319,7 +347,7 @@ async fn apply(
         key: key.clone(),
         source,
     })?;
-    lock(&ctx.written).insert(key.clone(), now);
+    ctx.gate.wrote(&key, now);
     if let Some((type_, reason, note)) = event {
         publish(ctx, miner, type_, reason, note).await;
     }
@@ -329,7 +357,7 @@ async fn apply(
 async fn cleanup(miner: &MicroMiner, ctx: &Context) -> Result<Action, ReconcileError> {
     let key = miner.key();
     ctx.serve(None, &key);
-    lock(&ctx.written).remove(&key);
+    ctx.gate.forget(&key);
     tracing::info!(miner = %key, "MicroMiner deleted; its work was taken back from the devices");
     publish(
         ctx,
@@ -638,20 +666,15 @@ mod tests {
             },
             ..MicroMinerStatus::default()
         };
-        let runtime = tokio::runtime::Builder::new_current_thread()
-            .enable_all()
-            .build()
-            .unwrap();
-        let Setup { ctx, _dir, .. } = runtime.block_on(setup());
-        *lock(&ctx.budget) = WriteBudget::new(1, 0);
+        let gate = StatusGate::new(Arc::new(Mutex::new(WriteBudget::new(1, 0))));
         let key = "plant/night-shift";
         let t = 10_000_000;
-        assert!(ctx.worth_writing(key, None, &status("True", 1), t));
-        assert!(!ctx.worth_writing(key, Some(&status("True", 1)), &status("True", 1), t));
-        assert!(ctx.worth_writing(key, Some(&status("True", 1)), &status("False", 1), t));
-        lock(&ctx.written).insert(key.into(), t);
+        assert!(gate.worth_writing(key, None, &status("True", 1), t));
+        assert!(!gate.worth_writing(key, Some(&status("True", 1)), &status("True", 1), t));
+        assert!(gate.worth_writing(key, Some(&status("True", 1)), &status("False", 1), t));
+        gate.wrote(key, t);
         assert!(
-            !ctx.worth_writing(
+            !gate.worth_writing(
                 key,
                 Some(&status("True", 1)),
                 &status("True", 9),
@@ -659,14 +682,14 @@ mod tests {
             ),
             "figures wait out the refresh interval"
         );
-        assert!(ctx.worth_writing(
+        assert!(gate.worth_writing(
             key,
             Some(&status("True", 1)),
             &status("True", 9),
             t + 60_000
         ));
         assert!(
-            !ctx.worth_writing(
+            !gate.worth_writing(
                 "plant/other",
                 Some(&status("True", 1)),
                 &status("True", 9),

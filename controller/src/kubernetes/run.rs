@@ -26,7 +26,9 @@ use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use super::FIELD_MANAGER;
-use super::devices::{self, DevicePublisher, DeviceSpecs, REFRESH_WRITES_PER_MINUTE, WriteBudget};
+use super::devices::{
+    self, DEVICE_REFRESH_WRITES_PER_MINUTE, DevicePublisher, DeviceSpecs, WriteBudget,
+};
 use super::leader::LeaderElector;
 use super::miners::{self, Context};
 use super::tokens::{self as secret_tokens, SecretTokens};
@@ -201,15 +203,10 @@ async fn lead(
         instance: Some(config.identity.clone()),
     };
     let recorder = Recorder::new(client.clone(), reporter);
-    let budget = Arc::new(Mutex::new(WriteBudget::new(
-        REFRESH_WRITES_PER_MINUTE,
-        now_ms(),
-    )));
-    let context = Arc::new(Context::with_budget(
+    let context = Arc::new(Context::new(
         client.clone(),
         controller.fleet.clone(),
         recorder.clone(),
-        budget.clone(),
     ));
     let miners_api: Api<MicroMiner> = Api::all(client.clone());
     let (reader, writer) = reflector::store();
@@ -234,7 +231,10 @@ async fn lead(
     }));
 
     let devices_api: Api<EdgeDevice> = Api::all(client.clone());
-    let publisher = Arc::new(Mutex::new(DevicePublisher::new(budget)));
+    let budget = WriteBudget::new(DEVICE_REFRESH_WRITES_PER_MINUTE, now_ms());
+    let publisher = Arc::new(Mutex::new(DevicePublisher::new(Arc::new(Mutex::new(
+        budget,
+    )))));
     match RevocationStore::open(&revocations_dir(&config.controller.data_dir)) {
         Ok(revocations) => {
             let specs = DeviceSpecs::new(
