@@ -1447,7 +1447,10 @@ mod tests {
             "nothing handed out on tick"
         );
         let (_, devices) = s.view(NOW + 2, &|_| Totals::default());
-        let d1 = devices.iter().find(|d| d.name == "d1").expect("d1 in the view");
+        let d1 = devices
+            .iter()
+            .find(|d| d.name == "d1")
+            .expect("d1 in the view");
         assert_eq!(
             (d1.state.as_str(), d1.unschedulable),
             ("unschedulable", true)
