@@ -10,8 +10,10 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 
-use k8s_openapi::api::apps::v1::{DaemonSet, StatefulSet};
-use k8s_openapi::api::core::v1::{ConfigMap, Container, Service, ServiceAccount};
+use k8s_openapi::api::apps::v1::{DaemonSet, Deployment};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Container, PersistentVolumeClaim, PodSpec, Service, ServiceAccount,
+};
 use k8s_openapi::api::rbac::v1::{ClusterRole, ClusterRoleBinding, PolicyRule, Role, RoleBinding};
 use micromine_controller::kubernetes::rbac::{RULES, Scope};
 use serde::de::DeserializeOwned;
@@ -93,7 +95,8 @@ fn render(extra: &[&str]) -> Rendered {
 /// The rendered documents, each parsed into its k8s-openapi type.
 #[derive(Default)]
 struct Rendered {
-    stateful_sets: Vec<StatefulSet>,
+    deployments: Vec<Deployment>,
+    claims: Vec<PersistentVolumeClaim>,
     daemon_sets: Vec<DaemonSet>,
     services: Vec<Service>,
     service_accounts: Vec<ServiceAccount>,
@@ -113,7 +116,8 @@ impl Rendered {
         for document in documents {
             let kind = document["kind"].as_str().unwrap_or_default().to_owned();
             match kind.as_str() {
-                "StatefulSet" => rendered.stateful_sets.push(typed(&kind, document)),
+                "Deployment" => rendered.deployments.push(typed(&kind, document)),
+                "PersistentVolumeClaim" => rendered.claims.push(typed(&kind, document)),
                 "DaemonSet" => rendered.daemon_sets.push(typed(&kind, document)),
                 "Service" => rendered.services.push(typed(&kind, document)),
                 "ServiceAccount" => rendered.service_accounts.push(typed(&kind, document)),
@@ -132,9 +136,28 @@ impl Rendered {
         rendered
     }
 
-    fn controller(&self) -> &StatefulSet {
-        assert_eq!(self.stateful_sets.len(), 1, "one controller StatefulSet");
-        &self.stateful_sets[0]
+    fn controller(&self) -> &Deployment {
+        assert_eq!(self.deployments.len(), 1, "one controller Deployment");
+        &self.deployments[0]
+    }
+
+    /// The ledger's claim, which every replica mounts as volume `data`.
+    fn ledger_claim(&self) -> &PersistentVolumeClaim {
+        assert_eq!(self.claims.len(), 1, "one PersistentVolumeClaim");
+        let claim = &self.claims[0];
+        assert_eq!(claim.metadata.name.as_deref(), Some("mm-micromine-data"));
+        assert_eq!(claim.metadata.namespace.as_deref(), Some(NAMESPACE));
+        assert_eq!(
+            claim
+                .metadata
+                .annotations
+                .as_ref()
+                .and_then(|a| a.get("helm.sh/resource-policy"))
+                .map(String::as_str),
+            Some("keep"),
+            "helm uninstall must not delete the ledger"
+        );
+        claim
     }
 
     fn service(&self, name: &str) -> &Service {
@@ -157,7 +180,7 @@ fn typed<T: DeserializeOwned + serde::Serialize>(kind: &str, document: Value) ->
 }
 
 /// Fails unless everything in `rendered` survived the round trip into `parsed`. The
-/// serializer may add (`apiVersion` and `kind` on nested claim templates), not drop.
+/// serializer may add, not drop.
 fn kept(rendered: &Value, parsed: &Value, path: &str) {
     match (rendered, parsed) {
         (Value::Object(r), Value::Object(p)) => {
@@ -205,6 +228,40 @@ fn env_from_field(c: &Container, name: &str) -> String {
         .unwrap_or_else(|| panic!("env {name} is not from the downward API"))
 }
 
+/// The controller Deployment's strategy type.
+fn strategy(d: &Deployment) -> String {
+    d.spec
+        .as_ref()
+        .and_then(|s| s.strategy.as_ref())
+        .and_then(|s| s.type_.clone())
+        .expect("an explicit strategy")
+}
+
+/// The pod's `data` volume, mounted at /var/lib/micromine by the controller container.
+fn data_volume(pod: &PodSpec) -> &k8s_openapi::api::core::v1::Volume {
+    let c = container(&pod.containers, "controller");
+    assert!(
+        c.volume_mounts
+            .as_deref()
+            .expect("mounts")
+            .iter()
+            .any(|m| m.name == "data" && m.mount_path == "/var/lib/micromine")
+    );
+    pod.volumes
+        .as_deref()
+        .expect("volumes")
+        .iter()
+        .find(|v| v.name == "data")
+        .expect("data volume")
+}
+
+fn claim_name(pod: &PodSpec) -> Option<&str> {
+    data_volume(pod)
+        .persistent_volume_claim
+        .as_ref()
+        .map(|c| c.claim_name.as_str())
+}
+
 fn assert_restricted(c: &Container) {
     let sc = c.security_context.as_ref().expect("securityContext");
     assert_eq!(sc.run_as_non_root, Some(true), "{}", c.name);
@@ -248,12 +305,15 @@ fn lints_with_default_and_non_default_values() {
 #[test]
 fn default_values_render_a_single_controller_with_its_services() {
     let r = render(&[]);
-    let sts = r.controller();
-    assert_eq!(sts.metadata.name.as_deref(), Some(FULLNAME));
-    let spec = sts.spec.as_ref().expect("spec");
+    let deployment = r.controller();
+    assert_eq!(deployment.metadata.name.as_deref(), Some(FULLNAME));
+    let spec = deployment.spec.as_ref().expect("spec");
     assert_eq!(spec.replicas, Some(1));
-    assert_eq!(spec.service_name.as_deref(), Some("mm-micromine-headless"));
-    assert_eq!(spec.pod_management_policy.as_deref(), Some("Parallel"));
+    assert_eq!(
+        strategy(deployment),
+        "Recreate",
+        "a ReadWriteOnce volume cannot attach to the old and the new pod at once"
+    );
 
     let pod = spec.template.spec.as_ref().expect("pod spec");
     assert_eq!(pod.service_account_name.as_deref(), Some(FULLNAME));
@@ -274,7 +334,8 @@ fn default_values_render_a_single_controller_with_its_services() {
     let expected = format!(
         "run --kubernetes --data-dir /var/lib/micromine --listen 0.0.0.0:7443 \
          --http-listen 0.0.0.0:8080 --namespace $(POD_NAMESPACE) --lease-name {FULLNAME} \
-         --identity $(POD_NAME) --tls-san {FULLNAME} --tls-san {FULLNAME}.{NAMESPACE} \
+         --identity $(POD_NAME) --advertise-address $(POD_IP) --grpc-service {FULLNAME} \
+         --tls-san {FULLNAME} --tls-san {FULLNAME}.{NAMESPACE} \
          --tls-san {FULLNAME}.{NAMESPACE}.svc --tls-san {FULLNAME}.{NAMESPACE}.svc.cluster.local \
          --device-cert-ttl 24h --log-format text"
     );
@@ -282,6 +343,7 @@ fn default_values_render_a_single_controller_with_its_services() {
     assert!(!args.contains("--ca-cert-file"), "{args}");
     assert_eq!(env_from_field(c, "POD_NAMESPACE"), "metadata.namespace");
     assert_eq!(env_from_field(c, "POD_NAME"), "metadata.name");
+    assert_eq!(env_from_field(c, "POD_IP"), "status.podIP");
     assert_restricted(c);
 
     let ports: Vec<(Option<&str>, i32)> = c
@@ -305,16 +367,15 @@ fn default_values_render_a_single_controller_with_its_services() {
     assert_eq!(probe_path(c.liveness_probe.as_ref()), "/healthz");
     assert_eq!(probe_path(c.readiness_probe.as_ref()), "/readyz");
 
-    // The ledger is on a claim per replica.
-    let claims = spec.volume_claim_templates.as_deref().expect("claims");
-    assert_eq!(claims.len(), 1);
-    assert_eq!(claims[0].metadata.name.as_deref(), Some("data"));
-    let claim = claims[0].spec.as_ref().expect("claim spec");
+    // The ledger is on one claim, kept on uninstall.
+    let claim = r.ledger_claim();
+    let claim_spec = claim.spec.as_ref().expect("claim spec");
     assert_eq!(
-        claim.access_modes.as_deref(),
+        claim_spec.access_modes.as_deref(),
         Some(&["ReadWriteOnce".to_owned()][..])
     );
-    let storage = &claim
+    assert_eq!(claim_spec.storage_class_name, None, "the default class");
+    let storage = &claim_spec
         .resources
         .as_ref()
         .expect("resources")
@@ -322,38 +383,39 @@ fn default_values_render_a_single_controller_with_its_services() {
         .as_ref()
         .expect("requests")["storage"];
     assert_eq!(storage.0, "1Gi");
-    let mounts = c.volume_mounts.as_deref().expect("mounts");
-    assert!(
-        mounts
-            .iter()
-            .any(|m| m.name == "data" && m.mount_path == "/var/lib/micromine")
-    );
-    let volumes = pod.volumes.as_deref().unwrap_or_default();
-    assert!(
-        !volumes.iter().any(|v| v.name == "data"),
-        "the claim template provides the data volume"
-    );
+    assert_eq!(claim_name(pod), claim.metadata.name.as_deref());
 
+    // Agents reach the leader only: the gRPC Service has no selector, the leader publishes
+    // its EndpointSlice. Metrics and health come from every replica.
     let grpc = r.service(FULLNAME).spec.as_ref().expect("spec");
     assert_eq!(grpc.type_.as_deref(), Some("ClusterIP"));
-    let grpc_port = &grpc.ports.as_deref().expect("ports")[0];
+    assert_eq!(
+        grpc.selector, None,
+        "the leader's EndpointSlice routes gRPC"
+    );
+    let grpc_ports = grpc.ports.as_deref().expect("ports");
+    assert_eq!(grpc_ports.len(), 1);
+    let grpc_port = &grpc_ports[0];
+    assert_eq!(grpc_port.name.as_deref(), Some("grpc"));
     assert_eq!((grpc_port.port, grpc_port.node_port), (7443, None));
+    assert_eq!(
+        grpc_port.target_port,
+        Some(k8s_openapi::apimachinery::pkg::util::intstr::IntOrString::Int(7443)),
+        "without a selector a named targetPort resolves to nothing"
+    );
     let http = r.service("mm-micromine-http").spec.as_ref().expect("spec");
     assert_eq!(http.type_.as_deref(), Some("ClusterIP"));
     assert_eq!(http.ports.as_deref().expect("ports")[0].port, 8080);
-    let headless = r
-        .service("mm-micromine-headless")
-        .spec
-        .as_ref()
-        .expect("spec");
-    assert_eq!(headless.cluster_ip.as_deref(), Some("None"));
-    for svc in [grpc, http, headless] {
-        assert_eq!(
-            svc.selector.as_ref(),
-            spec.selector.match_labels.as_ref(),
-            "every Service selects the controller pods"
-        );
-    }
+    assert_eq!(
+        http.selector.as_ref(),
+        spec.selector.match_labels.as_ref(),
+        "the HTTP Service selects every controller pod"
+    );
+    assert_eq!(
+        r.services.len(),
+        2,
+        "the gRPC and the HTTP Service, nothing else"
+    );
 
     assert_eq!(r.service_accounts.len(), 1);
     assert!(r.daemon_sets.is_empty(), "the agent is off by default");
@@ -371,15 +433,22 @@ fn default_values_render_a_single_controller_with_its_services() {
 fn non_default_values_render_ha_ca_load_balancer_monitor_and_agent() {
     let values = ha_values();
     let r = render(&["-f", values.to_str().expect("utf-8 path")]);
-    let spec = r.controller().spec.as_ref().expect("spec");
+    let deployment = r.controller();
+    let spec = deployment.spec.as_ref().expect("spec");
     assert_eq!(spec.replicas, Some(2));
-    assert!(spec.volume_claim_templates.is_none(), "persistence is off");
+    assert_eq!(
+        strategy(deployment),
+        "RollingUpdate",
+        "standbys are Ready, so a rollout goes one pod at a time"
+    );
     let pod = spec.template.spec.as_ref().expect("pod spec");
     let c = container(&pod.containers, "controller");
     let args = command_line(c);
     for expected in [
         "run --kubernetes",
         "--data-dir /var/lib/micromine",
+        "--lease-name mm-micromine --identity $(POD_NAME)",
+        "--advertise-address $(POD_IP) --grpc-service mm-micromine",
         "--tls-san mm-micromine.fleet.svc.cluster.local",
         "--tls-san micromine.example.com --tls-san 203.0.113.7",
         "--device-cert-ttl 12h",
@@ -388,12 +457,18 @@ fn non_default_values_render_ha_ca_load_balancer_monitor_and_agent() {
     ] {
         assert!(args.contains(expected), "{expected:?} not in {args}");
     }
+    assert_eq!(env_from_field(c, "POD_IP"), "status.podIP");
+
+    // Every replica mounts the one ReadWriteMany claim.
+    let claim = r.ledger_claim();
+    assert_eq!(claim_name(pod), claim.metadata.name.as_deref());
+    let claim_spec = claim.spec.as_ref().expect("claim spec");
+    assert_eq!(
+        claim_spec.access_modes.as_deref(),
+        Some(&["ReadWriteMany".to_owned()][..])
+    );
+    assert_eq!(claim_spec.storage_class_name.as_deref(), Some("efs-sc"));
     let volumes = pod.volumes.as_deref().expect("volumes");
-    let data = volumes
-        .iter()
-        .find(|v| v.name == "data")
-        .expect("data volume");
-    assert!(data.empty_dir.is_some(), "persistence off means emptyDir");
     let ca = volumes.iter().find(|v| v.name == "ca").expect("ca volume");
     let secret = ca.secret.as_ref().expect("the CA comes from a Secret");
     assert_eq!(secret.secret_name.as_deref(), Some("micromine-fleet-ca"));
@@ -410,6 +485,7 @@ fn non_default_values_render_ha_ca_load_balancer_monitor_and_agent() {
 
     let grpc = r.service(FULLNAME).spec.as_ref().expect("spec");
     assert_eq!(grpc.type_.as_deref(), Some("LoadBalancer"));
+    assert_eq!(grpc.selector, None, "only the leader is behind it");
     assert_eq!(
         grpc.ports.as_deref().expect("ports")[0].node_port,
         Some(30443)
@@ -513,6 +589,22 @@ fn non_default_values_render_ha_ca_load_balancer_monitor_and_agent() {
         .expect("capabilities");
     assert_eq!(caps.drop.as_deref(), Some(&["ALL".to_owned()][..]));
     assert_eq!(caps.add.as_deref(), Some(&["CHOWN".to_owned()][..]));
+}
+
+#[test]
+fn without_persistence_the_ledger_is_an_empty_dir() {
+    let r = render(&["--set", "persistence.enabled=false"]);
+    assert!(r.claims.is_empty(), "no claim without persistence");
+    let deployment = r.controller();
+    assert_eq!(strategy(deployment), "Recreate");
+    let pod = deployment
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref())
+        .expect("pod spec");
+    let data = data_volume(pod);
+    assert!(data.empty_dir.is_some(), "persistence off means emptyDir");
+    assert!(data.persistent_volume_claim.is_none());
 }
 
 #[test]
@@ -679,8 +771,38 @@ fn inconsistent_values_are_refused_with_a_reason() {
         stderr.contains("agent.tokenSecret.name is required"),
         "{stderr}"
     );
+    // HA shares one ledger volume across nodes: the default ReadWriteOnce claim cannot.
     let stderr = refused(&["--set", "replicaCount=2"]);
-    assert!(stderr.contains("ca.existingSecret"), "{stderr}");
+    assert!(
+        stderr.contains("persistence.accessModes") && stderr.contains("ReadWriteMany"),
+        "{stderr}"
+    );
+    // ... nor can standbys without a ledger at all.
+    let stderr = refused(&[
+        "--set",
+        "replicaCount=2",
+        "--set",
+        "persistence.enabled=false",
+    ]);
+    assert!(
+        stderr.contains("persistence.enabled") && stderr.contains("ReadWriteMany"),
+        "{stderr}"
+    );
+    // ReadWriteMany is enough; the CA is on the shared volume, no Secret needed.
+    let r = render(&[
+        "--set",
+        "replicaCount=3",
+        "--set",
+        "persistence.accessModes={ReadWriteMany}",
+    ]);
+    assert_eq!(strategy(r.controller()), "RollingUpdate");
+    let pod = r
+        .controller()
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref());
+    let args = command_line(container(&pod.expect("pod spec").containers, "controller"));
+    assert!(!args.contains("--ca-cert-file"), "{args}");
     let stderr = refused(&[
         "--set",
         "serviceAccount.create=false",

@@ -7,8 +7,8 @@ Chart name, overridable with nameOverride.
 
 {{/*
 Full name: the prefix of every resource this release creates. Kept to 40 characters so
-that suffixed names ("-headless", "-agent") and the StatefulSet's pod and claim names stay
-within Kubernetes' limits.
+that suffixed names ("-agent", "-data", "-leader") and the Deployment's and DaemonSet's pod
+names stay within Kubernetes' limits.
 */}}
 {{- define "micromine.fullname" -}}
 {{- if .Values.fullnameOverride }}
@@ -43,7 +43,7 @@ app.kubernetes.io/part-of: micromine
 {{- end }}
 
 {{/*
-Selector labels of the controller pods. Immutable once a StatefulSet exists: never add to them.
+Selector labels of the controller pods. Immutable once the Deployment exists: never add to them.
 */}}
 {{- define "micromine.controller.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "micromine.name" . }}
