@@ -729,6 +729,79 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_conflicting_status_write_is_retried_with_growing_backoff_and_a_warning() {
+        let Setup { ctx, mut api, _dir } = setup().await;
+        let object = Arc::new(miner(&[FINALIZER], false, valid_spec(), None));
+        let conflict =
+            crate::kubernetes::testing::failure(409, "Conflict", "the object has been modified");
+        let mut event_name = None;
+        for (attempt, wait) in [(1, 1), (2, 2), (3, 4)] {
+            let run = tokio::spawn(reconcile(object.clone(), ctx.clone()));
+            let Seen { respond, .. } =
+                expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
+            answer(respond, StatusCode::CONFLICT, &conflict);
+            let error = done(run).await.unwrap_err();
+            let action = error_policy(object.clone(), &error, ctx.clone());
+            assert_eq!(
+                action,
+                Action::requeue(Duration::from_secs(wait)),
+                "attempt {attempt}"
+            );
+            // The first failure creates the Warning; repeats of it bump its series.
+            let seen = match &event_name {
+                None => expect(&mut api, Method::POST, EVENTS).await,
+                Some(name) => expect(&mut api, Method::PATCH, &format!("{EVENTS}/{name}")).await,
+            };
+            if event_name.is_none() {
+                let event = &seen.body;
+                assert_eq!(event["type"], "Warning");
+                assert_eq!(event["reason"], "ReconcileFailed");
+                let note = event["note"].as_str().unwrap();
+                assert!(
+                    note.contains("status of MicroMiner plant/night-shift"),
+                    "{note}"
+                );
+                assert!(
+                    note.contains("the object has been modified"),
+                    "the chain down to the API's words: {note}"
+                );
+                event_name = event["metadata"]["name"].as_str().map(str::to_string);
+                assert!(event_name.is_some(), "{event}");
+            }
+            let echo = seen.body.clone();
+            seen.answer(StatusCode::OK, &echo);
+        }
+        // A success resets the count: the next failure waits 1 s again.
+        let run = tokio::spawn(reconcile(object.clone(), ctx.clone()));
+        let Seen { respond, .. } = expect(&mut api, Method::PATCH, &format!("{PATH}/status")).await;
+        answer(
+            respond,
+            StatusCode::OK,
+            &serde_json::to_value(object.as_ref()).unwrap(),
+        );
+        done(run).await.unwrap();
+        let failed = ReconcileError::Api {
+            what: "status",
+            key: object.key(),
+            source: kube::Error::LinesCodecMaxLineLengthExceeded,
+        };
+        assert_eq!(
+            error_policy(object.clone(), &failed, ctx.clone()),
+            Action::requeue(Duration::from_secs(1))
+        );
+        // Still the same Warning to a reader of `kubectl describe`: its series grows.
+        let name = event_name.unwrap();
+        let _ = expect(&mut api, Method::PATCH, &format!("{EVENTS}/{name}")).await;
+    }
+
+    #[test]
+    fn backoff_doubles_to_a_five_minute_cap() {
+        let waits: Vec<u64> = (1..=12).map(|n| backoff(n).as_secs()).collect();
+        assert_eq!(waits, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
+        assert_eq!(backoff(u32::MAX).as_secs(), 300);
+    }
+
+    #[tokio::test]
     async fn a_spec_that_cannot_be_served_is_reported_not_served_and_not_retried() {
         let Setup { ctx, mut api, _dir } = setup().await;
         let mut spec = valid_spec();
