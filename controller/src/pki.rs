@@ -287,16 +287,7 @@ impl Pki {
         if exists(&previous)? {
             also_trusted.push(load_ca_cert(&previous, CaRole::Previous, None)?);
         }
-        let issuer = Issuer::from_ca_cert_der(&active.der, key).map_err(|e| PkiError::Corrupt {
-            path: cert_path.clone(),
-            what: "CA certificate",
-            reason: e.to_string(),
-        })?;
-        Ok(Pki {
-            issuer,
-            active,
-            also_trusted,
-        })
+        Pki::assemble(active, key, &cert_path, also_trusted)
     }
 
     /// Loads a CA managed elsewhere (e.g. a cert-manager Secret mounted as `tls.crt` and
@@ -305,6 +296,16 @@ impl Pki {
     pub fn load_files(cert_path: &Path, key_path: &Path) -> Result<Pki, PkiError> {
         let key = load_key(key_path)?;
         let active = load_ca_cert(cert_path, CaRole::Active, Some((&key, key_path)))?;
+        Pki::assemble(active, key, cert_path, Vec::new())
+    }
+
+    /// The active CA with its key (checked to match) becomes the issuer.
+    fn assemble(
+        active: CaCertificate,
+        key: KeyPair,
+        cert_path: &Path,
+        also_trusted: Vec<CaCertificate>,
+    ) -> Result<Pki, PkiError> {
         let issuer = Issuer::from_ca_cert_der(&active.der, key).map_err(|e| PkiError::Corrupt {
             path: cert_path.to_path_buf(),
             what: "CA certificate",
@@ -313,7 +314,7 @@ impl Pki {
         Ok(Pki {
             issuer,
             active,
-            also_trusted: Vec::new(),
+            also_trusted,
         })
     }
 

@@ -325,6 +325,23 @@ mod tests {
         secret
     }
 
+    /// Answers the read of `name` with 404; `run`, the redeem, must then find the token
+    /// unknown.
+    async fn answer_gone(
+        api: &mut Handle,
+        name: &str,
+        run: tokio::task::JoinHandle<Result<TokenRecord, SecretTokenError>>,
+    ) {
+        expect(api, Method::GET, name).await.answer(
+            StatusCode::NOT_FOUND,
+            &testing::failure(404, "NotFound", "gone"),
+        );
+        assert!(matches!(
+            run.await.unwrap(),
+            Err(SecretTokenError::Token(TokenError::UnknownToken { .. }))
+        ));
+    }
+
     async fn created(uses: u32) -> (SecretTokens, Handle, BootstrapToken, Value) {
         let (tokens, mut api) = tokens();
         let spec = TokenSpec {
@@ -396,14 +413,7 @@ mod tests {
 
         // Replayed after its last use: the Secret is gone.
         let run = tokio::spawn(async move { tokens.redeem(&token, CA, 0).await });
-        expect(&mut api, Method::GET, &name).await.answer(
-            StatusCode::NOT_FOUND,
-            &testing::failure(404, "NotFound", "gone"),
-        );
-        assert!(matches!(
-            run.await.unwrap(),
-            Err(SecretTokenError::Token(TokenError::UnknownToken { .. }))
-        ));
+        answer_gone(&mut api, &name, run).await;
     }
 
     #[tokio::test]
@@ -419,14 +429,7 @@ mod tests {
             &testing::failure(409, "Conflict", "precondition failed"),
         );
         // The other writer consumed the last use: on the second read the Secret is gone.
-        expect(&mut api, Method::GET, &name).await.answer(
-            StatusCode::NOT_FOUND,
-            &testing::failure(404, "NotFound", "gone"),
-        );
-        assert!(matches!(
-            run.await.unwrap(),
-            Err(SecretTokenError::Token(TokenError::UnknownToken { .. }))
-        ));
+        answer_gone(&mut api, &name, run).await;
     }
 
     #[tokio::test]
