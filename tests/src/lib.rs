@@ -4,6 +4,10 @@
 //!
 //! The binaries come from the same target directory as the test executable; the test
 //! command (`scripts/test`) builds them first.
+//!
+//! Layout: this file (processes, polling, the standalone controller fixture); `raw`
+//! (hand-made gRPC clients for hostile-agent tests); `fake_api` (an in-memory Kubernetes
+//! API server for `run --kubernetes`).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -14,6 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+pub mod fake_api;
 pub mod raw;
 
 /// Path of a workspace binary next to the test executable.
@@ -68,8 +73,19 @@ pub struct Process {
 impl Process {
     /// Starts `binary` with `args`.
     pub fn start(name: &str, binary: &Path, args: &[&str]) -> Process {
+        Process::start_with_env(name, binary, args, &[])
+    }
+
+    /// Starts `binary` with `args` and extra environment variables (`KUBECONFIG`).
+    pub fn start_with_env(
+        name: &str,
+        binary: &Path,
+        args: &[&str],
+        env: &[(&str, &Path)],
+    ) -> Process {
         let mut child = Command::new(binary)
             .args(args)
+            .envs(env.iter().copied())
             // Handshake failures are logged at debug; the tests read them.
             .env("RUST_LOG", "info,micromine_controller::tls=debug")
             .stdin(Stdio::null())
@@ -187,8 +203,14 @@ pub fn get_json(addr: SocketAddr, path: &str) -> Option<Value> {
 
 /// Runs a command to completion and returns its stdout, panicking with stderr on failure.
 pub fn run_to_end(binary: &Path, args: &[&str]) -> String {
+    run_to_end_with_env(binary, args, &[])
+}
+
+/// [`run_to_end`] with extra environment variables (`KUBECONFIG`).
+pub fn run_to_end_with_env(binary: &Path, args: &[&str], env: &[(&str, &Path)]) -> String {
     let output = Command::new(binary)
         .args(args)
+        .envs(env.iter().copied())
         .output()
         .unwrap_or_else(|e| panic!("running {}: {e}", binary.display()));
     assert!(
