@@ -78,7 +78,8 @@ pub struct EdgeDeviceStatus {
     /// What the agent reported about the machine when it connected.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub capacity: Option<DeviceCapacity>,
-    /// `Ready` (connected and heartbeating), `Throttled` (held back by a local limit),
+    /// `Ready` (connected and heartbeating), `Schedulable` (false while
+    /// `spec.unschedulable`), `Throttled` (held back by a local limit),
     /// `Enrolled` (holds a valid certificate), `HashrateMismatch` (its accepted shares
     /// contradict the hash rate it claims), `ForeignShares` (it submitted shares for
     /// work that is not its own); keyed by type.

@@ -293,6 +293,29 @@ fn set_conditions(conditions: &mut Vec<Condition>, device: &DeviceView, now_ms: 
     };
     conditions::set(conditions, "Ready", ready, reason, &message, None, now_ms);
 
+    // As `kubectl get nodes` shows SchedulingDisabled: a cordon is visible in the status.
+    if device.unschedulable {
+        conditions::set(
+            conditions,
+            "Schedulable",
+            false,
+            "Unschedulable",
+            "spec.unschedulable is set: the device is handed no work",
+            None,
+            now_ms,
+        );
+    } else {
+        conditions::set(
+            conditions,
+            "Schedulable",
+            true,
+            "Schedulable",
+            "",
+            None,
+            now_ms,
+        );
+    }
+
     let throttled = device.state.strip_prefix("throttled");
     match throttled {
         Some(why) => {
@@ -746,6 +769,16 @@ mod tests {
         let (_, status) = statuses(&throttled)[0];
         let c = condition(status, "Throttled");
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Thermal"));
+        assert_eq!(condition(status, "Schedulable").status, "True");
+
+        d.unschedulable = true;
+        d.state = "unschedulable".into();
+        let cordoned = p.plan(std::slice::from_ref(&d), now + 2_000);
+        let c = condition(statuses(&cordoned)[0].1, "Schedulable");
+        assert_eq!(
+            (c.status.as_str(), c.reason.as_str()),
+            ("False", "Unschedulable")
+        );
     }
 
     #[test]

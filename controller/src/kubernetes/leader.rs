@@ -78,7 +78,12 @@ impl LeaderElector {
         if holder.is_some() && !expired(&spec, now) {
             return Ok(Role::Follower(holder));
         }
-        tracing::info!(previous = ?holder, "the leader's lease lapsed; taking over");
+        match &holder {
+            Some(previous) => {
+                tracing::info!(%previous, "the leader's lease lapsed; taking over");
+            }
+            None => tracing::info!("the lease was released; taking over"),
+        }
         self.replace(lease, self.spec(now, now, transitions.saturating_add(1)))
             .await
     }
