@@ -420,9 +420,40 @@ fn invalid_status(miner: &MicroMiner, message: &str) -> MicroMinerStatus {
     }
 }
 
+/// Which MicroMiners' statuses changed in a way operators act on since the last call
+/// (conditions, device counts, generation served), so they can be reconciled now rather
+/// than at their next periodic look. The first sight of a MicroMiner counts as a change.
+#[derive(Debug, Default)]
+pub struct ChangeWatch {
+    seen: HashMap<String, Significant>,
+}
+
+impl ChangeWatch {
+    /// The keys among `statuses` (`namespace/name`, status) whose significant part moved.
+    pub fn changed<'a>(
+        &mut self,
+        statuses: impl IntoIterator<Item = (&'a str, &'a MicroMinerStatus)>,
+    ) -> Vec<String> {
+        let mut changed = Vec::new();
+        let mut present = std::collections::HashSet::new();
+        for (key, status) in statuses {
+            present.insert(key.to_string());
+            let now = significant(status);
+            if self.seen.get(key) != Some(&now) {
+                self.seen.insert(key.to_string(), now);
+                changed.push(key.to_string());
+            }
+        }
+        self.seen.retain(|key, _| present.contains(key));
+        changed
+    }
+}
+
+type Significant = (Option<i64>, Vec<(String, String, String)>, String);
+
 /// What must reach the API server at once: conditions (not their messages, which carry
 /// figures), the generation served, the device counts.
-fn significant(status: &MicroMinerStatus) -> (Option<i64>, Vec<(String, String, String)>, String) {
+fn significant(status: &MicroMinerStatus) -> Significant {
     let conditions = status
         .conditions
         .iter()
@@ -792,6 +823,28 @@ mod tests {
         // Still the same Warning to a reader of `kubectl describe`: its series grows.
         let name = event_name.unwrap();
         let _ = expect(&mut api, Method::PATCH, &format!("{EVENTS}/{name}")).await;
+    }
+
+    #[test]
+    fn fleet_changes_operators_act_on_are_noticed_once() {
+        let mut watch = ChangeWatch::default();
+        let mut mining = MicroMinerStatus::default();
+        mining.devices.matched = 1;
+        let idle = MicroMinerStatus::default();
+        assert_eq!(
+            watch.changed([("a/x", &idle), ("a/y", &idle)]),
+            ["a/x", "a/y"]
+        );
+        assert!(watch.changed([("a/x", &idle), ("a/y", &idle)]).is_empty());
+        let mut busier = idle.clone();
+        busier.shares.accepted = 99;
+        assert!(
+            watch.changed([("a/x", &busier)]).is_empty(),
+            "figures alone wait"
+        );
+        assert_eq!(watch.changed([("a/x", &mining)]), ["a/x"]);
+        // a/y went away and comes back: a change again.
+        assert_eq!(watch.changed([("a/x", &mining), ("a/y", &idle)]), ["a/y"]);
     }
 
     #[test]

@@ -16,7 +16,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 use kube::api::{Api, Patch, PatchParams};
 use kube::runtime::Controller;
 use kube::runtime::events::{Recorder, Reporter};
-use kube::runtime::reflector;
+use kube::runtime::reflector::{self, ObjectRef};
 use kube::runtime::utils::{PredicateConfig, WatchStreamExt};
 use kube::runtime::watcher::{self, watcher};
 use kube::{Resource, ResourceExt};
@@ -30,7 +30,7 @@ use super::devices::{
     self, DEVICE_REFRESH_WRITES_PER_MINUTE, DevicePublisher, DeviceSpecs, WriteBudget,
 };
 use super::leader::LeaderElector;
-use super::miners::{self, Context};
+use super::miners::{self, ChangeWatch, Context};
 use super::tokens::{self as secret_tokens, SecretTokens};
 use crate::edgedevice::EdgeDevice;
 use crate::fleet::now_ms;
@@ -42,6 +42,8 @@ use crate::standalone::{self, ControllerConfig, StartError, revocations_dir};
 /// How long a new leader keeps trying to open the ledger while the previous leader may
 /// still be closing it.
 const STORE_OPEN_PATIENCE: Duration = Duration::from_secs(30);
+/// How often the fleet is compared with what MicroMiner statuses last said.
+const FLEET_WATCH_PERIOD: Duration = Duration::from_secs(2);
 /// Retry period for the CA ConfigMap and the EndpointSlice when the API server refuses.
 const PUBLISH_RETRY: Duration = Duration::from_secs(5);
 
@@ -217,9 +219,18 @@ async fn lead(
         .reflect(writer)
         .applied_objects()
         .predicate_filter(serving_predicate, PredicateConfig::default());
+    // A device joining or leaving changes a MicroMiner's status without any change to the
+    // object: reconcile it now instead of at its next periodic look.
+    let (changed_tx, changed_rx) = futures::channel::mpsc::channel(256);
+    tasks.push(tokio::spawn(watch_fleet(
+        controller.fleet.clone(),
+        changed_tx,
+        stop.clone(),
+    )));
     let until = stop.clone();
     tasks.push(tokio::spawn(async move {
         Controller::for_stream(triggers, reader)
+            .reconcile_on(changed_rx)
             .graceful_shutdown_on(until.cancelled_owned())
             .run(miners::reconcile, miners::error_policy, context)
             .for_each(|result| async move {
@@ -273,6 +284,32 @@ async fn lead(
         Err(RunError::LostLeadership(config.lease_name.clone()))
     } else {
         Ok(())
+    }
+}
+
+/// Every [`FLEET_WATCH_PERIOD`], sends the MicroMiners whose status changed in a way
+/// operators act on (see [`ChangeWatch`]).
+async fn watch_fleet(
+    fleet: Arc<crate::fleet::Fleet>,
+    mut changed: futures::channel::mpsc::Sender<ObjectRef<MicroMiner>>,
+    stop: CancellationToken,
+) {
+    let mut watch = ChangeWatch::default();
+    let mut every = tokio::time::interval(FLEET_WATCH_PERIOD);
+    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = stop.cancelled() => break,
+            _ = every.tick() => {}
+        }
+        let miners = fleet.view().miners;
+        for key in watch.changed(miners.iter().map(|m| (m.key.as_str(), &m.status))) {
+            let Some((namespace, name)) = key.split_once('/') else {
+                continue;
+            };
+            // Full means reconciles are already queued; the periodic look catches up.
+            let _ = changed.try_send(ObjectRef::new(name).within(namespace));
+        }
     }
 }
 
