@@ -238,8 +238,8 @@ fn a_fleet_managed_with_kubectl_shaped_objects() {
     );
 
     // What `kubectl get microminers -A` shows once the device mines: the finalizer, the
-    // generation served, Ready with a mining device and accepted shares (the status is
-    // looked at again every 30 s, so this takes up to that long).
+    // generation served, Ready with a mining device and accepted shares (each of these
+    // changes is written as soon as the fleet sees it, within a few seconds).
     let miner = wait_until(
         "MicroMiner plant/fleet to be Ready with a mining device and accepted shares",
         Duration::from_secs(55),

@@ -114,21 +114,28 @@ impl Context {
     /// The status the fleet gives MicroMiner `key` now (a view at most
     /// [`VIEW_MAX_AGE_MS`] old).
     fn status_of(&self, key: &str, now_ms: i64) -> MicroMinerStatus {
-        let statuses = {
-            let mut view = lock(&self.view);
-            if now_ms.saturating_sub(view.0) >= VIEW_MAX_AGE_MS {
-                let fresh = self
-                    .fleet
-                    .view()
-                    .miners
-                    .into_iter()
-                    .map(|m| (m.key, m.status))
-                    .collect();
-                *view = (now_ms, Arc::new(fresh));
-            }
-            view.1.clone()
+        let fresh = lock(&self.view).0 > now_ms.saturating_sub(VIEW_MAX_AGE_MS);
+        let statuses = if fresh {
+            lock(&self.view).1.clone()
+        } else {
+            self.refresh_view(now_ms)
         };
         statuses.get(key).cloned().unwrap_or_default()
+    }
+
+    /// Takes a new view of the fleet, for the reconciles that follow, and returns every
+    /// served MicroMiner's status in it.
+    pub fn refresh_view(&self, now_ms: i64) -> Arc<HashMap<String, MicroMinerStatus>> {
+        let fresh: Arc<HashMap<String, MicroMinerStatus>> = Arc::new(
+            self.fleet
+                .view()
+                .miners
+                .into_iter()
+                .map(|m| (m.key, m.status))
+                .collect(),
+        );
+        *lock(&self.view) = (now_ms, fresh.clone());
+        fresh
     }
 
     /// The keys of the MicroMiners being served.
@@ -452,17 +459,23 @@ impl ChangeWatch {
 type Significant = (Option<i64>, Vec<(String, String, String)>, String);
 
 /// What must reach the API server at once: conditions (not their messages, which carry
-/// figures), the generation served, the device counts.
+/// figures), the generation served, the device counts, the first accepted share, blocks.
 fn significant(status: &MicroMinerStatus) -> Significant {
     let conditions = status
         .conditions
         .iter()
         .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
         .collect();
+    // The first accepted share ("is it working?") and every block found are news too.
     (
         status.observed_generation,
         conditions,
-        format!("{:?}", status.devices),
+        format!(
+            "{:?};shares:{};blocks:{}",
+            status.devices,
+            status.shares.accepted > 0,
+            status.blocks_found
+        ),
     )
 }
 
@@ -836,6 +849,13 @@ mod tests {
             ["a/x", "a/y"]
         );
         assert!(watch.changed([("a/x", &idle), ("a/y", &idle)]).is_empty());
+        let mut working = idle.clone();
+        working.shares.accepted = 1;
+        assert_eq!(
+            watch.changed([("a/x", &working)]),
+            ["a/x"],
+            "the first share is news"
+        );
         let mut busier = idle.clone();
         busier.shares.accepted = 99;
         assert!(

@@ -223,7 +223,7 @@ async fn lead(
     // object: reconcile it now instead of at its next periodic look.
     let (changed_tx, changed_rx) = futures::channel::mpsc::channel(256);
     tasks.push(tokio::spawn(watch_fleet(
-        controller.fleet.clone(),
+        context.clone(),
         changed_tx,
         stop.clone(),
     )));
@@ -288,9 +288,10 @@ async fn lead(
 }
 
 /// Every [`FLEET_WATCH_PERIOD`], sends the MicroMiners whose status changed in a way
-/// operators act on (see [`ChangeWatch`]).
+/// operators act on (see [`ChangeWatch`]). The view it looks at becomes the one those
+/// reconciles read, so they see the change they were called for.
 async fn watch_fleet(
-    fleet: Arc<crate::fleet::Fleet>,
+    context: Arc<Context>,
     mut changed: futures::channel::mpsc::Sender<ObjectRef<MicroMiner>>,
     stop: CancellationToken,
 ) {
@@ -302,8 +303,8 @@ async fn watch_fleet(
             _ = stop.cancelled() => break,
             _ = every.tick() => {}
         }
-        let miners = fleet.view().miners;
-        for key in watch.changed(miners.iter().map(|m| (m.key.as_str(), &m.status))) {
+        let statuses = context.refresh_view(now_ms());
+        for key in watch.changed(statuses.iter().map(|(key, status)| (key.as_str(), status))) {
             let Some((namespace, name)) = key.split_once('/') else {
                 continue;
             };
