@@ -1,5 +1,7 @@
 //! The controller without a cluster: MicroMiners from a manifests directory, state in an
-//! embedded store under the data directory, the fleet CA on disk.
+//! embedded store under the data directory, the fleet CA on disk. The Kubernetes-mode
+//! leader starts the same serving core ([`start_for_kubernetes`]) without the manifests
+//! directory and with bootstrap tokens from Secrets.
 //!
 //! Data directory layout: `store.redb` (ledger and fleet state), `pki/` (CA, unless
 //! `--pki-dir` says otherwise), `tokens/` (bootstrap tokens), `revocations/` (revoked

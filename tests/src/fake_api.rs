@@ -50,6 +50,8 @@ pub struct Request {
     pub content_type: String,
     /// The request body as text.
     pub body: String,
+    /// The bearer token it carried: whose credentials made it.
+    pub bearer: String,
 }
 
 impl Request {
@@ -660,11 +662,12 @@ impl FakeApi {
         format!("http://{}", self.addr)
     }
 
-    /// Writes a kubeconfig for this server (a dummy token, default namespace
-    /// `namespace`) to `path`.
-    pub fn write_kubeconfig(&self, path: &std::path::Path, namespace: &str) {
+    /// Writes a kubeconfig for this server (default namespace `namespace`) to `path`. The
+    /// server checks no credentials; `bearer` tells whose requests are whose in
+    /// [`FakeApi::requests`].
+    pub fn write_kubeconfig(&self, path: &std::path::Path, namespace: &str, bearer: &str) {
         let config = format!(
-            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: e2e\n  user:\n    token: not-checked\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: e2e\n    namespace: {namespace}\ncurrent-context: fake\n",
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: {}\nusers:\n- name: e2e\n  user:\n    token: {bearer}\ncontexts:\n- name: fake\n  context:\n    cluster: fake\n    user: e2e\n    namespace: {namespace}\ncurrent-context: fake\n",
             self.url()
         );
         std::fs::write(path, config).expect("writing the kubeconfig");
@@ -730,12 +733,19 @@ async fn handle(
         .and_then(|v| v.to_str().ok())
         .unwrap_or_default()
         .to_string();
+    let bearer = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or_default()
+        .to_string();
     inner.lock().log.push(Request {
         method: method.to_string(),
         path: uri.path().to_string(),
         query: uri.query().unwrap_or_default().to_string(),
         content_type: content_type.clone(),
         body: String::from_utf8_lossy(&body).into_owned(),
+        bearer,
     });
     let Some(target) = Target::parse(uri.path()) else {
         return ApiError::new(404, "NotFound", format!("no API at {}", uri.path())).into_response();

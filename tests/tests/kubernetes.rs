@@ -7,6 +7,7 @@ use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
+use micromine_controller::kubernetes::rbac;
 use micromine_e2e::fake_api::FakeApi;
 use micromine_e2e::{
     ControllerProcess, Process, bin, get_json, loopback, number, run_to_end_with_env, start_agent,
@@ -28,31 +29,57 @@ fn device_path(name: &str) -> String {
     format!("/apis/micromine.dev/v1alpha1/edgedevices/{name}")
 }
 
-/// The fake API server, a kubeconfig for it, and a data directory for controllers.
+/// The fake API server, kubeconfigs for it (the controller's and an operator's), and a
+/// data directory for controllers.
 struct Cluster {
     api: FakeApi,
     dir: tempfile::TempDir,
     kubeconfig: PathBuf,
+    operator_kubeconfig: PathBuf,
     data: PathBuf,
 }
+
+/// The bearer token of the controller's kubeconfig, which marks its requests in the log.
+const CONTROLLER: &str = "controller-service-account";
 
 impl Cluster {
     fn start() -> Cluster {
         let api = FakeApi::start();
         let dir = tempfile::tempdir().expect("tempdir");
         let kubeconfig = dir.path().join("kubeconfig");
-        api.write_kubeconfig(&kubeconfig, NAMESPACE);
+        api.write_kubeconfig(&kubeconfig, NAMESPACE, CONTROLLER);
+        let operator_kubeconfig = dir.path().join("operator-kubeconfig");
+        api.write_kubeconfig(&operator_kubeconfig, NAMESPACE, "operator");
         let data = dir.path().join("data");
         Cluster {
             api,
             dir,
             kubeconfig,
+            operator_kubeconfig,
             data,
         }
     }
 
+    /// The controller's environment: its kubeconfig, standing in for the service account.
     fn env(&self) -> [(&'static str, &Path); 1] {
         [("KUBECONFIG", self.kubeconfig.as_path())]
+    }
+
+    /// Every request the controller made is one the chart's RBAC grants
+    /// (`rbac::RULES`, which the chart test holds the chart to).
+    fn assert_controller_stayed_within_rbac(&self) {
+        let requests: Vec<_> = self
+            .api
+            .requests()
+            .into_iter()
+            .filter(|r| r.bearer == CONTROLLER)
+            .collect();
+        assert!(!requests.is_empty(), "the controller made requests");
+        let refused: Vec<String> = requests
+            .iter()
+            .filter_map(|r| rbac::permits(&r.method, &r.path, &r.query).err())
+            .collect();
+        assert!(refused.is_empty(), "{refused:#?}");
     }
 
     /// Starts a replica named `identity` on fresh ports, sharing the data directory (the
@@ -127,7 +154,7 @@ impl Cluster {
                 "--labels",
                 labels,
             ],
-            &self.env(),
+            &[("KUBECONFIG", self.operator_kubeconfig.as_path())],
         )
         .trim()
         .to_string()
@@ -316,6 +343,7 @@ fn a_fleet_managed_with_kubectl_shaped_objects() {
         .filter(|l| l.contains(" WARN ") || l.contains(" ERROR "))
         .collect();
     assert!(complaints.is_empty(), "{complaints:#?}");
+    cluster.assert_controller_stayed_within_rbac();
 }
 
 #[test]
@@ -428,6 +456,7 @@ fn cordon_uncordon_delete_and_revoke() {
         .process
         .wait_for_log("refused a revoked certificate", Duration::from_secs(30));
     agent.kill();
+    cluster.assert_controller_stayed_within_rbac();
 }
 
 #[test]
@@ -515,6 +544,7 @@ fn a_standby_takes_over_when_the_leader_stops() {
         number(&lease, "/spec/leaseTransitions") >= 1,
         "a takeover is a transition: {lease}"
     );
+    cluster.assert_controller_stayed_within_rbac();
 }
 
 #[test]
@@ -611,4 +641,5 @@ fn a_malformed_micro_miner_is_reported_and_the_valid_one_served() {
         Some("leader"),
         "the controller kept running and leading"
     );
+    cluster.assert_controller_stayed_within_rbac();
 }

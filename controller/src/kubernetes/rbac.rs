@@ -107,6 +107,55 @@ pub fn allows(api_group: &str, resource: &str, verb: &str) -> bool {
         .any(|r| r.api_group == api_group && r.resource == resource && r.verbs.contains(&verb))
 }
 
+/// The permission an API request needs: `(group, resource[/subresource], verb)`, from
+/// its method, path and query. An error names what is not an API request.
+pub fn requirement(
+    method: &str,
+    path: &str,
+    query: &str,
+) -> Result<(String, String, &'static str), String> {
+    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
+    // /api/v1/... is the core group; /apis/GROUP/VERSION/... the rest.
+    let (group, rest) = match parts.as_slice() {
+        ["api", _version, rest @ ..] => ("", rest),
+        ["apis", group, _version, rest @ ..] => (*group, rest),
+        _ => return Err(format!("not an API path: {path}")),
+    };
+    let rest = match rest {
+        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
+        other => other,
+    };
+    let (resource, named) = match rest {
+        [resource] => (resource.to_string(), false),
+        [resource, _name] => (resource.to_string(), true),
+        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
+        _ => return Err(format!("unexpected API path shape: {path}")),
+    };
+    let verb = match method {
+        "GET" if query.split('&').any(|kv| kv == "watch=true") => "watch",
+        "GET" if named => "get",
+        "GET" => "list",
+        "POST" => "create",
+        "PUT" => "update",
+        "PATCH" => "patch",
+        "DELETE" => "delete",
+        _ => return Err(format!("unexpected method {method} {path}")),
+    };
+    Ok((group.to_string(), resource, verb))
+}
+
+/// Whether `RULES` allow the request; the error says what it needs and lacks.
+pub fn permits(method: &str, path: &str, query: &str) -> Result<(), String> {
+    let (group, resource, verb) = requirement(method, path, query)?;
+    if allows(&group, &resource, verb) {
+        Ok(())
+    } else {
+        Err(format!(
+            "{method} {path} needs `{verb}` on {resource} in group \"{group}\", which rbac::RULES (and so the chart) does not grant"
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -129,5 +178,57 @@ mod tests {
         }
         assert!(allows("micromine.dev", "microminers/status", "patch"));
         assert!(!allows("", "secrets", "list"));
+    }
+
+    #[test]
+    fn requests_map_to_the_verbs_rbac_checks() {
+        let cases = [
+            (
+                "GET",
+                "/apis/micromine.dev/v1alpha1/microminers",
+                "watch=true&timeoutSeconds=290",
+                ("micromine.dev", "microminers", "watch"),
+            ),
+            (
+                "GET",
+                "/apis/micromine.dev/v1alpha1/edgedevices",
+                "",
+                ("micromine.dev", "edgedevices", "list"),
+            ),
+            (
+                "PATCH",
+                "/apis/micromine.dev/v1alpha1/namespaces/a/microminers/b/status",
+                "",
+                ("micromine.dev", "microminers/status", "patch"),
+            ),
+            (
+                "PUT",
+                "/apis/coordination.k8s.io/v1/namespaces/a/leases/b",
+                "",
+                ("coordination.k8s.io", "leases", "update"),
+            ),
+            (
+                "DELETE",
+                "/api/v1/namespaces/a/secrets/b",
+                "",
+                ("", "secrets", "delete"),
+            ),
+            (
+                "POST",
+                "/api/v1/namespaces/a/configmaps",
+                "",
+                ("", "configmaps", "create"),
+            ),
+        ];
+        for (method, path, query, (group, resource, verb)) in cases {
+            assert_eq!(
+                requirement(method, path, query),
+                Ok((group.to_string(), resource.to_string(), verb)),
+                "{method} {path}"
+            );
+        }
+        assert!(requirement("GET", "/healthz", "").is_err());
+        let refused = permits("GET", "/api/v1/namespaces/a/secrets", "").unwrap_err();
+        assert!(refused.contains("needs `list` on secrets"), "{refused}");
     }
 }

@@ -112,98 +112,15 @@ pub fn failure(code: u16, reason: &str, message: &str) -> Value {
     json!({"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": reason, "code": code, "message": message})
 }
 
-/// The RBAC verb and `(group, resource[/subresource])` a request needs.
-pub fn requirement(method: &Method, path: &str, query: &str) -> (String, String, &'static str) {
-    let parts: Vec<&str> = path.trim_matches('/').split('/').collect();
-    // /api/v1/... is the core group; /apis/GROUP/VERSION/... the rest.
-    let (group, rest) = match parts.as_slice() {
-        ["api", _version, rest @ ..] => ("", rest),
-        ["apis", group, _version, rest @ ..] => (*group, rest),
-        _ => panic!("not an API path: {path}"),
-    };
-    let rest = match rest {
-        ["namespaces", _ns, rest @ ..] if !rest.is_empty() => rest,
-        other => other,
-    };
-    let (resource, named) = match rest {
-        [resource] => (resource.to_string(), false),
-        [resource, _name] => (resource.to_string(), true),
-        [resource, _name, sub] => (format!("{resource}/{sub}"), true),
-        _ => panic!("unexpected API path shape: {path}"),
-    };
-    let verb = match *method {
-        Method::GET if query.split('&').any(|kv| kv == "watch=true") => "watch",
-        Method::GET if named => "get",
-        Method::GET => "list",
-        Method::POST => "create",
-        Method::PUT => "update",
-        Method::PATCH => "patch",
-        Method::DELETE => "delete",
-        _ => panic!("unexpected method {method} {path}"),
-    };
-    (group.to_string(), resource, verb)
-}
-
 fn assert_permitted(method: &Method, path: &str, query: &str) {
-    let (group, resource, verb) = requirement(method, path, query);
-    assert!(
-        super::rbac::allows(&group, &resource, verb),
-        "{method} {path} needs `{verb}` on {resource} in group \"{group}\", which rbac::RULES (and so the chart) does not grant"
-    );
+    if let Err(refusal) = super::rbac::permits(method.as_str(), path, query) {
+        panic!("{refusal}");
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn requests_map_to_the_verbs_rbac_checks() {
-        let cases = [
-            (
-                Method::GET,
-                "/apis/micromine.dev/v1alpha1/microminers",
-                "watch=true&timeoutSeconds=290",
-                ("micromine.dev", "microminers", "watch"),
-            ),
-            (
-                Method::GET,
-                "/apis/micromine.dev/v1alpha1/edgedevices",
-                "",
-                ("micromine.dev", "edgedevices", "list"),
-            ),
-            (
-                Method::PATCH,
-                "/apis/micromine.dev/v1alpha1/namespaces/a/microminers/b/status",
-                "",
-                ("micromine.dev", "microminers/status", "patch"),
-            ),
-            (
-                Method::PUT,
-                "/apis/coordination.k8s.io/v1/namespaces/a/leases/b",
-                "",
-                ("coordination.k8s.io", "leases", "update"),
-            ),
-            (
-                Method::DELETE,
-                "/api/v1/namespaces/a/secrets/b",
-                "",
-                ("", "secrets", "delete"),
-            ),
-            (
-                Method::POST,
-                "/api/v1/namespaces/a/configmaps",
-                "",
-                ("", "configmaps", "create"),
-            ),
-        ];
-        for (method, path, query, (group, resource, verb)) in cases {
-            assert_eq!(
-                requirement(&method, path, query),
-                (group.to_string(), resource.to_string(), verb),
-                "{method} {path}"
-            );
-        }
-    }
 
     #[test]
     #[should_panic(expected = "does not grant")]
