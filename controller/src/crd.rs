@@ -214,28 +214,72 @@ mod tests {
         }
     }
 
+    /// `examples/*.yaml` (MicroMiners only, for `run --manifests examples`) and
+    /// `examples/kubernetes/*.yaml` (with the Kubernetes objects around them).
+    fn example_documents() -> Vec<(std::path::PathBuf, Value)> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let mut documents = Vec::new();
+        for dir in [root.clone(), root.join("kubernetes")] {
+            for entry in std::fs::read_dir(&dir).unwrap() {
+                let path = entry.unwrap().path();
+                if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
+                    continue;
+                }
+                let text = std::fs::read_to_string(&path).unwrap();
+                let parsed: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
+                documents.extend(parsed.into_iter().map(|d| (path.clone(), d)));
+            }
+        }
+        documents
+    }
+
     #[test]
     fn every_example_passes_admission() {
-        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
         let mut checked = 0;
-        for entry in std::fs::read_dir(&dir).unwrap() {
-            let path = entry.unwrap().path();
-            if path.extension().and_then(|e| e.to_str()) != Some("yaml") {
-                continue;
-            }
-            let text = std::fs::read_to_string(&path).unwrap();
-            let documents: Vec<Value> = serde_saphyr::from_multiple(&text).unwrap();
-            for document in documents.iter().filter(|d| d["kind"] == "MicroMiner") {
+        for (path, document) in example_documents() {
+            if document["kind"] == "MicroMiner" {
                 assert_eq!(
-                    admission_errors(document),
+                    admission_errors(&document),
                     Vec::<String>::new(),
                     "{}",
                     path.display()
                 );
                 checked += 1;
+            } else {
+                assert!(
+                    path.parent().is_some_and(|p| p.ends_with("kubernetes")),
+                    "{}: only MicroMiners belong in examples/ (run --manifests reads it)",
+                    path.display()
+                );
             }
         }
-        assert!(checked >= 2, "examples were found and checked");
+        assert!(checked >= 4, "examples were found and checked");
+    }
+
+    /// Every other object in the examples is what its kind says: it survives a round trip
+    /// through the k8s-openapi type unchanged, so no field is misspelt or misplaced.
+    #[test]
+    fn the_kubernetes_objects_in_the_examples_are_well_formed() {
+        use k8s_openapi::api::{batch::v1::CronJob, core::v1::ServiceAccount, rbac::v1};
+        fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
+            document: &Value,
+        ) -> Value {
+            serde_json::to_value(serde_json::from_value::<T>(document.clone()).unwrap()).unwrap()
+        }
+        let mut checked = 0;
+        for (path, document) in example_documents() {
+            let typed = match document["kind"].as_str() {
+                Some("MicroMiner") => continue,
+                Some("CronJob") => round_trip::<CronJob>(&document),
+                Some("ServiceAccount") => round_trip::<ServiceAccount>(&document),
+                Some("Role") => round_trip::<v1::Role>(&document),
+                Some("RoleBinding") => round_trip::<v1::RoleBinding>(&document),
+                other => panic!("{}: no check for kind {other:?}", path.display()),
+            };
+            assert_eq!(typed, document, "{}", path.display());
+            checked += 1;
+        }
+        assert!(checked >= 5);
     }
 
     #[test]
