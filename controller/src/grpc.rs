@@ -351,6 +351,14 @@ impl EnrollmentService {
     }
 }
 
+impl EnrollmentService {
+    fn count_enrollment(&self, outcome: &'static str) {
+        if let Some(metrics) = self.fleet.metrics() {
+            metrics.enrollment(outcome);
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl pb::enrollment_server::Enrollment for EnrollmentService {
     async fn enroll(
@@ -372,6 +380,7 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
         }
         // Checked before the token is spent, so a refused name does not cost a use.
         if let Err(reason) = self.fleet.may_enroll(&req.device_name) {
+            self.count_enrollment("name-taken");
             tracing::warn!(device = %req.device_name, peer = %peer, reason, "enrollment refused");
             return Err(Status::already_exists(reason));
         }
@@ -382,6 +391,7 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
         let record = match redeemed {
             Ok(record) => record,
             Err(RedeemError::Refused(reason)) => {
+                self.count_enrollment("refused");
                 // The precise reason goes to the operator's log, never to the caller.
                 tracing::warn!(device = %req.device_name, peer = %peer, reason, "enrollment refused");
                 return Err(Status::unauthenticated(
@@ -389,6 +399,7 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
                 ));
             }
             Err(RedeemError::Unavailable(reason)) => {
+                self.count_enrollment("unavailable");
                 tracing::error!(device = %req.device_name, peer = %peer, reason, "bootstrap tokens unavailable");
                 return Err(Status::unavailable(
                     "the controller cannot check tokens right now; try again",
@@ -407,6 +418,7 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
                 tracing::error!(error = %e, "recording the enrolled device failed");
                 Status::unavailable("the controller's store is unavailable")
             })?;
+        self.count_enrollment("enrolled");
         tracing::info!(device = %req.device_name, token = %record.id_hex, peer = %peer, "device enrolled");
         Ok(Response::new(pb::EnrollResponse {
             certificate_pem: issued.certificate_pem,

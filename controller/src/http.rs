@@ -4,6 +4,7 @@
 //! - `GET /healthz`: the process is alive.
 //! - `GET /readyz`: the store is open and the manifests were read (standalone), or this
 //!   replica leads or stands by (Kubernetes mode; `role` says which).
+//! - `GET /metrics`: Prometheus text format (see `telemetry`).
 //! - `GET /api/v1/status`: the whole fleet (MicroMiners, devices, totals, manifest errors).
 //! - `GET /api/v1/microminers`: MicroMiner resources with their status, as Kubernetes
 //!   would return them.
@@ -17,6 +18,7 @@ use std::sync::{Arc, Mutex};
 use axum::Json;
 use axum::extract::State;
 use axum::http::StatusCode;
+use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
 use axum::routing::get;
 use serde_json::json;
@@ -38,6 +40,8 @@ pub struct HttpState {
     /// `standalone`, or `leader` in Kubernetes mode (a standby serves only
     /// [`standby_router`]).
     pub role: &'static str,
+    /// What `/metrics` exposes.
+    pub metrics: Option<Arc<crate::telemetry::Metrics>>,
 }
 
 /// The router, separate from serving so tests can drive it directly.
@@ -45,6 +49,7 @@ pub fn router(state: HttpState) -> axum::Router {
     axum::Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
         .route("/api/v1/status", get(status))
         .route("/api/v1/microminers", get(microminers))
         .route("/api/v1/edgedevices", get(edgedevices))
@@ -61,6 +66,10 @@ pub fn standby_router() -> axum::Router {
         .route(
             "/readyz",
             get(|| async { Json(json!({"ready": true, "role": "standby"})) }),
+        )
+        .route(
+            "/metrics",
+            get(|| async { ([(CONTENT_TYPE, PROMETHEUS_TEXT)], STANDING_BY) }),
         )
 }
 
@@ -96,6 +105,30 @@ async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
         )
     }
 }
+
+/// The Prometheus text format's content type.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+async fn metrics(State(state): State<HttpState>) -> axum::response::Response {
+    let Some(metrics) = state.metrics else {
+        return (StatusCode::NOT_FOUND, "metrics are not set up\n").into_response();
+    };
+    // Gathering walks the fleet; keep it off the async workers.
+    let encoded = tokio::task::spawn_blocking(move || metrics.encode()).await;
+    match encoded {
+        Ok(Ok(mut text)) => {
+            text.push_str(SERVING);
+            ([(CONTENT_TYPE, PROMETHEUS_TEXT)], text).into_response()
+        }
+        Ok(Err(e)) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+}
+
+/// Whether this process serves (standalone or leader: 1) or stands by (0): the one series
+/// a standby has, so a dashboard shows every replica and which one leads.
+const SERVING: &str = "# HELP micromine_controller_serving Whether this controller process serves agents (1) or stands by (0)\n# TYPE micromine_controller_serving gauge\nmicromine_controller_serving 1\n";
+const STANDING_BY: &str = "# HELP micromine_controller_serving Whether this controller process serves agents (1) or stands by (0)\n# TYPE micromine_controller_serving gauge\nmicromine_controller_serving 0\n";
 
 async fn status(State(state): State<HttpState>) -> impl IntoResponse {
     let view = state.fleet.view();

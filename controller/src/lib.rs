@@ -32,6 +32,7 @@ pub mod scheduler;
 pub mod selector;
 pub mod standalone;
 pub mod store;
+pub mod telemetry;
 pub mod tls;
 pub mod tokens;
 pub mod vardiff;

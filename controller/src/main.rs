@@ -99,6 +99,10 @@ enum Command {
         /// Lifetime of device certificates, e.g. 24h.
         #[arg(long, default_value = "24h")]
         device_cert_ttl: String,
+        /// Also expose per-device series (hash rate, share difficulty) on /metrics: one
+        /// series per device each, so think of the fleet's size first.
+        #[arg(long)]
+        per_device_metrics: bool,
     },
     /// Bootstrap tokens for enrolling devices.
     Token {
@@ -384,6 +388,7 @@ fn main() -> Result<()> {
             pki_dir,
             tls_sans,
             device_cert_ttl,
+            per_device_metrics,
         } => {
             init_logging(cli.log_format, "info");
             let mut config = match manifests {
@@ -397,6 +402,7 @@ fn main() -> Result<()> {
             config.tls_sans = tls_sans;
             config.device_cert_ttl =
                 parse_duration(&device_cert_ttl).context("--device-cert-ttl")?;
+            config.per_device_metrics = per_device_metrics;
             runtime()?.block_on(async move {
                 if !kubernetes {
                     let controller = standalone::start(config).await?;

@@ -29,6 +29,7 @@ use crate::manifest::{self, ManifestError, MicroMiner, MinerSet};
 use crate::pki::Pki;
 use crate::revocation::{RevocationStore, Revocations};
 use crate::store::Store;
+use crate::telemetry::{Metrics, MetricsOptions};
 use crate::tls::{self, ServerTls};
 use crate::tokens::{TokenSource, TokenStore};
 
@@ -66,6 +67,8 @@ pub struct ControllerConfig {
     pub device_cert_ttl: Duration,
     /// How often the manifests directory is re-read.
     pub manifest_poll: Duration,
+    /// Expose per-device series on `/metrics`.
+    pub per_device_metrics: bool,
 }
 
 impl ControllerConfig {
@@ -81,6 +84,7 @@ impl ControllerConfig {
             tls_sans: Vec::new(),
             device_cert_ttl: Duration::from_secs(24 * 3600),
             manifest_poll: Duration::from_secs(1),
+            per_device_metrics: false,
         }
     }
 
@@ -134,6 +138,9 @@ pub enum StartError {
     /// The revocation directory could not be opened.
     #[error(transparent)]
     Revocations(#[from] crate::revocation::RevocationError),
+    /// Metrics could not be set up.
+    #[error(transparent)]
+    Metrics(#[from] crate::telemetry::MetricsError),
     /// The store could not be opened.
     #[error("store {path}: {source}")]
     Store {
@@ -220,6 +227,13 @@ async fn start_serving(
     })?;
     let ledger = Ledger::open(store.clone())?;
     let fleet = Fleet::open(store.clone(), ledger).await?;
+    let metrics = Metrics::new(
+        &fleet,
+        MetricsOptions {
+            per_device: config.per_device_metrics,
+        },
+    )?;
+    fleet.set_metrics(metrics.clone());
 
     let status = Arc::new(Mutex::new(ManifestStatus::default()));
     let mut watcher = config.manifests.as_deref().map(ManifestWatcher::new);
@@ -324,6 +338,7 @@ async fn start_serving(
         } else {
             "leader"
         },
+        metrics: Some(metrics),
     };
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {

@@ -69,6 +69,8 @@ pub struct Fleet {
     ledger: Ledger,
     dispatch: mpsc::UnboundedSender<Dispatch>,
     revocations: Mutex<Arc<Revocations>>,
+    /// Where latencies and outcomes are recorded, once metrics are set up.
+    metrics: Mutex<Option<Arc<crate::telemetry::Metrics>>>,
 }
 
 /// Current wall-clock time in Unix milliseconds.
@@ -123,6 +125,7 @@ impl Fleet {
             ledger,
             dispatch,
             revocations: Mutex::new(Arc::default()),
+            metrics: Mutex::new(None),
         });
         tokio::spawn(async move {
             while let Some(item) = queue.recv().await {
@@ -171,6 +174,16 @@ impl Fleet {
         let mut state = lock(&self.state);
         let fx = state.set_unschedulable(device, unschedulable, now_ms());
         self.queue(fx);
+    }
+
+    /// Records latencies and outcomes in `metrics` from now on.
+    pub fn set_metrics(&self, metrics: Arc<crate::telemetry::Metrics>) {
+        *lock(&self.metrics) = Some(metrics);
+    }
+
+    /// The metrics in use, if any.
+    pub fn metrics(&self) -> Option<Arc<crate::telemetry::Metrics>> {
+        lock(&self.metrics).clone()
     }
 
     /// The revocations the status views mark devices with.
@@ -318,6 +331,7 @@ impl Fleet {
         device: &str,
         shares: &[pb::Share],
     ) -> Result<pb::ShareResults, FleetError> {
+        let started = std::time::Instant::now();
         let checks = {
             let mut state = lock(&self.state);
             let checks = state.check_shares(device, shares);
@@ -343,7 +357,11 @@ impl Fleet {
                 }),
             }
         }
+        let verified = started.elapsed();
         let outcomes = self.ledger.record(accepted, rejected).await?;
+        if let Some(metrics) = self.metrics() {
+            metrics.share_batch(verified, started.elapsed() - verified);
+        }
 
         let mut outcomes = outcomes.into_iter();
         let mut results = Vec::with_capacity(judged.len());

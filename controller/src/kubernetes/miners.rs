@@ -232,6 +232,7 @@ pub async fn reconcile(
     miner: Arc<MicroMiner>,
     ctx: Arc<Context>,
 ) -> Result<Action, ReconcileError> {
+    let started = std::time::Instant::now();
     let key = miner.key();
     let api: Api<MicroMiner> = Api::namespaced(
         ctx.client.clone(),
@@ -250,6 +251,9 @@ pub async fn reconcile(
     });
     if result.is_ok() {
         lock(&ctx.failures).remove(&key);
+    }
+    if let Some(metrics) = ctx.fleet.metrics() {
+        metrics.reconcile(result.is_ok(), started.elapsed());
     }
     result
 }

@@ -228,7 +228,8 @@ mod tests {
             );
         }
         assert!(requirement("GET", "/healthz", "").is_err());
-        let refused = permits("GET", "/api/v1/namespaces/a/secrets", "").unwrap_err();
+        let refused = permits("GET", "/api/v1/namespaces/a/secrets", "")
+            .expect_err("list on secrets is not granted");
         assert!(refused.contains("needs `list` on secrets"), "{refused}");
     }
 }

@@ -1,0 +1,500 @@
+//! Metrics, recorded with OpenTelemetry instruments and exposed in the Prometheus text
+//! format on the HTTP listener's `/metrics`.
+//!
+//! Counters whose truth is the ledger (shares by result and reason, blocks) are observed
+//! from it at scrape time rather than counted as they happen: they survive restarts,
+//! never drift from what `kubectl get mm` shows, and cost the share path nothing. What
+//! only the moment knows (latencies, enrollment outcomes, reconciles) is recorded where
+//! it happens.
+//!
+//! Names follow Prometheus conventions: `micromine_` prefix, units in the name, `_total`
+//! on counters. Per-device series (hash rate, share difficulty) are off unless asked for
+//! (`--per-device-metrics`): a 100,000-device fleet would otherwise make 200,000 series.
+
+use std::sync::{Arc, Mutex, Weak};
+use std::time::{Duration, Instant};
+
+use opentelemetry::KeyValue;
+use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use prometheus::{Encoder, TextEncoder};
+
+use crate::fleet::Fleet;
+use crate::fleet::status::FleetView;
+
+/// Scrapes within this long of each other share one fleet view: each observable
+/// instrument asks for it, and a view walks every device.
+const VIEW_REUSE: Duration = Duration::from_millis(500);
+
+/// Latency buckets, seconds: from a fast in-memory check to a slow fsync.
+const LATENCY_BUCKETS: [f64; 14] = [
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+];
+
+/// What to expose.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MetricsOptions {
+    /// Series per device (hash rates, share difficulty).
+    pub per_device: bool,
+}
+
+/// Why metrics could not be set up or encoded.
+#[derive(Debug, thiserror::Error)]
+pub enum MetricsError {
+    /// The Prometheus exporter refused its configuration.
+    #[error("setting up the Prometheus exporter: {0}")]
+    Exporter(String),
+    /// Encoding the text format failed.
+    #[error("encoding metrics: {0}")]
+    Encode(#[from] prometheus::Error),
+}
+
+/// The controller's instruments and the registry `/metrics` reads.
+pub struct Metrics {
+    provider: SdkMeterProvider,
+    registry: prometheus::Registry,
+    share_verification: Histogram<f64>,
+    ledger_commit: Histogram<f64>,
+    enrollments: Counter<u64>,
+    reconciles: Counter<u64>,
+    reconcile_duration: Histogram<f64>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+/// A fleet view shared by the instruments of one scrape.
+struct ViewCache {
+    fleet: Weak<Fleet>,
+    last: Mutex<Option<(Instant, Arc<FleetView>)>>,
+}
+
+impl ViewCache {
+    fn get(&self) -> Option<Arc<FleetView>> {
+        let mut last = self.last.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, view)) = last.as_ref()
+            && at.elapsed() < VIEW_REUSE
+        {
+            return Some(view.clone());
+        }
+        let view = Arc::new(self.fleet.upgrade()?.view());
+        *last = Some((Instant::now(), view.clone()));
+        Some(view)
+    }
+}
+
+impl Metrics {
+    /// Instruments observing `fleet` (weakly: metrics never keep a fleet alive).
+    pub fn new(fleet: &Arc<Fleet>, options: MetricsOptions) -> Result<Arc<Metrics>, MetricsError> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_target_info()
+            .scope_info_enabled(false)
+            .build()
+            .map_err(|e| MetricsError::Exporter(e.to_string()))?;
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let meter = provider.meter("micromine-controller");
+        let views = Arc::new(ViewCache {
+            fleet: Arc::downgrade(fleet),
+            last: Mutex::new(None),
+        });
+        observe_fleet(&meter, &views, options);
+        let histogram = |name: &'static str, description: &'static str| {
+            meter
+                .f64_histogram(name)
+                .with_unit("s")
+                .with_description(description)
+                .with_boundaries(LATENCY_BUCKETS.to_vec())
+                .build()
+        };
+        Ok(Arc::new(Metrics {
+            share_verification: histogram(
+                "micromine.share_verification.duration",
+                "Re-verifying one batch of shares (hashing and checks), before the ledger",
+            ),
+            ledger_commit: histogram(
+                "micromine.ledger_commit.duration",
+                "Recording one batch of shares durably (group commit, fsync)",
+            ),
+            reconcile_duration: histogram(
+                "micromine.reconcile.duration",
+                "One MicroMiner reconcile, API calls included",
+            ),
+            enrollments: meter
+                .u64_counter("micromine.enrollments")
+                .with_description("Enrollment attempts by outcome")
+                .build(),
+            reconciles: meter
+                .u64_counter("micromine.reconciles")
+                .with_description("MicroMiner reconciles by result")
+                .build(),
+            provider,
+            registry,
+        }))
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn encode(&self) -> Result<String, MetricsError> {
+        let mut text = Vec::new();
+        TextEncoder::new().encode(&self.registry.gather(), &mut text)?;
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    }
+
+    /// One share batch: how long re-verification and the durable record took.
+    pub fn share_batch(&self, verification: Duration, commit: Duration) {
+        self.share_verification
+            .record(verification.as_secs_f64(), &[]);
+        self.ledger_commit.record(commit.as_secs_f64(), &[]);
+    }
+
+    /// One enrollment attempt: `enrolled`, `refused` (bad token), `name-taken`,
+    /// `unavailable` (tokens could not be checked).
+    pub fn enrollment(&self, outcome: &'static str) {
+        self.enrollments
+            .add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    /// One reconcile and how long it took.
+    pub fn reconcile(&self, ok: bool, took: Duration) {
+        let result = KeyValue::new("result", if ok { "ok" } else { "error" });
+        self.reconciles.add(1, std::slice::from_ref(&result));
+        self.reconcile_duration
+            .record(took.as_secs_f64(), &[result]);
+    }
+}
+
+impl Drop for Metrics {
+    fn drop(&mut self) {
+        // Stops the callbacks; the fleet they observe may be going away too.
+        let _ = self.provider.shutdown();
+    }
+}
+
+/// The series read from the fleet at scrape time.
+fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions) {
+    let v = views.clone();
+    meter
+        .u64_observable_counter("micromine.shares")
+        .with_description(
+            "Shares by MicroMiner and result; rejected ones by reason (from the ledger)",
+        )
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for miner in &view.miners {
+                let t = &miner.totals;
+                let m = KeyValue::new("miner", miner.key.clone());
+                observer.observe(
+                    t.accepted,
+                    &[
+                        m.clone(),
+                        KeyValue::new("result", "accepted"),
+                        KeyValue::new("reason", ""),
+                    ],
+                );
+                let r = &t.rejected;
+                for (reason, count) in [
+                    ("low-difficulty", r.low_difficulty),
+                    ("duplicate", r.duplicate),
+                    ("stale", r.stale),
+                    ("out-of-range", r.out_of_range),
+                    ("unknown-assignment", r.unknown_assignment),
+                ] {
+                    observer.observe(
+                        count,
+                        &[
+                            m.clone(),
+                            KeyValue::new("result", "rejected"),
+                            KeyValue::new("reason", reason),
+                        ],
+                    );
+                }
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .u64_observable_counter("micromine.blocks_found")
+        .with_description("Shares that met the network target, by MicroMiner (from the ledger)")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for miner in &view.miners {
+                observer.observe(
+                    miner.totals.blocks,
+                    &[KeyValue::new("miner", miner.key.clone())],
+                );
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .f64_observable_gauge("micromine.hashrate.hashes_per_second")
+        .with_description("Hash rate by MicroMiner: nominal (what working devices claim, times duty cycle) and effective (what accepted shares prove)")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for miner in &view.miners {
+                let m = KeyValue::new("miner", miner.key.clone());
+                observer.observe(miner.status.hashrate.nominal, &[m.clone(), KeyValue::new("kind", "nominal")]);
+                observer.observe(miner.status.hashrate.effective, &[m, KeyValue::new("kind", "effective")]);
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .u64_observable_gauge("micromine.devices")
+        .with_description("Devices by state (mining, idle, throttled, offline, unschedulable, revoked) and the MicroMiner they match (\"\" for none)")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            let mut counts: std::collections::BTreeMap<(String, String), u64> = Default::default();
+            for device in &view.devices {
+                // `throttled:thermal` counts as throttled; the reason is the device's own.
+                let state = device.state.split(':').next().unwrap_or_default().to_string();
+                *counts
+                    .entry((device.miner.clone().unwrap_or_default(), state))
+                    .or_default() += 1;
+            }
+            for ((miner, state), count) in counts {
+                observer.observe(count, &[KeyValue::new("miner", miner), KeyValue::new("state", state)]);
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .u64_observable_gauge("micromine.sessions.active")
+        .with_description("Agent sessions open now")
+        .with_callback(move |observer| {
+            if let Some(view) = v.get() {
+                observer.observe(view.sessions as u64, &[]);
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .u64_observable_gauge("micromine.assignments.active")
+        .with_description("Nonce-range leases held by devices now")
+        .with_callback(move |observer| {
+            if let Some(view) = v.get() {
+                observer.observe(view.assignments as u64, &[]);
+            }
+        })
+        .build();
+
+    if !options.per_device {
+        return;
+    }
+    let v = views.clone();
+    meter
+        .f64_observable_gauge("micromine.device.hashrate.hashes_per_second")
+        .with_description("Hash rate per device: reported (by the agent) and effective (proven by accepted shares)")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for device in &view.devices {
+                let d = KeyValue::new("device", device.name.clone());
+                observer.observe(device.reported_hashrate, &[d.clone(), KeyValue::new("kind", "reported")]);
+                observer.observe(device.effective_hashrate, &[d, KeyValue::new("kind", "effective")]);
+            }
+        })
+        .build();
+    let v = views.clone();
+    meter
+        .f64_observable_gauge("micromine.device.share_difficulty")
+        .with_description("Current vardiff share difficulty per device")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for device in &view.devices {
+                observer.observe(
+                    device.share_difficulty,
+                    &[KeyValue::new("device", device.name.clone())],
+                );
+            }
+        })
+        .build();
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use crate::ledger::Ledger;
+    use crate::manifest::MinerSet;
+    use crate::store::Store;
+
+    async fn fleet_with_a_miner(dir: &std::path::Path) -> Arc<Fleet> {
+        let store = Store::open(&dir.join("store.redb")).unwrap();
+        let ledger = Ledger::open(store.clone()).unwrap();
+        let fleet = Fleet::open(store, ledger).await.unwrap();
+        let miners: MinerSet = crate::manifest::parse_str(
+            "test",
+            "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {name: night, namespace: plant}\nspec:\n  selector: {}\n  workSource: {builtin: {networkDifficulty: 1}}\n",
+        )
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.key(), m))
+        .collect();
+        fleet.apply_miners(&miners);
+        fleet
+    }
+
+    /// The value of the series `name{labels}` exactly as written, if present.
+    fn sample(text: &str, series: &str) -> Option<f64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' '))
+            .and_then(|v| v.trim().parse().ok())
+    }
+
+    #[tokio::test]
+    async fn the_exposition_has_the_fleet_series_with_prometheus_names() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = fleet_with_a_miner(dir.path()).await;
+        let metrics = Metrics::new(&fleet, MetricsOptions::default()).unwrap();
+        metrics.share_batch(Duration::from_micros(300), Duration::from_millis(4));
+        metrics.enrollment("enrolled");
+        metrics.reconcile(false, Duration::from_millis(20));
+        let text = metrics.encode().unwrap();
+
+        let m = r#"miner="plant/night""#;
+        assert_eq!(
+            sample(
+                &text,
+                &format!(r#"micromine_shares_total{{{m},reason="",result="accepted"}}"#)
+            ),
+            Some(0.0),
+            "{text}"
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!(r#"micromine_shares_total{{{m},reason="stale",result="rejected"}}"#)
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&text, &format!("micromine_blocks_found_total{{{m}}}")),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                &format!(r#"micromine_hashrate_hashes_per_second{{kind="effective",{m}}}"#)
+            ),
+            Some(0.0)
+        );
+        assert_eq!(sample(&text, "micromine_sessions_active"), Some(0.0));
+        assert_eq!(sample(&text, "micromine_assignments_active"), Some(0.0));
+        assert_eq!(
+            sample(&text, "micromine_share_verification_duration_seconds_count"),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"micromine_ledger_commit_duration_seconds_bucket{le="0.005"}"#
+            ),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"micromine_ledger_commit_duration_seconds_bucket{le="0.0025"}"#
+            ),
+            Some(0.0)
+        );
+        assert_eq!(
+            sample(&text, r#"micromine_enrollments_total{outcome="enrolled"}"#),
+            Some(1.0)
+        );
+        assert_eq!(
+            sample(&text, r#"micromine_reconciles_total{result="error"}"#),
+            Some(1.0)
+        );
+        assert!(
+            text.contains("# TYPE micromine_shares_total counter"),
+            "{text}"
+        );
+        assert!(text.contains("# TYPE micromine_reconcile_duration_seconds histogram"));
+        assert!(!text.contains("otel_scope"), "no scope labels: {text}");
+        assert!(
+            !text.contains("micromine_device_"),
+            "per-device series are off by default"
+        );
+    }
+
+    #[tokio::test]
+    async fn per_device_series_only_when_asked_for() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = fleet_with_a_miner(dir.path()).await;
+        let (outbound, _inbound) = tokio::sync::mpsc::channel(64);
+        let hello = micromine_proto::pb::Hello {
+            capacity: Some(micromine_proto::pb::Capacity {
+                nominal_hashrate: 1e6,
+                mining_threads: 1,
+                ..Default::default()
+            }),
+            version: "test".into(),
+            ..Default::default()
+        };
+        fleet.connect(
+            "gw-1",
+            &hello,
+            outbound,
+            tokio_util::sync::CancellationToken::new(),
+        );
+
+        let fleetwide = Metrics::new(&fleet, MetricsOptions::default())
+            .unwrap()
+            .encode()
+            .unwrap();
+        assert!(!fleetwide.contains("micromine_device_"), "{fleetwide}");
+        assert_eq!(
+            sample(
+                &fleetwide,
+                r#"micromine_devices{miner="plant/night",state="mining"}"#
+            ),
+            Some(1.0),
+            "{fleetwide}"
+        );
+        assert_eq!(sample(&fleetwide, "micromine_sessions_active"), Some(1.0));
+
+        let text = Metrics::new(&fleet, MetricsOptions { per_device: true })
+            .unwrap()
+            .encode()
+            .unwrap();
+        assert_eq!(
+            sample(
+                &text,
+                r#"micromine_device_hashrate_hashes_per_second{device="gw-1",kind="effective"}"#
+            ),
+            Some(0.0),
+            "{text}"
+        );
+        assert!(
+            sample(&text, r#"micromine_device_share_difficulty{device="gw-1"}"#)
+                .is_some_and(|d| d > 0.0)
+        );
+    }
+
+    #[tokio::test]
+    async fn metrics_do_not_keep_a_fleet_alive() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = fleet_with_a_miner(dir.path()).await;
+        let weak = Arc::downgrade(&fleet);
+        let metrics = Metrics::new(&fleet, MetricsOptions::default()).unwrap();
+        drop(fleet);
+        assert!(weak.upgrade().is_none());
+        assert!(
+            !metrics
+                .encode()
+                .unwrap()
+                .contains("micromine_sessions_active ")
+        );
+    }
+}
