@@ -232,6 +232,7 @@ async fn start_serving(
         MetricsOptions {
             per_device: config.per_device_metrics,
         },
+        pki.cas().map(|ca| ca.not_after_unix_s).collect(),
     )?;
     fleet.set_metrics(metrics.clone());
 

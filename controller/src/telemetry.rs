@@ -38,6 +38,22 @@ pub struct MetricsOptions {
     pub per_device: bool,
 }
 
+/// A rate as Prometheus should print it: `0`, not the `-0` a subtraction can leave.
+fn rate(value: f64) -> f64 {
+    value + 0.0
+}
+
+/// `miner` and `miner_namespace` labels for a MicroMiner key `namespace/name`.
+/// `miner_namespace` rather than `namespace`: Prometheus Operator sets `namespace` to the
+/// scraped pod's.
+fn miner_labels(key: &str) -> [KeyValue; 2] {
+    let namespace = key.split_once('/').map_or("", |(ns, _)| ns).to_string();
+    [
+        KeyValue::new("miner", key.to_string()),
+        KeyValue::new("miner_namespace", namespace),
+    ]
+}
+
 /// Why metrics could not be set up or encoded.
 #[derive(Debug, thiserror::Error)]
 pub enum MetricsError {
@@ -88,7 +104,12 @@ impl ViewCache {
 
 impl Metrics {
     /// Instruments observing `fleet` (weakly: metrics never keep a fleet alive).
-    pub fn new(fleet: &Arc<Fleet>, options: MetricsOptions) -> Result<Arc<Metrics>, MetricsError> {
+    /// `ca_expiry_unix_s`: when each CA the fleet trusts expires.
+    pub fn new(
+        fleet: &Arc<Fleet>,
+        options: MetricsOptions,
+        ca_expiry_unix_s: Vec<i64>,
+    ) -> Result<Arc<Metrics>, MetricsError> {
         let registry = prometheus::Registry::new();
         let exporter = opentelemetry_prometheus::exporter()
             .with_registry(registry.clone())
@@ -103,6 +124,7 @@ impl Metrics {
             last: Mutex::new(None),
         });
         observe_fleet(&meter, &views, options);
+        observe_certificates(&meter, &views, ca_expiry_unix_s);
         let histogram = |name: &'static str, description: &'static str| {
             meter
                 .f64_histogram(name)
@@ -174,6 +196,32 @@ impl Drop for Metrics {
     }
 }
 
+/// Certificate expiry: the CAs (fixed for the process's life) and the soonest device
+/// certificate among the devices the controller knows.
+fn observe_certificates(meter: &Meter, views: &Arc<ViewCache>, ca_expiry_unix_s: Vec<i64>) {
+    let v = views.clone();
+    meter
+        .i64_observable_gauge("micromine.certificate.expiry.timestamp_seconds")
+        .with_description("When certificates expire, Unix seconds: each CA the fleet trusts (kind=ca) and the soonest-expiring device certificate (kind=device-soonest)")
+        .with_callback(move |observer| {
+            for expiry in &ca_expiry_unix_s {
+                observer.observe(*expiry, &[KeyValue::new("kind", "ca")]);
+            }
+            let Some(view) = v.get() else { return };
+            let soonest = view
+                .devices
+                .iter()
+                .filter(|d| d.state != "revoked")
+                .map(|d| d.certificate_not_after_unix_ms)
+                .filter(|ms| *ms > 0)
+                .min();
+            if let Some(ms) = soonest {
+                observer.observe(ms / 1000, &[KeyValue::new("kind", "device-soonest")]);
+            }
+        })
+        .build();
+}
+
 /// The series read from the fleet at scrape time.
 fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions) {
     let v = views.clone();
@@ -186,11 +234,12 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
             let Some(view) = v.get() else { return };
             for miner in &view.miners {
                 let t = &miner.totals;
-                let m = KeyValue::new("miner", miner.key.clone());
+                let [m, ns] = miner_labels(&miner.key);
                 observer.observe(
                     t.accepted,
                     &[
                         m.clone(),
+                        ns.clone(),
                         KeyValue::new("result", "accepted"),
                         KeyValue::new("reason", ""),
                     ],
@@ -207,6 +256,7 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
                         count,
                         &[
                             m.clone(),
+                            ns.clone(),
                             KeyValue::new("result", "rejected"),
                             KeyValue::new("reason", reason),
                         ],
@@ -223,10 +273,7 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
         .with_callback(move |observer| {
             let Some(view) = v.get() else { return };
             for miner in &view.miners {
-                observer.observe(
-                    miner.totals.blocks,
-                    &[KeyValue::new("miner", miner.key.clone())],
-                );
+                observer.observe(miner.totals.blocks, &miner_labels(&miner.key));
             }
         })
         .build();
@@ -238,9 +285,11 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
         .with_callback(move |observer| {
             let Some(view) = v.get() else { return };
             for miner in &view.miners {
-                let m = KeyValue::new("miner", miner.key.clone());
-                observer.observe(miner.status.hashrate.nominal, &[m.clone(), KeyValue::new("kind", "nominal")]);
-                observer.observe(miner.status.hashrate.effective, &[m, KeyValue::new("kind", "effective")]);
+                let [m, ns] = miner_labels(&miner.key);
+                observer.observe(rate(miner.status.hashrate.nominal),
+                    &[m.clone(), ns.clone(), KeyValue::new("kind", "nominal")],
+                );
+                observer.observe(rate(miner.status.hashrate.effective), &[m, ns, KeyValue::new("kind", "effective")]);
             }
         })
         .build();
@@ -248,19 +297,42 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
     let v = views.clone();
     meter
         .u64_observable_gauge("micromine.devices")
-        .with_description("Devices by state (mining, idle, throttled, offline, unschedulable, revoked) and the MicroMiner they match (\"\" for none)")
+        .with_description("Devices by state (mining, idle, throttled, paused, offline, unschedulable, revoked), the MicroMiner they match (\"\" for none) and their site label")
         .with_callback(move |observer| {
             let Some(view) = v.get() else { return };
-            let mut counts: std::collections::BTreeMap<(String, String), u64> = Default::default();
+            let mut counts: std::collections::BTreeMap<(String, String, String), u64> = Default::default();
             for device in &view.devices {
                 // `throttled:thermal` counts as throttled; the reason is the device's own.
                 let state = device.state.split(':').next().unwrap_or_default().to_string();
+                let site = device.labels.get("site").cloned().unwrap_or_default();
                 *counts
-                    .entry((device.miner.clone().unwrap_or_default(), state))
+                    .entry((device.miner.clone().unwrap_or_default(), state, site))
                     .or_default() += 1;
             }
-            for ((miner, state), count) in counts {
-                observer.observe(count, &[KeyValue::new("miner", miner), KeyValue::new("state", state)]);
+            for ((miner, state, site), count) in counts {
+                let [m, ns] = miner_labels(&miner);
+                observer.observe(count, &[m, ns, KeyValue::new("state", state), KeyValue::new("site", site)]);
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .f64_observable_gauge("micromine.site.hashrate.hashes_per_second")
+        .with_description("Hash rate by the devices' site label: reported (by the agents) and effective (proven by accepted shares)")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            let mut sites: std::collections::BTreeMap<String, (f64, f64)> = Default::default();
+            for device in &view.devices {
+                let site = device.labels.get("site").cloned().unwrap_or_default();
+                let rates = sites.entry(site).or_default();
+                rates.0 += device.reported_hashrate;
+                rates.1 += device.effective_hashrate;
+            }
+            for (site, (reported, effective)) in sites {
+                let s = KeyValue::new("site", site);
+                observer.observe(rate(reported), &[s.clone(), KeyValue::new("kind", "reported")]);
+                observer.observe(rate(effective), &[s, KeyValue::new("kind", "effective")]);
             }
         })
         .build();
@@ -298,8 +370,8 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
             let Some(view) = v.get() else { return };
             for device in &view.devices {
                 let d = KeyValue::new("device", device.name.clone());
-                observer.observe(device.reported_hashrate, &[d.clone(), KeyValue::new("kind", "reported")]);
-                observer.observe(device.effective_hashrate, &[d, KeyValue::new("kind", "effective")]);
+                observer.observe(rate(device.reported_hashrate), &[d.clone(), KeyValue::new("kind", "reported")]);
+                observer.observe(rate(device.effective_hashrate), &[d, KeyValue::new("kind", "effective")]);
             }
         })
         .build();
@@ -355,13 +427,13 @@ mod tests {
     async fn the_exposition_has_the_fleet_series_with_prometheus_names() {
         let dir = tempfile::tempdir().unwrap();
         let fleet = fleet_with_a_miner(dir.path()).await;
-        let metrics = Metrics::new(&fleet, MetricsOptions::default()).unwrap();
+        let metrics = Metrics::new(&fleet, MetricsOptions::default(), vec![2_000_000_000]).unwrap();
         metrics.share_batch(Duration::from_micros(300), Duration::from_millis(4));
         metrics.enrollment("enrolled");
         metrics.reconcile(false, Duration::from_millis(20));
         let text = metrics.encode().unwrap();
 
-        let m = r#"miner="plant/night""#;
+        let m = r#"miner="plant/night",miner_namespace="plant""#;
         assert_eq!(
             sample(
                 &text,
@@ -440,6 +512,7 @@ mod tests {
                 ..Default::default()
             }),
             version: "test".into(),
+            labels: [("site".to_string(), "plant-3".to_string())].into(),
             ..Default::default()
         };
         fleet.connect(
@@ -449,7 +522,7 @@ mod tests {
             tokio_util::sync::CancellationToken::new(),
         );
 
-        let fleetwide = Metrics::new(&fleet, MetricsOptions::default())
+        let fleetwide = Metrics::new(&fleet, MetricsOptions::default(), vec![2_000_000_000])
             .unwrap()
             .encode()
             .unwrap();
@@ -457,14 +530,21 @@ mod tests {
         assert_eq!(
             sample(
                 &fleetwide,
-                r#"micromine_devices{miner="plant/night",state="mining"}"#
+                r#"micromine_devices{miner="plant/night",miner_namespace="plant",site="plant-3",state="mining"}"#
             ),
             Some(1.0),
             "{fleetwide}"
         );
         assert_eq!(sample(&fleetwide, "micromine_sessions_active"), Some(1.0));
+        assert_eq!(
+            sample(
+                &fleetwide,
+                r#"micromine_site_hashrate_hashes_per_second{kind="effective",site="plant-3"}"#
+            ),
+            Some(0.0)
+        );
 
-        let text = Metrics::new(&fleet, MetricsOptions { per_device: true })
+        let text = Metrics::new(&fleet, MetricsOptions { per_device: true }, Vec::new())
             .unwrap()
             .encode()
             .unwrap();
@@ -487,7 +567,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fleet = fleet_with_a_miner(dir.path()).await;
         let weak = Arc::downgrade(&fleet);
-        let metrics = Metrics::new(&fleet, MetricsOptions::default()).unwrap();
+        let metrics = Metrics::new(&fleet, MetricsOptions::default(), vec![2_000_000_000]).unwrap();
         drop(fleet);
         assert!(weak.upgrade().is_none());
         assert!(
