@@ -5,6 +5,8 @@
 //! - `GET /readyz`: the store is open and the manifests were read (standalone), or this
 //!   replica leads or stands by (Kubernetes mode; `role` says which).
 //! - `GET /metrics`: Prometheus text format (see `telemetry`).
+//! - `GET /loglevel`, `PUT /loglevel` (body: a `RUST_LOG` filter, from loopback only): the
+//!   log filter, changeable while running.
 //! - `GET /api/v1/status`: the whole fleet (MicroMiners, devices, totals, manifest errors).
 //! - `GET /api/v1/microminers`: MicroMiner resources with their status, as Kubernetes
 //!   would return them.
@@ -12,11 +14,12 @@
 //! - `GET /api/v1/assignments`: live leases (device, header, nonce range, progress, expiry).
 
 use std::future::Future;
+use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::Json;
-use axum::extract::State;
+use axum::extract::{ConnectInfo, State};
 use axum::http::StatusCode;
 use axum::http::header::CONTENT_TYPE;
 use axum::response::IntoResponse;
@@ -50,6 +53,7 @@ pub fn router(state: HttpState) -> axum::Router {
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
+        .route("/loglevel", get(log_level).put(set_log_level))
         .route("/api/v1/status", get(status))
         .route("/api/v1/microminers", get(microminers))
         .route("/api/v1/edgedevices", get(edgedevices))
@@ -79,9 +83,41 @@ pub async fn serve(
     state: HttpState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
-    axum::serve(listener, router(state))
-        .with_graceful_shutdown(shutdown)
-        .await
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+async fn log_level() -> impl IntoResponse {
+    match crate::logging::filter() {
+        Some(filter) => (StatusCode::OK, format!("{filter}\n")),
+        None => (StatusCode::NOT_FOUND, "logging is not set up\n".to_string()),
+    }
+}
+
+/// Changing what is logged is for someone on the controller's own machine (or pod, via
+/// `kubectl port-forward`): from anywhere else it could flood the logs.
+async fn set_log_level(
+    ConnectInfo(peer): ConnectInfo<SocketAddr>,
+    body: String,
+) -> impl IntoResponse {
+    if !peer.ip().is_loopback() {
+        return (
+            StatusCode::FORBIDDEN,
+            "the log level can only be changed from loopback (e.g. kubectl port-forward)\n"
+                .to_string(),
+        );
+    }
+    match crate::logging::set_filter(&body) {
+        Ok(filter) => {
+            tracing::warn!(%filter, "log filter changed");
+            (StatusCode::OK, format!("{filter}\n"))
+        }
+        Err(problem) => (StatusCode::BAD_REQUEST, format!("{problem}\n")),
+    }
 }
 
 fn manifest_status(state: &HttpState) -> ManifestStatus {

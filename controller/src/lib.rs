@@ -24,6 +24,7 @@ pub mod grpc;
 pub mod http;
 pub mod kubernetes;
 pub mod ledger;
+pub mod logging;
 pub mod manifest;
 pub mod pki;
 pub mod quickstart;

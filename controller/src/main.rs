@@ -325,16 +325,7 @@ fn ca_command(command: CaCommand) -> Result<()> {
 }
 
 fn init_logging(format: LogFormat, default_level: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_level));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()));
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
+    micromine_controller::logging::init(matches!(format, LogFormat::Json), default_level);
 }
 
 fn runtime() -> Result<tokio::runtime::Runtime> {
