@@ -204,3 +204,40 @@ async fn edgedevices(State(state): State<HttpState>) -> impl IntoResponse {
 async fn assignments(State(state): State<HttpState>) -> impl IntoResponse {
     Json(json!({"items": state.fleet.leases()}))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use axum::body::Body;
+    use axum::extract::connect_info::MockConnectInfo;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn the_log_filter_cannot_be_changed_from_another_machine() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = crate::store::Store::open(&dir.path().join("store.redb")).unwrap();
+        let ledger = crate::ledger::Ledger::open(store.clone()).unwrap();
+        let fleet = Fleet::open(store, ledger).await.unwrap();
+        let state = HttpState {
+            fleet,
+            manifests: Arc::default(),
+            ready: Arc::default(),
+            role: "standalone",
+            metrics: None,
+        };
+        let remote = SocketAddr::from(([10, 1, 2, 3], 40000));
+        let app = router(state).layer(MockConnectInfo(remote));
+        let request = Request::put("/loglevel").body(Body::from("trace")).unwrap();
+        let response = app.clone().oneshot(request).await.unwrap();
+        assert_eq!(response.status(), StatusCode::FORBIDDEN);
+        // Without metrics set up, /metrics says so rather than serving an empty page.
+        let request = Request::get("/metrics").body(Body::empty()).unwrap();
+        assert_eq!(
+            app.oneshot(request).await.unwrap().status(),
+            StatusCode::NOT_FOUND
+        );
+    }
+}
