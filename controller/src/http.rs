@@ -130,9 +130,20 @@ fn manifest_status(state: &HttpState) -> ManifestStatus {
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if state.ready.load(Ordering::Acquire) {
+        // Every work source is the builtin one for now, and it is always there; a pool
+        // connection (Stratum) will report its own state here.
+        let sources: serde_json::Map<String, serde_json::Value> = state
+            .fleet
+            .view()
+            .miners
+            .iter()
+            .map(|m| (m.key.clone(), json!({"kind": "builtin", "connected": true})))
+            .collect();
         (
             StatusCode::OK,
-            Json(json!({"ready": true, "store": "open", "role": state.role})),
+            Json(
+                json!({"ready": true, "store": "open", "role": state.role, "workSources": sources}),
+            ),
         )
     } else {
         (

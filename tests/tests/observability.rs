@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use micromine_e2e::prometheus::Prometheus;
-use micromine_e2e::{Fixture, create_token, test_manifest, wait_until};
+use micromine_e2e::{Fixture, create_token, get_json, test_manifest, wait_until};
 
 /// The sum of an instant vector, 0 when it is empty.
 fn total(prometheus: &Prometheus, promql: &str) -> f64 {
@@ -134,6 +134,13 @@ fn prometheus_scrapes_a_quickstart_sized_fleet_and_the_key_series_move() {
             r#"micromine_certificate_expiry_timestamp_seconds{kind="ca"}"#
         ) > 2e9,
         "the CA outlives 2033"
+    );
+    // The probe the chart uses says what it is ready with.
+    let ready = get_json(fleet.controller.http, "/readyz").expect("/readyz answers 200");
+    assert_eq!(ready["role"], "standalone", "{ready}");
+    assert_eq!(
+        ready["workSources"]["default/obs"]["connected"], true,
+        "{ready}"
     );
     // No per-device series unless asked for.
     assert!(
