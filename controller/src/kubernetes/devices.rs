@@ -538,6 +538,10 @@ pub struct DeviceSpecs {
     /// Devices cordoned by the API server's word, for undoing what a relist no longer says.
     cordoned: BTreeSet<String>,
     relisted: BTreeSet<String>,
+    /// Which devices the revocation store blocks, read once and then kept up to date by
+    /// our own writes: a relist of ten thousand EdgeDevices must not read the store ten
+    /// thousand times.
+    blocked: BTreeSet<String>,
 }
 
 impl DeviceSpecs {
@@ -547,12 +551,22 @@ impl DeviceSpecs {
         revocations: Arc<RevocationStore>,
         publisher: Arc<Mutex<DevicePublisher>>,
     ) -> DeviceSpecs {
+        let (current, problems) = revocations.load();
+        for problem in problems {
+            tracing::error!(%problem, "revocation record unreadable");
+        }
+        let blocked = current
+            .into_iter()
+            .filter(|(_, r)| r.blocked)
+            .map(|(name, _)| name)
+            .collect();
         DeviceSpecs {
             fleet,
             revocations,
             publisher,
             cordoned: BTreeSet::new(),
             relisted: BTreeSet::new(),
+            blocked,
         }
     }
 
@@ -609,28 +623,31 @@ impl DeviceSpecs {
         self.fleet.set_unschedulable(&name, unschedulable);
 
         // The revocation store is the one truth the TLS layer reads; the spec drives it.
-        let store = self.revocations.clone();
         let revoked = device.spec.revoked;
+        if revoked == self.blocked.contains(&name) {
+            return;
+        }
+        let store = self.revocations.clone();
         let target = name.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<&'static str, String> {
-            let (current, _) = store.load();
-            let blocked = current.get(&target).is_some_and(|r| r.blocked);
-            match (revoked, blocked) {
-                (true, false) => store
-                    .revoke(&target, now_ms())
-                    .map(|_| "revoked")
-                    .map_err(|e| e.to_string()),
-                (false, true) => store
-                    .unblock(&target)
-                    .map(|_| "let back in")
-                    .map_err(|e| e.to_string()),
-                _ => Ok(""),
+        let result = tokio::task::spawn_blocking(move || {
+            if revoked {
+                store.revoke(&target, now_ms()).map(|_| ())
+            } else {
+                store.unblock(&target).map(|_| ())
             }
         })
         .await;
         match result {
-            Ok(Ok("")) => {}
-            Ok(Ok(what)) => tracing::info!(device = %name, what, "EdgeDevice spec.revoked applied"),
+            Ok(Ok(())) => {
+                if revoked {
+                    self.blocked.insert(name.clone());
+                } else {
+                    self.blocked.remove(&name);
+                }
+                let what = if revoked { "revoked" } else { "let back in" };
+                tracing::info!(device = %name, what, "EdgeDevice spec.revoked applied");
+            }
+            // Left as it was, so the next event for the device tries again.
             Ok(Err(e)) => {
                 tracing::error!(device = %name, error = %e, "applying spec.revoked failed")
             }
