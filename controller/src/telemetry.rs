@@ -202,7 +202,7 @@ fn observe_certificates(meter: &Meter, views: &Arc<ViewCache>, ca_expiry_unix_s:
     let v = views.clone();
     meter
         .i64_observable_gauge("micromine.certificate.expiry.timestamp_seconds")
-        .with_description("When certificates expire, Unix seconds: each CA the fleet trusts (kind=ca) and the soonest-expiring device certificate (kind=device-soonest)")
+        .with_description("When certificates expire, Unix seconds: each CA the fleet trusts (kind=ca) and the soonest-expiring certificate among connected devices (kind=device-soonest)")
         .with_callback(move |observer| {
             for expiry in &ca_expiry_unix_s {
                 observer.observe(*expiry, &[KeyValue::new("kind", "ca")]);
@@ -211,7 +211,9 @@ fn observe_certificates(meter: &Meter, views: &Arc<ViewCache>, ca_expiry_unix_s:
             let soonest = view
                 .devices
                 .iter()
-                .filter(|d| d.state != "revoked")
+                // Connected devices only: one that has been gone past its certificate's end
+                // would otherwise hide every other device from an expiry alert for good.
+                .filter(|d| d.connected)
                 .map(|d| d.certificate_not_after_unix_ms)
                 .filter(|ms| *ms > 0)
                 .min();

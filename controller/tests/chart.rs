@@ -106,6 +106,7 @@ struct Rendered {
     role_bindings: Vec<RoleBinding>,
     config_maps: Vec<ConfigMap>,
     service_monitors: Vec<Value>,
+    prometheus_rules: Vec<Value>,
 }
 
 impl Rendered {
@@ -129,6 +130,10 @@ impl Rendered {
                 "ServiceMonitor" => {
                     assert_eq!(document["apiVersion"], "monitoring.coreos.com/v1");
                     rendered.service_monitors.push(document);
+                }
+                "PrometheusRule" => {
+                    assert_eq!(document["apiVersion"], "monitoring.coreos.com/v1");
+                    rendered.prometheus_rules.push(document);
                 }
                 _ => panic!("unexpected document in the chart: {document}"),
             }
@@ -423,9 +428,19 @@ fn default_values_render_a_single_controller_with_its_services() {
         r.service_monitors.is_empty(),
         "the ServiceMonitor is off by default"
     );
+    let config_maps: Vec<_> = r
+        .config_maps
+        .iter()
+        .filter_map(|c| c.metadata.name.as_deref())
+        .collect();
+    assert_eq!(
+        config_maps,
+        ["mm-micromine-dashboard"],
+        "the Grafana dashboard only: the controller publishes micromine-ca itself"
+    );
     assert!(
-        r.config_maps.is_empty(),
-        "the controller publishes micromine-ca itself"
+        r.prometheus_rules.is_empty(),
+        "the PrometheusRule is off by default"
     );
 }
 
@@ -813,4 +828,348 @@ fn inconsistent_values_are_refused_with_a_reason() {
         stderr.contains("serviceAccount.name is required"),
         "{stderr}"
     );
+}
+
+/// The dashboard as shipped in the chart.
+fn dashboard_file() -> String {
+    let path = chart().join("dashboards/micromine.json");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// The alerting rules as shipped in the chart.
+fn rules_file() -> String {
+    let path = chart().join("alerts/micromine-rules.yaml");
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+}
+
+/// Every series the controller exports (`controller/src/telemetry.rs`, `http.rs`), with
+/// the histograms' suffixes: a query naming anything else shows nothing, forever.
+const METRICS: &[&str] = &[
+    "micromine_shares_total",
+    "micromine_blocks_found_total",
+    "micromine_hashrate_hashes_per_second",
+    "micromine_site_hashrate_hashes_per_second",
+    "micromine_devices",
+    "micromine_sessions_active",
+    "micromine_assignments_active",
+    "micromine_share_verification_duration_seconds_bucket",
+    "micromine_ledger_commit_duration_seconds_bucket",
+    "micromine_reconciles_total",
+    "micromine_reconcile_duration_seconds_bucket",
+    "micromine_enrollments_total",
+    "micromine_certificate_expiry_timestamp_seconds",
+    "micromine_controller_serving",
+    "micromine_device_hashrate_hashes_per_second",
+    "micromine_device_share_difficulty",
+];
+
+/// The `micromine_*` names `expr` uses, each of which must be in [`METRICS`].
+fn assert_known_metrics(expr: &str, what: &str) {
+    let mut rest = expr;
+    while let Some(at) = rest.find("micromine_") {
+        let name: String = rest[at..]
+            .chars()
+            .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+            .collect();
+        assert!(
+            METRICS.contains(&name.as_str()),
+            "{what}: {name} is not a series the controller exports: {expr}"
+        );
+        rest = &rest[at + name.len()..];
+    }
+}
+
+#[test]
+fn dashboard_config_map_carries_the_dashboard_file() {
+    let file = dashboard_file();
+    let r = render(&[]);
+    let config_map = r
+        .config_maps
+        .iter()
+        .find(|c| c.metadata.name.as_deref() == Some("mm-micromine-dashboard"))
+        .expect("the dashboard ConfigMap");
+    assert_eq!(config_map.metadata.namespace.as_deref(), Some(NAMESPACE));
+    let labels = config_map.metadata.labels.as_ref().expect("labels");
+    assert_eq!(
+        labels.get("grafana_dashboard").map(String::as_str),
+        Some("1"),
+        "the Grafana sidecar's default label"
+    );
+    let data = config_map.data.as_ref().expect("data");
+    assert_eq!(data.len(), 1);
+    assert!(
+        data["micromine.json"] == file,
+        "the ConfigMap's micromine.json differs from dashboards/micromine.json"
+    );
+
+    let r = render(&[
+        "--set",
+        "grafana.dashboards.label=example.com/dashboard",
+        "--set",
+        "grafana.dashboards.labelValue=fleet",
+        "--set",
+        "grafana.dashboards.annotations.grafana_folder=Mining",
+    ]);
+    let metadata = &r.config_maps[0].metadata;
+    let labels = metadata.labels.as_ref().expect("labels");
+    assert_eq!(
+        labels.get("example.com/dashboard").map(String::as_str),
+        Some("fleet")
+    );
+    assert!(!labels.contains_key("grafana_dashboard"));
+    assert_eq!(
+        metadata
+            .annotations
+            .as_ref()
+            .and_then(|a| a.get("grafana_folder"))
+            .map(String::as_str),
+        Some("Mining")
+    );
+
+    let r = render(&["--set", "grafana.dashboards.enabled=false"]);
+    assert!(r.config_maps.is_empty());
+
+    let stderr = refused(&["--set", "grafana.dashboards.labelValue=not valid"]);
+    assert!(
+        stderr.contains("/grafana/dashboards/labelValue"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn prometheus_rule_renders_only_when_enabled_and_carries_the_rules_file() {
+    assert!(render(&[]).prometheus_rules.is_empty());
+    let values = ha_values();
+    assert!(
+        render(&["-f", values.to_str().expect("utf-8 path")])
+            .prometheus_rules
+            .is_empty(),
+        "a ServiceMonitor alone does not bring the rules"
+    );
+
+    let r = render(&[
+        "--set",
+        "prometheusRule.enabled=true",
+        "--set",
+        "prometheusRule.labels.release=prometheus",
+    ]);
+    assert_eq!(r.prometheus_rules.len(), 1);
+    let rule = &r.prometheus_rules[0];
+    assert_eq!(rule["metadata"]["name"], FULLNAME);
+    assert_eq!(rule["metadata"]["namespace"], NAMESPACE);
+    assert_eq!(rule["metadata"]["labels"]["release"], "prometheus");
+    assert_eq!(
+        rule["spec"].as_object().map(|s| s.len()),
+        Some(1),
+        "spec holds groups only"
+    );
+    let file: Value = serde_saphyr::from_str(&rules_file()).expect("the rules file is YAML");
+    assert_eq!(
+        rule["spec"]["groups"], file["groups"],
+        "the PrometheusRule's groups differ from alerts/micromine-rules.yaml"
+    );
+}
+
+#[test]
+fn dashboard_is_well_formed() {
+    let dashboard: Value = serde_json::from_str(&dashboard_file()).expect("the dashboard is JSON");
+    assert_eq!(dashboard["uid"], "micromine-fleet");
+    assert_eq!(dashboard["title"], "micromine fleet");
+    assert!(dashboard["schemaVersion"].as_u64() >= Some(36));
+    assert!(
+        dashboard.get("__inputs").is_none(),
+        "__inputs makes the sidecar's dashboard ask for a data source that never comes"
+    );
+
+    let variables = dashboard["templating"]["list"]
+        .as_array()
+        .expect("templating.list");
+    let variable = |name: &str| {
+        variables
+            .iter()
+            .find(|v| v["name"] == name)
+            .unwrap_or_else(|| panic!("no variable {name}"))
+    };
+    let datasource = variable("datasource");
+    assert_eq!(datasource["type"], "datasource");
+    assert_eq!(datasource["query"], "prometheus");
+    for (name, query) in [
+        (
+            "namespace",
+            "label_values(micromine_hashrate_hashes_per_second, miner_namespace)",
+        ),
+        (
+            "miner",
+            r#"label_values(micromine_hashrate_hashes_per_second{miner_namespace=~"$namespace"}, miner)"#,
+        ),
+        ("site", "label_values(micromine_devices, site)"),
+    ] {
+        let v = variable(name);
+        assert_eq!(v["type"], "query", "{name}");
+        assert_eq!(v["definition"], query, "{name}");
+        assert_eq!(v["query"]["query"], query, "{name}");
+        assert_eq!(v["datasource"]["uid"], "${datasource}", "{name}");
+        assert_eq!(
+            (&v["multi"], &v["includeAll"]),
+            (&Value::Bool(true), &Value::Bool(true))
+        );
+        // Not Grafana's default (an alternation of the values it knows): devices matching
+        // no MicroMiner or without a site have empty labels, which only `.*` matches.
+        assert_eq!(v["allValue"], ".*", "{name}");
+    }
+    let defined: Vec<&str> = variables
+        .iter()
+        .filter_map(|v| v["name"].as_str())
+        .collect();
+
+    let panels = dashboard["panels"].as_array().expect("panels");
+    assert!(panels.len() >= 20, "{} panels", panels.len());
+    let mut ids = std::collections::BTreeSet::new();
+    for panel in panels {
+        let id = panel["id"].as_u64().expect("every panel has a numeric id");
+        let title = panel["title"].as_str().expect("every panel has a title");
+        assert!(ids.insert(id), "panel id {id} ({title}) is not unique");
+        let grid = &panel["gridPos"];
+        let [h, w, x, _] = ["h", "w", "x", "y"].map(|k| {
+            grid[k]
+                .as_u64()
+                .unwrap_or_else(|| panic!("{title}: gridPos.{k}"))
+        });
+        assert!(h > 0 && w > 0 && x + w <= 24, "{title}: gridPos {grid}");
+        if panel["type"] == "row" {
+            continue;
+        }
+        assert_eq!(panel["datasource"]["uid"], "${datasource}", "{title}");
+        assert!(
+            panel["fieldConfig"]["defaults"]["unit"]
+                .as_str()
+                .is_some_and(|u| !u.is_empty()),
+            "{title}: no unit"
+        );
+        let targets = panel["targets"].as_array().expect("targets");
+        assert!(!targets.is_empty(), "{title}: no queries");
+        let mut ref_ids = std::collections::BTreeSet::new();
+        for target in targets {
+            let expr = target["expr"].as_str().unwrap_or_default();
+            assert!(!expr.trim().is_empty(), "{title}: a target without expr");
+            assert!(
+                ref_ids.insert(target["refId"].as_str().expect("refId")),
+                "{title}"
+            );
+            assert_eq!(target["datasource"]["uid"], "${datasource}", "{title}");
+            assert_known_metrics(expr, title);
+            assert_balanced(expr, title);
+            // Every variable is one of ours or Grafana's own.
+            for (at, _) in expr.match_indices('$') {
+                let name: String = expr[at + 1..]
+                    .chars()
+                    .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                    .collect();
+                assert!(
+                    defined.contains(&name.as_str())
+                        || ["__rate_interval", "__range", "__interval"].contains(&name.as_str()),
+                    "{title}: unknown variable ${name} in {expr}"
+                );
+            }
+            assert!(
+                !expr.contains("[5m]") && !expr.contains("[1m]"),
+                "{title}: use $__rate_interval, not a fixed window: {expr}"
+            );
+        }
+    }
+}
+
+/// Parentheses, brackets and braces pair up outside strings: the cheapest PromQL check
+/// without a Prometheus (the end-to-end tests evaluate every query against one).
+fn assert_balanced(expr: &str, what: &str) {
+    let mut open = Vec::new();
+    let mut quote = None;
+    let mut escaped = false;
+    for c in expr.chars() {
+        if let Some(q) = quote {
+            if escaped {
+                escaped = false;
+            } else if c == '\\' {
+                escaped = true;
+            } else if c == q {
+                quote = None;
+            }
+            continue;
+        }
+        match c {
+            '"' | '\'' | '`' => quote = Some(c),
+            '(' | '[' | '{' => open.push(c),
+            ')' | ']' | '}' => {
+                let expected = match c {
+                    ')' => '(',
+                    ']' => '[',
+                    _ => '{',
+                };
+                assert_eq!(
+                    open.pop(),
+                    Some(expected),
+                    "{what}: unbalanced {c} in {expr}"
+                );
+            }
+            _ => {}
+        }
+    }
+    assert!(
+        open.is_empty() && quote.is_none(),
+        "{what}: unclosed in {expr}"
+    );
+}
+
+#[test]
+fn alert_rules_are_well_formed() {
+    let file: Value = serde_saphyr::from_str(&rules_file()).expect("the rules file is YAML");
+    let mut alerts = Vec::new();
+    for group in file["groups"].as_array().expect("groups") {
+        let group_name = group["name"].as_str().expect("every group has a name");
+        for rule in group["rules"].as_array().expect("rules") {
+            let name = rule["alert"].as_str().expect("alerting rules only");
+            let what = format!("{group_name}/{name}");
+            let expr = rule["expr"].as_str().expect("expr");
+            assert!(!expr.trim().is_empty(), "{what}");
+            assert_known_metrics(expr, &what);
+            assert_balanced(expr, &what);
+            assert!(!expr.contains('$'), "{what}: no Grafana variables in rules");
+            let severity = rule["labels"]["severity"].as_str().expect("severity");
+            assert!(
+                ["warning", "critical"].contains(&severity),
+                "{what}: {severity}"
+            );
+            let for_ = rule["for"].as_str().expect("for: a duration");
+            assert!(
+                for_.ends_with('m') || for_.ends_with('h'),
+                "{what}: for {for_}"
+            );
+            for annotation in ["summary", "description"] {
+                let text = rule["annotations"][annotation]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{what}: no {annotation}"));
+                assert!(text.len() > 20, "{what}: {annotation} says too little");
+                assert_eq!(
+                    text.matches("{{").count(),
+                    text.matches("}}").count(),
+                    "{what}: {annotation} has an unclosed template"
+                );
+            }
+            alerts.push((name.to_owned(), severity.to_owned()));
+        }
+    }
+    alerts.sort();
+    alerts.dedup();
+    let expected = [
+        ("MicromineCertificateExpiringSoon", "warning"),
+        ("MicromineControllerDown", "critical"),
+        ("MicromineDevicesOffline", "critical"),
+        ("MicromineDevicesOffline", "warning"),
+        ("MicromineEffectiveHashrateGap", "warning"),
+        ("MicromineNoAcceptedShares", "warning"),
+        ("MicromineReconcileErrors", "warning"),
+        ("MicromineRejectedShareRatioHigh", "warning"),
+    ]
+    .map(|(a, s)| (a.to_owned(), s.to_owned()));
+    assert_eq!(alerts, expected);
 }

@@ -8,7 +8,8 @@
 //! Layout: this file (processes, polling, the standalone controller fixture); `raw`
 //! (hand-made gRPC clients for hostile-agent tests); `fake_api` (an in-memory Kubernetes
 //! API server for `run --kubernetes`); `prometheus` (a real Prometheus scraping loopback
-//! targets, for PromQL queries and rule files).
+//! targets, for PromQL queries and rule files); `observability` (the chart's dashboard
+//! queries and alerting rules' PromQL, ready to evaluate against a real Prometheus).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -20,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::Value;
 
 pub mod fake_api;
+pub mod observability;
 pub mod prometheus;
 pub mod raw;
 
