@@ -5,7 +5,8 @@ use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
-use micromine_e2e::prometheus::Prometheus;
+use micromine_e2e::observability;
+use micromine_e2e::prometheus::{Prometheus, promtool_check_rules};
 use micromine_e2e::{Fixture, create_token, get_json, test_manifest, wait_until};
 
 /// The sum of an instant vector, 0 when it is empty.
@@ -51,7 +52,9 @@ fn prometheus_scrapes_a_quickstart_sized_fleet_and_the_key_series_move() {
         .iter()
         .map(|name| fleet.mining_agent(&token, name))
         .collect();
-    let prometheus = Prometheus::start(&[fleet.controller.http], "/metrics");
+    let rules = std::fs::read_to_string(chart_file("alerts/micromine-rules.yaml"))
+        .expect("the chart's alert rules");
+    let prometheus = Prometheus::start_with_rules(&[fleet.controller.http], "/metrics", &rules);
     wait_until(
         "Prometheus to scrape the controller",
         Duration::from_secs(30),
@@ -148,6 +151,68 @@ fn prometheus_scrapes_a_quickstart_sized_fleet_and_the_key_series_move() {
             .query_vector("micromine_device_hashrate_hashes_per_second")
             .is_empty()
     );
+
+    // Every query of the chart's dashboard runs against this fleet's series; those that
+    // read what a standalone fleet has must return data.
+    let dashboard: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(chart_file("dashboards/micromine.json")).expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    let mut empty = Vec::new();
+    for expr in observability::dashboard_exprs(&dashboard) {
+        let promql = observability::substitute_grafana_variables(&expr);
+        let data = prometheus.query(&promql);
+        let has_data = data["result"].as_array().is_none_or(|r| !r.is_empty());
+        // Kubernetes-only series (reconciles) have nothing to say in standalone mode, and
+        // with every device mining no device is offline, throttled or paused.
+        let nothing_to_show = ["micromine_reconcile", "offline", "throttled", "paused"]
+            .iter()
+            .any(|word| promql.contains(word));
+        if !has_data && !nothing_to_show {
+            empty.push(promql);
+        }
+    }
+    assert!(
+        empty.is_empty(),
+        "dashboard queries without data: {empty:#?}"
+    );
+
+    // The alert rules load and evaluate without error; with every device mining and
+    // nothing wrong, none fires. (One may be pending: Prometheus started seconds ago, so
+    // `increase(...[15m])` over accepted shares may not have two samples yet; that is what
+    // the rules' `for:` is for.)
+    for (_, expr) in observability::rule_exprs(&rules) {
+        prometheus.query(&expr);
+    }
+    wait_until("every rule evaluated", Duration::from_secs(30), || {
+        let rules = prometheus.rules();
+        (!rules.is_empty()
+            && rules
+                .iter()
+                .all(|r| r["health"] == "ok" && r["lastEvaluation"] != "0001-01-01T00:00:00Z"))
+        .then_some(())
+    });
+    let firing: Vec<String> = prometheus
+        .rules()
+        .iter()
+        .filter(|r| r["state"] == "firing")
+        .map(|r| r["name"].to_string())
+        .collect();
+    assert!(firing.is_empty(), "alerts on a healthy fleet: {firing:?}");
+}
+
+#[test]
+fn the_chart_alert_rules_pass_promtool() {
+    let checked = promtool_check_rules(&chart_file("alerts/micromine-rules.yaml"))
+        .unwrap_or_else(|complaint| panic!("promtool check rules: {complaint}"));
+    assert!(checked.contains("SUCCESS"), "{checked}");
+}
+
+/// A file of the Helm chart.
+fn chart_file(path: &str) -> std::path::PathBuf {
+    std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("../charts/micromine")
+        .join(path)
 }
 
 #[test]
