@@ -26,6 +26,7 @@ pub mod kubernetes;
 pub mod ledger;
 pub mod logging;
 pub mod manifest;
+pub mod periodic;
 pub mod pki;
 pub mod quickstart;
 pub mod revocation;

@@ -26,6 +26,7 @@ use crate::grpc::{EnrollmentService, FleetService};
 use crate::http::{self, HttpState};
 use crate::ledger::Ledger;
 use crate::manifest::{self, ManifestError, MicroMiner, MinerSet};
+use crate::periodic::Every;
 use crate::pki::Pki;
 use crate::revocation::{RevocationStore, Revocations};
 use crate::store::Store;
@@ -351,29 +352,21 @@ async fn start_serving(
     let tick_fleet = fleet.clone();
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(1));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = every.tick() => tick_fleet.tick(),
-            }
+        let mut every = Every::new(Duration::from_secs(1), stop);
+        while every.tick().await {
+            tick_fleet.tick();
         }
     }));
 
     let prune_fleet = fleet.clone();
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
-        let mut every = tokio::time::interval(LEDGER_PRUNE_INTERVAL);
-        every.tick().await;
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = every.tick() => match prune_fleet.prune_ledger().await {
-                    Ok(0) => {}
-                    Ok(removed) => tracing::info!(removed, "settled share records pruned"),
-                    Err(e) => tracing::warn!(error = %e, "pruning the ledger failed"),
-                },
+        let mut every = Every::after(LEDGER_PRUNE_INTERVAL, stop);
+        while every.tick().await {
+            match prune_fleet.prune_ledger().await {
+                Ok(0) => {}
+                Ok(removed) => tracing::info!(removed, "settled share records pruned"),
+                Err(e) => tracing::warn!(error = %e, "pruning the ledger failed"),
             }
         }
     }));
@@ -382,14 +375,9 @@ async fn start_serving(
     let revoke_fleet = fleet.clone();
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
-        let mut every = tokio::time::interval(Duration::from_secs(1));
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut every = Every::new(Duration::from_secs(1), stop);
         let mut reported: Vec<String> = Vec::new();
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = every.tick() => {}
-            }
+        while every.tick().await {
             let (found, problems) = revocation_store.load();
             let messages: Vec<String> = problems.iter().map(ToString::to_string).collect();
             if messages != reported {
@@ -411,12 +399,8 @@ async fn start_serving(
     let rotate_tls = server_tls.clone();
     let sans = config.tls_sans.clone();
     tasks.push(tokio::spawn(async move {
-        let mut every = tokio::time::interval(SERVING_CERT_CHECK);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = every.tick() => {}
-            }
+        let mut every = Every::new(SERVING_CERT_CHECK, stop);
+        while every.tick().await {
             let left_ms = rotate_tls.serving_not_after_unix_ms() - crate::fleet::now_ms();
             if left_ms > SERVING_CERT_RENEW_BEFORE.as_millis() as i64 {
                 continue;
@@ -436,13 +420,8 @@ async fn start_serving(
         let stop = shutdown.clone();
         let poll = config.manifest_poll;
         tasks.push(tokio::spawn(async move {
-            let mut every = tokio::time::interval(poll);
-            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tokio::select! {
-                    _ = stop.cancelled() => break,
-                    _ = every.tick() => {}
-                }
+            let mut every = Every::new(poll, stop);
+            while every.tick().await {
                 // Reading files is blocking I/O; keep it off the async workers.
                 let (back, scan) = match tokio::task::spawn_blocking(move || {
                     let scan = watcher.scan();

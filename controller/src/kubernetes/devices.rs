@@ -32,6 +32,7 @@ use crate::fleet::conditions::{self, time_from_unix_ms};
 use crate::fleet::status::DeviceView;
 use crate::fleet::{Fleet, now_ms};
 use crate::manifest::{API_VERSION, ShareCounts};
+use crate::periodic::Every;
 use crate::revocation::RevocationStore;
 
 /// A device's live figures are refreshed at most this often.
@@ -454,13 +455,8 @@ pub async fn publish(
     recorder: Recorder,
     stop: CancellationToken,
 ) {
-    let mut every = tokio::time::interval(PUBLISH_PERIOD);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = every.tick() => {}
-        }
+    let mut every = Every::new(PUBLISH_PERIOD, stop);
+    while every.tick().await {
         let devices = fleet.view().devices;
         let now = now_ms();
         let (writes, before): (Vec<DeviceWrite>, HashMap<String, Vec<Condition>>) = {

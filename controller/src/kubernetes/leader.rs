@@ -135,13 +135,8 @@ impl LeaderElector {
         stop: tokio_util::sync::CancellationToken,
     ) {
         let mut last_renewal: Option<tokio::time::Instant> = None;
-        let mut every = tokio::time::interval(RENEW_PERIOD);
-        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => break,
-                _ = every.tick() => {}
-            }
+        let mut every = crate::periodic::Every::new(RENEW_PERIOD, stop);
+        while every.tick().await {
             let lead = match self.round(jiff::Timestamp::now()).await {
                 Ok(Role::Leader) => {
                     last_renewal = Some(tokio::time::Instant::now());

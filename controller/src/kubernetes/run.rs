@@ -36,6 +36,7 @@ use crate::edgedevice::EdgeDevice;
 use crate::fleet::now_ms;
 use crate::http;
 use crate::manifest::MicroMiner;
+use crate::periodic::Every;
 use crate::revocation::RevocationStore;
 use crate::standalone::{self, ControllerConfig, StartError, revocations_dir};
 
@@ -296,13 +297,8 @@ async fn watch_fleet(
     stop: CancellationToken,
 ) {
     let mut watch = ChangeWatch::default();
-    let mut every = tokio::time::interval(FLEET_WATCH_PERIOD);
-    every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = stop.cancelled() => break,
-            _ = every.tick() => {}
-        }
+    let mut every = Every::new(FLEET_WATCH_PERIOD, stop);
+    while every.tick().await {
         let statuses = context.refresh_view(now_ms());
         for key in watch.changed(statuses.iter().map(|(key, status)| (key.as_str(), status))) {
             let Some((namespace, name)) = key.split_once('/') else {
