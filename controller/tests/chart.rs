@@ -466,7 +466,7 @@ fn non_default_values_render_ha_ca_load_balancer_monitor_and_agent() {
         "--advertise-address $(POD_IP) --grpc-service mm-micromine",
         "--tls-san mm-micromine.fleet.svc.cluster.local",
         "--tls-san micromine.example.com --tls-san 203.0.113.7",
-        "--device-cert-ttl 12h",
+        "--device-cert-ttl 12h --per-device-metrics",
         "--ca-cert-file /etc/micromine/ca/tls.crt --ca-key-file /etc/micromine/ca/tls.key",
         "--log-format json",
     ] {
