@@ -361,6 +361,7 @@ impl EnrollmentService {
 
 #[tonic::async_trait]
 impl pb::enrollment_server::Enrollment for EnrollmentService {
+    #[tracing::instrument(name = "enroll", skip_all)]
     async fn enroll(
         &self,
         request: Request<pb::EnrollRequest>,

@@ -1,19 +1,79 @@
 //! Logs as text or JSON lines on stderr, with a level filter an operator can change while
 //! the controller runs (`PUT /loglevel` on the HTTP listener, from loopback, e.g. through
 //! `kubectl port-forward`), so chasing a problem does not need a restart that would make
-//! it go away.
+//! it go away. Spans go out over OTLP when the standard OpenTelemetry variables ask for it.
 
 use std::sync::OnceLock;
+
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::trace::SdkTracerProvider;
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
 use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
+static TRACES: OnceLock<SdkTracerProvider> = OnceLock::new();
 
 /// Installs the process's logger: `RUST_LOG` if set, else `default_filter`; JSON lines
 /// when `json`. Call once, first thing.
 pub fn init(json: bool, default_filter: &str) {
+    install(json, default_filter, None);
+}
+
+/// [`init`], and when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` (or
+/// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`) is set, spans go out over OTLP/gRPC too, to a
+/// collector, named by `OTEL_SERVICE_NAME` (default `service`) and described by
+/// `OTEL_RESOURCE_ATTRIBUTES`. Must run inside the tokio runtime the exporter will use.
+/// Returns whether traces are exported; an exporter that cannot be built is reported
+/// and logging goes on without it.
+pub fn init_with_traces(json: bool, default_filter: &str, service: &str) -> bool {
+    let wanted = [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|e| !e.is_empty()));
+    if !wanted {
+        install(json, default_filter, None);
+        return false;
+    }
+    match opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+    {
+        Ok(exporter) => {
+            let mut resource = opentelemetry_sdk::Resource::builder();
+            if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
+                resource = resource.with_service_name(service.to_string());
+            }
+            let provider = SdkTracerProvider::builder()
+                .with_batch_exporter(exporter)
+                .with_resource(resource.build())
+                .build();
+            let tracer = provider.tracer(service.to_string());
+            install(json, default_filter, Some(tracer));
+            let _ = TRACES.set(provider);
+            true
+        }
+        Err(e) => {
+            install(json, default_filter, None);
+            tracing::error!(error = %e, "OTLP trace export is configured but cannot start; going on without it");
+            false
+        }
+    }
+}
+
+/// Sends the spans still buffered; call before the process exits.
+pub fn flush_traces() {
+    if let Some(provider) = TRACES.get()
+        && let Err(e) = provider.shutdown()
+    {
+        eprintln!("flushing traces: {e}");
+    }
+}
+
+fn install(json: bool, default_filter: &str, tracer: Option<opentelemetry_sdk::trace::Tracer>) {
     let filter =
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(default_filter));
     let (filter, handle) = reload::Layer::new(filter);
@@ -29,9 +89,11 @@ pub fn init(json: bool, default_filter: &str) {
             .with_ansi(ansi)
             .boxed()
     };
+    let traces = tracer.map(|t| tracing_opentelemetry::layer().with_tracer(t));
     if tracing_subscriber::registry()
         .with(filter)
         .with(format)
+        .with(traces)
         .try_init()
         .is_ok()
     {

@@ -381,7 +381,16 @@ fn main() -> Result<()> {
             device_cert_ttl,
             per_device_metrics,
         } => {
-            init_logging(cli.log_format, "info");
+            let rt = runtime()?;
+            {
+                // The OTLP exporter's gRPC client belongs to this runtime.
+                let _inside = rt.enter();
+                micromine_controller::logging::init_with_traces(
+                    matches!(cli.log_format, LogFormat::Json),
+                    "info",
+                    "micromine-controller",
+                );
+            }
             let mut config = match manifests {
                 Some(dir) => ControllerConfig::new(dir, data_dir),
                 None => ControllerConfig::for_kubernetes(data_dir),
@@ -394,7 +403,7 @@ fn main() -> Result<()> {
             config.device_cert_ttl =
                 parse_duration(&device_cert_ttl).context("--device-cert-ttl")?;
             config.per_device_metrics = per_device_metrics;
-            runtime()?.block_on(async move {
+            let result = rt.block_on(async move {
                 if !kubernetes {
                     let controller = standalone::start(config).await?;
                     micromine_agent::cli::wait_for_signal().await;
@@ -420,7 +429,12 @@ fn main() -> Result<()> {
                 });
                 kubernetes::run::run(client, settings, shutdown).await?;
                 Ok(())
-            })
+            });
+            {
+                let _inside = rt.enter();
+                micromine_controller::logging::flush_traces();
+            }
+            result
         }
         Command::Token {
             command:

@@ -326,6 +326,7 @@ impl Fleet {
 
     /// Re-verifies a batch of shares, records the good ones durably, and returns the
     /// results to acknowledge. Nothing is acknowledged as accepted before it is durable.
+    #[tracing::instrument(name = "share_batch", skip_all, fields(device = %device, shares = shares.len()))]
     pub async fn submit_shares(
         &self,
         device: &str,

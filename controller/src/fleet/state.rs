@@ -823,6 +823,17 @@ impl FleetState {
                 }
                 continue;
             };
+            // One span per assignment: with OTLP export on, a trace shows which device got
+            // which range of which MicroMiner's work, and when.
+            let _assign = tracing::info_span!(
+                "assign",
+                device = name,
+                miner = %key,
+                assignment = lease.id,
+                nonces = lease.end - lease.start,
+                difficulty,
+            )
+            .entered();
             let Some(work) = self.headers.get(&header).cloned() else {
                 // Cannot happen: headers are registered before they are assigned from.
                 self.scheduler.end_lease(lease.id);

@@ -228,6 +228,7 @@ fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 /// Reconciles one MicroMiner.
+#[tracing::instrument(name = "reconcile", skip_all, fields(miner = %miner.key()))]
 pub async fn reconcile(
     miner: Arc<MicroMiner>,
     ctx: Arc<Context>,
