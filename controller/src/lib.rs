@@ -12,7 +12,9 @@
 //!   devices, the TLS listener.
 //! - `fleet`: the live state that ties devices, miners, assignments and shares together.
 //! - `grpc`: the `Enrollment` and `Fleet` services.
-//! - `http`: health and the status API.
+//! - `http`: health, metrics, the log level and the status API.
+//! - `telemetry`, `logging`: Prometheus metrics; logs and OTLP traces.
+//! - `periodic`: the ticker periodic tasks share.
 //! - `kubernetes`: the reconcilers of Kubernetes mode.
 //! - `standalone`: the controller without a cluster (manifests directory + embedded store).
 //! - `quickstart`: a local fleet in one command.
