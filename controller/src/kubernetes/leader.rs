@@ -254,6 +254,11 @@ mod tests {
         })
     }
 
+    /// The round reads the Lease and finds `lease`.
+    async fn read_lease(api: &mut Handle, lease: Value) {
+        exchange(api, Method::GET, PATH, StatusCode::OK, lease).await;
+    }
+
     fn not_found() -> Value {
         testing::failure(404, "NotFound", "leases \"micromine-controller\" not found")
     }
@@ -299,14 +304,7 @@ mod tests {
     async fn a_valid_lease_of_another_replica_is_followed_without_a_write() {
         let (elector, mut api) = elector("pod-b");
         let round = tokio::spawn(async move { elector.round(now()).await });
-        exchange(
-            &mut api,
-            Method::GET,
-            PATH,
-            StatusCode::OK,
-            lease("pod-a", 14, 0, "5"),
-        )
-        .await;
+        read_lease(&mut api, lease("pod-a", 14, 0, "5")).await;
         assert_eq!(
             round.await.unwrap().unwrap(),
             Role::Follower(Some("pod-a".into()))
@@ -317,14 +315,7 @@ mod tests {
     async fn a_lapsed_lease_is_taken_over_with_the_version_read() {
         let (elector, mut api) = elector("pod-b");
         let round = tokio::spawn(async move { elector.round(now()).await });
-        exchange(
-            &mut api,
-            Method::GET,
-            PATH,
-            StatusCode::OK,
-            lease("pod-a", 15, 2, "7"),
-        )
-        .await;
+        read_lease(&mut api, lease("pod-a", 15, 2, "7")).await;
         let replaced = exchange(
             &mut api,
             Method::PUT,
@@ -352,14 +343,7 @@ mod tests {
     async fn the_holder_renews_keeping_its_acquire_time() {
         let (elector, mut api) = elector("pod-a");
         let round = tokio::spawn(async move { elector.round(now()).await });
-        exchange(
-            &mut api,
-            Method::GET,
-            PATH,
-            StatusCode::OK,
-            lease("pod-a", 2, 4, "9"),
-        )
-        .await;
+        read_lease(&mut api, lease("pod-a", 2, 4, "9")).await;
         let renewed = exchange(
             &mut api,
             Method::PUT,
@@ -387,14 +371,7 @@ mod tests {
     async fn losing_a_takeover_race_means_following_the_winner() {
         let (elector, mut api) = elector("pod-b");
         let round = tokio::spawn(async move { elector.round(now()).await });
-        exchange(
-            &mut api,
-            Method::GET,
-            PATH,
-            StatusCode::OK,
-            lease("pod-a", 60, 1, "11"),
-        )
-        .await;
+        read_lease(&mut api, lease("pod-a", 60, 1, "11")).await;
         exchange(
             &mut api,
             Method::PUT,
@@ -403,14 +380,7 @@ mod tests {
             conflict(),
         )
         .await;
-        exchange(
-            &mut api,
-            Method::GET,
-            PATH,
-            StatusCode::OK,
-            lease("pod-c", 0, 2, "12"),
-        )
-        .await;
+        read_lease(&mut api, lease("pod-c", 0, 2, "12")).await;
         assert_eq!(
             round.await.unwrap().unwrap(),
             Role::Follower(Some("pod-c".into()))
@@ -492,14 +462,7 @@ mod tests {
         let (mut api, leading, stop, campaign) = elected_campaign().await;
 
         stop.cancel();
-        exchange(
-            &mut api,
-            Method::GET,
-            PATH,
-            StatusCode::OK,
-            lease("pod-a", 0, 0, "2"),
-        )
-        .await;
+        read_lease(&mut api, lease("pod-a", 0, 0, "2")).await;
         let released = exchange(
             &mut api,
             Method::PUT,

@@ -90,16 +90,6 @@ impl Context {
             MINER_REFRESH_WRITES_PER_MINUTE,
             now_ms(),
         )));
-        Context::with_budget(client, fleet, recorder, budget)
-    }
-
-    /// A context whose status refreshes come out of `budget`.
-    pub fn with_budget(
-        client: kube::Client,
-        fleet: Arc<Fleet>,
-        recorder: Recorder,
-        budget: SharedBudget,
-    ) -> Context {
         Context {
             client,
             fleet,
@@ -114,12 +104,11 @@ impl Context {
     /// The status the fleet gives MicroMiner `key` now (a view at most
     /// [`VIEW_MAX_AGE_MS`] old).
     fn status_of(&self, key: &str, now_ms: i64) -> MicroMinerStatus {
-        let fresh = lock(&self.view).0 > now_ms.saturating_sub(VIEW_MAX_AGE_MS);
-        let statuses = if fresh {
-            lock(&self.view).1.clone()
-        } else {
-            self.refresh_view(now_ms)
+        let cached = {
+            let view = lock(&self.view);
+            (view.0 > now_ms.saturating_sub(VIEW_MAX_AGE_MS)).then(|| view.1.clone())
         };
+        let statuses = cached.unwrap_or_else(|| self.refresh_view(now_ms));
         statuses.get(key).cloned().unwrap_or_default()
     }
 

@@ -470,6 +470,37 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn list_shows_token_secrets_oldest_first_and_skips_unreadable_ones() {
+        let (tokens, mut api, _, secret) = created(2).await;
+        let (_, record) = stored(&secret);
+        let mut older = record.clone();
+        older["id"] = json!("00000000000000aa");
+        older["created_unix_ms"] = json!(1);
+        let mut older_secret = secret.clone();
+        older_secret["data"][RECORD_KEY] =
+            serde_json::to_value(ByteString(serde_json::to_vec(&older).unwrap())).unwrap();
+        let mut broken = secret.clone();
+        broken["data"] = json!({});
+        let run = tokio::spawn(async move { tokens.list().await });
+        let seen = expect_operator(&mut api, Method::GET, &collection()).await;
+        assert!(
+            seen.query
+                .contains("labelSelector=micromine.dev%2Fbootstrap-token"),
+            "{}",
+            seen.query
+        );
+        seen.answer(
+            StatusCode::OK,
+            &json!({"apiVersion": "v1", "kind": "SecretList", "metadata": {"resourceVersion": "9"},
+                    "items": [secret, broken, older_secret]}),
+        );
+        let listed = run.await.unwrap().unwrap();
+        let ids: Vec<&str> = listed.iter().map(|r| r.id_hex.as_str()).collect();
+        assert_eq!(ids, ["00000000000000aa", record["id"].as_str().unwrap()]);
+        assert_eq!(listed[1].uses_remaining, 2);
+    }
+
+    #[tokio::test]
     async fn a_secret_holding_another_token_is_corrupt() {
         let (tokens, mut api, token, secret) = created(1).await;
         let mut other = token.clone();
