@@ -8,6 +8,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     let descriptors = protox::compile(protos, ["."])?;
     tonic_prost_build::configure()
+        // Ordered maps encode the same message to the same bytes every time (labels, span
+        // attributes, trace context), which the fuzz targets and golden tests rely on.
+        .btree_map(".")
         .build_client(true)
         .build_server(true)
         .compile_fds(descriptors)?;

@@ -13,7 +13,7 @@
 //! Every file is written atomically; `device.json` goes last, so a directory holding it
 //! holds a complete identity unless a later save was interrupted, which `load` detects.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
 use std::io;
@@ -290,13 +290,15 @@ pub fn generate_key_and_csr(device_name: &str) -> Result<(String, Vec<u8>), Iden
 /// `--ca-file`) or the token's CA fingerprint, and calls `Enrollment.Enroll`. The returned
 /// CA bundle's first certificate must hash to the token's fingerprint (or equal the given
 /// CA's first certificate), and the returned certificate must be for our key and chain to
-/// that CA as a client certificate. The caller saves the identity.
+/// that CA as a client certificate. The caller saves the identity. `trace_headers`
+/// (W3C `traceparent`, `tracestate`) go into the request's gRPC metadata.
 pub async fn enroll(
     controller_url: &str,
     token: &BootstrapToken,
     device_name: &str,
     labels: &BTreeMap<String, String>,
     ca_pem: Option<&str>,
+    trace_headers: &HashMap<String, String>,
 ) -> Result<DeviceIdentity, IdentityError> {
     let (key_pem, csr_der) = generate_key_and_csr(device_name)?;
     let trust = match ca_pem {
@@ -308,12 +310,21 @@ pub async fn enroll(
     let mut client = EnrollmentClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);
-    let request = EnrollRequest {
+    let mut request = tonic::Request::new(EnrollRequest {
         token: token.to_string(),
         device_name: device_name.to_string(),
         csr_der,
         labels: labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect(),
-    };
+    });
+    // W3C trace context, so the controller's `enroll` span joins the agent's trace.
+    for (key, value) in trace_headers {
+        if let (Ok(key), Ok(value)) = (
+            tonic::metadata::MetadataKey::from_bytes(key.as_bytes()),
+            tonic::metadata::MetadataValue::try_from(value.as_str()),
+        ) {
+            request.metadata_mut().insert(key, value);
+        }
+    }
     let response = tokio::time::timeout(ENROLL_TIMEOUT, client.enroll(request))
         .await
         .map_err(|_| IdentityError::Timeout(ENROLL_TIMEOUT))?

@@ -9,6 +9,7 @@
 //! - `miner`: hashing threads working through assigned nonce ranges.
 //! - `identity`, `tls`: the device's key and certificate, enrollment, TLS to the controller.
 //! - `session`: the long-lived session with the controller, reconnects and resume.
+//! - `telemetry`: the agent's spans, sent in-band over the session or to a collector.
 //! - `backoff`: jittered exponential backoff.
 //! - `files`: private directories and atomic file writes (device and controller alike).
 //! - `cli`: command-line pieces shared with the controller binary (labels, signals).
@@ -22,4 +23,5 @@ pub mod files;
 pub mod identity;
 pub mod miner;
 pub mod session;
+pub mod telemetry;
 pub mod tls;

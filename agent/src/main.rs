@@ -8,6 +8,7 @@ use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use micromine_agent::engine::{self, EngineKind};
 use micromine_agent::session::{self, AgentConfig, AgentCounters};
+use micromine_agent::telemetry::AgentTelemetry;
 use micromine_agent::{bench, capacity};
 use micromine_proto::token::BootstrapToken;
 use tokio_util::sync::CancellationToken;
@@ -152,12 +153,16 @@ fn main() -> Result<()> {
                 bench_duration: Duration::from_secs(1),
                 backoff_base: Duration::from_millis(500),
                 backoff_max: Duration::from_secs(30),
+                telemetry: Default::default(),
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
+                let mut config = config;
+                // The OTLP exporter, when asked for, needs this runtime.
+                config.telemetry = AgentTelemetry::from_env();
                 let shutdown = CancellationToken::new();
                 let signal = shutdown.clone();
                 tokio::spawn(async move {

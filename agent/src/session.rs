@@ -31,7 +31,10 @@ use crate::capacity;
 use crate::engine::EngineKind;
 use crate::identity::{self, DeviceIdentity, IdentityError};
 use crate::miner::{FinishReason, Miner, MinerEvent, WorkOrder};
+use crate::telemetry::{AgentTelemetry, SdkSpan};
 use crate::tls;
+use opentelemetry::KeyValue;
+use opentelemetry::trace::{Span as _, Status as SpanStatus};
 
 /// Shares held unacknowledged before the oldest are dropped (a very long outage).
 const MAX_PENDING_SHARES: usize = 100_000;
@@ -73,6 +76,8 @@ pub struct AgentConfig {
     pub backoff_base: Duration,
     /// Longest reconnect delay.
     pub backoff_max: Duration,
+    /// Where spans go: in-band over the session unless a collector is configured.
+    pub telemetry: AgentTelemetry,
 }
 
 /// Why the agent cannot run at all (as opposed to a session failing, which it survives).
@@ -185,14 +190,22 @@ async fn enroll_as(config: &AgentConfig, name: &str) -> Result<DeviceIdentity, A
         .as_ref()
         .ok_or_else(|| AgentError::NeedsToken(config.state_dir.clone()))?;
     let ca_pem = read_ca_file(config)?;
-    let identity = identity::enroll(
+    let (mut span, trace_headers) = config.telemetry.start_root("enroll");
+    span.set_attribute(KeyValue::new("device", name.to_string()));
+    let enrolled = identity::enroll(
         &config.controller,
         token,
         name,
         &config.labels,
         ca_pem.as_deref(),
+        &trace_headers,
     )
-    .await?;
+    .await;
+    if let Err(e) = &enrolled {
+        span.set_status(SpanStatus::error(e.to_string()));
+    }
+    span.end();
+    let identity = enrolled?;
     identity.save(&config.state_dir)?;
     Ok(identity)
 }
@@ -250,6 +263,7 @@ pub async fn run(
         last_hashes: 0,
         last_report: Instant::now(),
         next_renewal_attempt: Instant::now(),
+        mining_spans: HashMap::new(),
     };
     let mut backoff = Backoff::new(agent.config.backoff_base, agent.config.backoff_max);
     while !shutdown.is_cancelled() {
@@ -286,6 +300,7 @@ pub async fn run(
     }
     let stats = agent.counters.snapshot();
     agent.miner.stop();
+    agent.config.telemetry.shutdown();
     Ok(stats)
 }
 
@@ -325,6 +340,8 @@ struct Agent {
     last_hashes: u64,
     last_report: Instant,
     next_renewal_attempt: Instant,
+    /// Open `mine` spans of traced assignments.
+    mining_spans: HashMap<u64, SdkSpan>,
 }
 
 fn message(kind: AgentKind) -> pb::AgentMessage {
@@ -352,9 +369,10 @@ impl Agent {
             MinerEvent::Finished {
                 assignment_id,
                 scanned_until,
+                hashes,
                 reason,
-                ..
             } => {
+                self.end_mining_span(assignment_id, scanned_until, hashes, reason);
                 if reason == FinishReason::Cancelled {
                     self.held.remove(&assignment_id);
                 } else if let Some(held) = self.held.get_mut(&assignment_id) {
@@ -365,6 +383,9 @@ impl Agent {
     }
 
     fn remember_share(&mut self, assignment_id: u64, nonce: u32) {
+        if let Some(span) = self.mining_spans.get_mut(&assignment_id) {
+            span.add_event("share", vec![KeyValue::new("nonce", i64::from(nonce))]);
+        }
         if self.pending.len() >= MAX_PENDING_SHARES
             && let Some(oldest) = self.pending.keys().next().copied()
         {
@@ -473,6 +494,7 @@ impl Agent {
                         }
                     }
                     MinerEvent::Finished { assignment_id, scanned_until, hashes, reason } => {
+                        self.end_mining_span(assignment_id, scanned_until, hashes, reason);
                         // Shares of this range go out before the range is reported done.
                         send_batch(&tx, &mut batch).await?;
                         self.held.remove(&assignment_id);
@@ -486,6 +508,7 @@ impl Agent {
                 _ = flush.tick() => send_batch(&tx, &mut batch).await?,
                 _ = report.tick() => {
                     self.send_reports(&tx).await?;
+                    self.send_spans(&tx).await?;
                     // Renewal rides on the open channel; the session itself goes on.
                     if let Err(e) = self.renew_if_due(&mut client, identity).await {
                         tracing::warn!(error = %e, "certificate renewal failed; will retry");
@@ -580,6 +603,9 @@ impl Agent {
                             finished_offline: None,
                         },
                     );
+                    if let Some(span) = self.config.telemetry.start_mining(&a) {
+                        self.mining_spans.insert(a.id, span);
+                    }
                     self.miner.push(order);
                 }
                 Err(problem) => {
@@ -665,6 +691,45 @@ impl Agent {
         .map_err(|_| SessionError::Closed)
     }
 
+    /// Closes an assignment's `mine` span with what became of the range.
+    fn end_mining_span(
+        &mut self,
+        assignment_id: u64,
+        scanned_until: u64,
+        hashes: u64,
+        reason: FinishReason,
+    ) {
+        if let Some(mut span) = self.mining_spans.remove(&assignment_id) {
+            let outcome = match reason {
+                FinishReason::Exhausted => "exhausted",
+                FinishReason::LeaseExpired => "lease_expired",
+                FinishReason::Cancelled => "cancelled",
+            };
+            span.set_attributes([
+                KeyValue::new("outcome", outcome),
+                KeyValue::new("hashes", hashes as i64),
+                KeyValue::new("scanned_until", scanned_until as i64),
+            ]);
+            span.end();
+        }
+    }
+
+    /// Sends the spans that finished since the last call (in-band mode only).
+    async fn send_spans(&self, tx: &mpsc::Sender<pb::AgentMessage>) -> Result<(), SessionError> {
+        loop {
+            let spans = self
+                .config
+                .telemetry
+                .take_in_band(micromine_proto::span_limits::SPANS_PER_BATCH);
+            if spans.is_empty() {
+                return Ok(());
+            }
+            tx.send(message(AgentKind::Spans(pb::SpanBatch { spans })))
+                .await
+                .map_err(|_| SessionError::Closed)?;
+        }
+    }
+
     /// Orderly exit: stop hashing, send what was found, hand every range back, and wait
     /// briefly for the last acknowledgements.
     async fn release(
@@ -680,18 +745,25 @@ impl Agent {
         // Shares found up to the cancellation are still worth sending.
         let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
         while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
-            if let MinerEvent::Share {
-                assignment_id,
-                nonce,
-            } = event
-            {
-                self.remember_share(assignment_id, nonce);
-                self.pending.insert((assignment_id, nonce), true);
-                batch.push(pb::Share {
+            match event {
+                MinerEvent::Share {
                     assignment_id,
                     nonce,
-                    resubmitted: false,
-                });
+                } => {
+                    self.remember_share(assignment_id, nonce);
+                    self.pending.insert((assignment_id, nonce), true);
+                    batch.push(pb::Share {
+                        assignment_id,
+                        nonce,
+                        resubmitted: false,
+                    });
+                }
+                MinerEvent::Finished {
+                    assignment_id,
+                    scanned_until,
+                    hashes,
+                    reason,
+                } => self.end_mining_span(assignment_id, scanned_until, hashes, reason),
             }
         }
         if send_batch(tx, batch).await.is_err() {
@@ -707,6 +779,7 @@ impl Agent {
                 })))
                 .await;
         }
+        let _ = self.send_spans(tx).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         while !self.pending.is_empty() {
             match tokio::time::timeout_at(deadline, inbound.message()).await {
@@ -815,6 +888,7 @@ mod tests {
             expires_at_unix_ms: 0,
             miner: "default/a".into(),
             limits: None,
+            trace_context: Default::default(),
         }
     }
 

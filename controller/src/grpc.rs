@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use micromine_proto::pb::{self, agent_message::Kind as AgentKind, controller_message::Kind};
+use micromine_proto::span_limits;
 use micromine_proto::token::BootstrapToken;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
@@ -34,6 +35,9 @@ pub const MESSAGES_PER_SECOND: f64 = 250.0;
 /// Shares per second a session may submit on average (vardiff aims at well under one; a
 /// reconnecting agent resubmitting after an outage needs a burst).
 pub const SHARES_PER_SECOND: f64 = 2_000.0;
+/// Spans per second one session may send in-band (a `mine` span per assignment is a
+/// handful a minute).
+pub const SPANS_PER_SECOND: f64 = 20.0;
 
 /// A token bucket: `capacity` at once, refilled at `per_second`.
 #[derive(Debug)]
@@ -74,6 +78,7 @@ impl Bucket {
 struct Limits {
     messages: Bucket,
     shares: Bucket,
+    spans: Bucket,
 }
 
 impl Limits {
@@ -81,7 +86,14 @@ impl Limits {
         Limits {
             messages: Bucket::new(MESSAGES_PER_SECOND, 2.0),
             shares: Bucket::new(SHARES_PER_SECOND, 10.0),
+            spans: Bucket::new(SPANS_PER_SECOND, 10.0),
         }
+    }
+
+    /// How many of `count` spans fit the session's span rate; telemetry over it is
+    /// dropped, not held against the session.
+    fn spans_allowed(&mut self, count: usize) -> usize {
+        (0..count).take_while(|_| self.spans.take(1.0)).count()
     }
 
     fn admit(&mut self, message: &pb::AgentMessage) -> Result<(), Status> {
@@ -262,7 +274,7 @@ async fn run_session(
                     break;
                 }
                 let handled = match limits.admit(&message) {
-                    Ok(()) => handle(&fleet, &device, message, &outbound).await,
+                    Ok(()) => handle(&fleet, &device, message, &outbound, &mut limits).await,
                     Err(status) => Err(status),
                 };
                 if let Err(status) = handled {
@@ -297,6 +309,7 @@ async fn handle(
     device: &str,
     message: pb::AgentMessage,
     outbound: &Outbound,
+    limits: &mut Limits,
 ) -> Result<(), Status> {
     match message.kind {
         Some(AgentKind::Shares(batch)) => {
@@ -319,6 +332,17 @@ async fn handle(
                 }))
                 .await
                 .map_err(|_| Status::cancelled("session closed"))?;
+        }
+        Some(AgentKind::Spans(batch)) => {
+            let count = batch.spans.len();
+            if count > span_limits::SPANS_PER_BATCH {
+                return Err(Status::resource_exhausted(format!(
+                    "a span batch may hold at most {} spans, got {count}",
+                    span_limits::SPANS_PER_BATCH
+                )));
+            }
+            let allowed = limits.spans_allowed(count);
+            fleet.relay_spans(device, &batch.spans[..allowed], count - allowed);
         }
         Some(AgentKind::Progress(progress)) => fleet.progress(device, &progress),
         Some(AgentKind::Capacity(report)) => fleet.report(device, &report),
@@ -361,8 +385,20 @@ impl EnrollmentService {
 
 #[tonic::async_trait]
 impl pb::enrollment_server::Enrollment for EnrollmentService {
-    #[tracing::instrument(name = "enroll", skip_all)]
     async fn enroll(
+        &self,
+        request: Request<pb::EnrollRequest>,
+    ) -> Result<Response<pb::EnrollResponse>, Status> {
+        // The agent's trace context arrives in the metadata; it must become the span's
+        // parent before the span is first entered.
+        let span = tracing::info_span!("enroll");
+        crate::span_relay::adopt_parent(&span, request.metadata());
+        self.enroll_traced(request).instrument(span).await
+    }
+}
+
+impl EnrollmentService {
+    async fn enroll_traced(
         &self,
         request: Request<pb::EnrollRequest>,
     ) -> Result<Response<pb::EnrollResponse>, Status> {

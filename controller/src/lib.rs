@@ -14,6 +14,8 @@
 //! - `grpc`: the `Enrollment` and `Fleet` services.
 //! - `http`: health, metrics, the log level and the status API.
 //! - `telemetry`, `logging`: Prometheus metrics; logs and OTLP traces.
+//! - `span_relay`: trace context for assignments; agents' in-band spans, checked and
+//!   passed on.
 //! - `periodic`: the ticker periodic tasks share.
 //! - `kubernetes`: the reconcilers of Kubernetes mode.
 //! - `standalone`: the controller without a cluster (manifests directory + embedded store).
@@ -34,6 +36,7 @@ pub mod quickstart;
 pub mod revocation;
 pub mod scheduler;
 pub mod selector;
+pub mod span_relay;
 pub mod standalone;
 pub mod store;
 pub mod telemetry;

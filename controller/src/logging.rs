@@ -6,7 +6,7 @@
 use std::sync::OnceLock;
 
 use opentelemetry::trace::TracerProvider as _;
-use opentelemetry_sdk::trace::SdkTracerProvider;
+use opentelemetry_sdk::trace::{BatchSpanProcessor, SdkTracerProvider, SpanData, SpanProcessor};
 
 use tracing_subscriber::layer::SubscriberExt;
 use tracing_subscriber::util::SubscriberInitExt;
@@ -14,6 +14,9 @@ use tracing_subscriber::{EnvFilter, Layer, Registry, reload};
 
 static FILTER: OnceLock<reload::Handle<EnvFilter, Registry>> = OnceLock::new();
 static TRACES: OnceLock<SdkTracerProvider> = OnceLock::new();
+/// Spans agents sent in-band, on their way to the same collector as service
+/// `micromine-agent`.
+static AGENT_SPANS: OnceLock<BatchSpanProcessor> = OnceLock::new();
 
 /// Installs the process's logger: `RUST_LOG` if set, else `default_filter`; JSON lines
 /// when `json`. Call once, first thing.
@@ -54,6 +57,7 @@ pub fn init_with_traces(json: bool, default_filter: &str, service: &str) -> bool
             let tracer = provider.tracer(service.to_string());
             install(json, default_filter, Some(tracer));
             let _ = TRACES.set(provider);
+            start_agent_span_relay();
             true
         }
         Err(e) => {
@@ -64,12 +68,50 @@ pub fn init_with_traces(json: bool, default_filter: &str, service: &str) -> bool
     }
 }
 
+/// A second exporter for agents' spans: the controller's own resource (its service name,
+/// `OTEL_RESOURCE_ATTRIBUTES`) describes the controller, not the devices.
+fn start_agent_span_relay() {
+    match opentelemetry_otlp::SpanExporter::builder()
+        .with_tonic()
+        .build()
+    {
+        Ok(exporter) => {
+            let mut processor = BatchSpanProcessor::builder(exporter).build();
+            processor.set_resource(
+                &opentelemetry_sdk::Resource::builder_empty()
+                    .with_service_name("micromine-agent")
+                    .build(),
+            );
+            let _ = AGENT_SPANS.set(processor);
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "agents' spans cannot be passed on; dropping them")
+        }
+    }
+}
+
+/// Passes on a span an agent sent (already checked); false when traces are not exported.
+pub fn relay_agent_span(span: SpanData) -> bool {
+    match AGENT_SPANS.get() {
+        Some(processor) => {
+            processor.on_end(span);
+            true
+        }
+        None => false,
+    }
+}
+
 /// Sends the spans still buffered; call before the process exits.
 pub fn flush_traces() {
     if let Some(provider) = TRACES.get()
         && let Err(e) = provider.shutdown()
     {
         eprintln!("flushing traces: {e}");
+    }
+    if let Some(processor) = AGENT_SPANS.get()
+        && let Err(e) = processor.shutdown()
+    {
+        eprintln!("flushing agents' spans: {e}");
     }
 }
 

@@ -173,6 +173,7 @@ pub async fn run(
             bench_duration: Duration::from_millis(500),
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
+            telemetry: Default::default(),
         };
         let agent_counters = Arc::new(AgentCounters::default());
         counters.push(agent_counters.clone());

@@ -73,6 +73,7 @@ pub struct Metrics {
     ledger_commit: Histogram<f64>,
     enrollments: Counter<u64>,
     reconciles: Counter<u64>,
+    agent_spans: Counter<u64>,
     reconcile_duration: Histogram<f64>,
 }
 
@@ -154,6 +155,12 @@ impl Metrics {
                 .u64_counter("micromine.reconciles")
                 .with_description("MicroMiner reconciles by result")
                 .build(),
+            agent_spans: meter
+                .u64_counter("micromine.agent_spans")
+                .with_description(
+                    "Spans agents sent in-band, by what became of them (relayed or why dropped)",
+                )
+                .build(),
             provider,
             registry,
         }))
@@ -178,6 +185,12 @@ impl Metrics {
     pub fn enrollment(&self, outcome: &'static str) {
         self.enrollments
             .add(1, &[KeyValue::new("outcome", outcome)]);
+    }
+
+    /// Spans an agent sent in-band and what became of them.
+    pub fn agent_spans(&self, outcome: crate::span_relay::Outcome, count: u64) {
+        self.agent_spans
+            .add(count, &[KeyValue::new("outcome", outcome.as_str())]);
     }
 
     /// One reconcile and how long it took.

@@ -233,6 +233,16 @@ fn env_from_field(c: &Container, name: &str) -> String {
         .unwrap_or_else(|| panic!("env {name} is not from the downward API"))
 }
 
+/// The literal value of an environment variable, if the container sets one.
+fn env_value<'a>(c: &'a Container, name: &str) -> Option<&'a str> {
+    c.env
+        .as_deref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .as_deref()
+}
+
 /// The controller Deployment's strategy type.
 fn strategy(d: &Deployment) -> String {
     d.spec
@@ -349,6 +359,11 @@ fn default_values_render_a_single_controller_with_its_services() {
     assert_eq!(env_from_field(c, "POD_NAMESPACE"), "metadata.namespace");
     assert_eq!(env_from_field(c, "POD_NAME"), "metadata.name");
     assert_eq!(env_from_field(c, "POD_IP"), "status.podIP");
+    assert_eq!(
+        env_value(c, "OTEL_EXPORTER_OTLP_ENDPOINT"),
+        None,
+        "no traces unless a collector is named"
+    );
     assert_restricted(c);
 
     let ports: Vec<(Option<&str>, i32)> = c
@@ -473,6 +488,33 @@ fn non_default_values_render_ha_ca_load_balancer_monitor_and_agent() {
         assert!(args.contains(expected), "{expected:?} not in {args}");
     }
     assert_eq!(env_from_field(c, "POD_IP"), "status.podIP");
+    // Traces go to the named collector, a quarter of them, described by namespace and pod.
+    for (name, value) in [
+        (
+            "OTEL_EXPORTER_OTLP_ENDPOINT",
+            "http://otel-collector.observability:4317",
+        ),
+        ("OTEL_SERVICE_NAME", "micromine-controller"),
+        (
+            "OTEL_RESOURCE_ATTRIBUTES",
+            "k8s.namespace.name=$(POD_NAMESPACE),k8s.pod.name=$(POD_NAME)",
+        ),
+        ("OTEL_TRACES_SAMPLER", "parentbased_traceidratio"),
+        ("OTEL_TRACES_SAMPLER_ARG", "0.25"),
+    ] {
+        assert_eq!(env_value(c, name), Some(value), "{name}");
+    }
+    // $(POD_NAME) expands only if POD_NAME is defined earlier in the list.
+    let names: Vec<&str> = c
+        .env
+        .as_deref()
+        .expect("env")
+        .iter()
+        .map(|e| e.name.as_str())
+        .collect();
+    let position = |n: &str| names.iter().position(|x| *x == n).expect("present");
+    assert!(position("POD_NAME") < position("OTEL_RESOURCE_ATTRIBUTES"));
+    assert!(position("POD_NAMESPACE") < position("OTEL_RESOURCE_ATTRIBUTES"));
 
     // Every replica mounts the one ReadWriteMany claim.
     let claim = r.ledger_claim();
@@ -768,6 +810,14 @@ fn bad_values_are_refused_with_the_field_named() {
         ),
         ("controller.typo=1", "typo"),
         ("agent.threads=0", "/agent/threads"),
+        (
+            "controller.tracing.otlpEndpoint=otel:4317",
+            "/controller/tracing/otlpEndpoint",
+        ),
+        (
+            "controller.tracing.sampleRatio=2",
+            "/controller/tracing/sampleRatio",
+        ),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
         ("bogus=1", "bogus"),
     ] {

@@ -336,9 +336,16 @@ async fn enroll_end_to_end_then_connect_with_the_saved_identity() {
     let controller = Controller::start().await;
     let token = controller.token(1);
     let labels = BTreeMap::from([("site".to_string(), "plant-3".to_string())]);
-    let enrolled = identity::enroll(&controller.url, &token, "gw-e2e", &labels, None)
-        .await
-        .unwrap();
+    let enrolled = identity::enroll(
+        &controller.url,
+        &token,
+        "gw-e2e",
+        &labels,
+        None,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     assert_eq!(enrolled.name, "gw-e2e");
     assert_eq!(enrolled.ca_pem, controller.ca_pem());
     assert_eq!(enrolled.controller, controller.url);
@@ -359,9 +366,16 @@ async fn enroll_end_to_end_then_connect_with_the_saved_identity() {
     assert_eq!(name, "gw-e2e");
 
     // The single-use token is spent.
-    let err = identity::enroll(&controller.url, &token, "gw-e2e-2", &labels, None)
-        .await
-        .unwrap_err();
+    let err = identity::enroll(
+        &controller.url,
+        &token,
+        "gw-e2e-2",
+        &labels,
+        None,
+        &Default::default(),
+    )
+    .await
+    .unwrap_err();
     match err {
         IdentityError::Rejected { code, message } => {
             assert_eq!(code, tonic::Code::Unauthenticated);
@@ -383,6 +397,7 @@ async fn enroll_with_a_ca_file_checks_the_returned_bundle() {
         "gw-ca-file",
         &BTreeMap::new(),
         Some(&ca),
+        &Default::default(),
     )
     .await
     .unwrap();
@@ -396,9 +411,16 @@ async fn a_token_for_another_ca_never_reaches_the_server() {
     let mut token = controller.token(1);
     let genuine = token.clone();
     token.ca_fingerprint[31] ^= 1;
-    let err = identity::enroll(&controller.url, &token, "gw-x", &BTreeMap::new(), None)
-        .await
-        .unwrap_err();
+    let err = identity::enroll(
+        &controller.url,
+        &token,
+        "gw-x",
+        &BTreeMap::new(),
+        None,
+        &Default::default(),
+    )
+    .await
+    .unwrap_err();
     // Refused by the device's own TLS check, before the secret was sent...
     assert!(matches!(err, IdentityError::Tls(_)), "{err}");
     assert!(
@@ -407,9 +429,16 @@ async fn a_token_for_another_ca_never_reaches_the_server() {
         error_chain(&err)
     );
     // ...so the genuine token still has its use.
-    identity::enroll(&controller.url, &genuine, "gw-x", &BTreeMap::new(), None)
-        .await
-        .unwrap();
+    identity::enroll(
+        &controller.url,
+        &genuine,
+        "gw-x",
+        &BTreeMap::new(),
+        None,
+        &Default::default(),
+    )
+    .await
+    .unwrap();
     controller.stop().await;
 }
 
@@ -427,6 +456,7 @@ async fn an_invalid_device_name_fails_before_connecting() {
         "Bad Name",
         &BTreeMap::new(),
         None,
+        &Default::default(),
     )
     .await
     .unwrap_err();

@@ -24,6 +24,23 @@ pub mod pb {
     tonic::include_proto!("micromine.v1");
 }
 
+/// Bounds on the spans an agent sends in-band (`SpanBatch`): the agent trims its spans to
+/// them and the controller drops what exceeds them, so both sides read them from here.
+pub mod span_limits {
+    /// Spans in one `SpanBatch`.
+    pub const SPANS_PER_BATCH: usize = 64;
+    /// Characters in a span's or an event's name.
+    pub const NAME_CHARS: usize = 64;
+    /// Attributes on a span or an event.
+    pub const ATTRIBUTES: usize = 32;
+    /// Events on a span.
+    pub const EVENTS: usize = 32;
+    /// Characters in an attribute key.
+    pub const KEY_CHARS: usize = 64;
+    /// Characters in a text attribute value or a status message.
+    pub const TEXT_CHARS: usize = 256;
+}
+
 /// ALPN protocol id a client offers, next to `h2`, to say it is enrolling and has no
 /// certificate yet. The controller then completes the handshake without asking for one;
 /// every other connection must present a fleet certificate during the handshake.

@@ -189,6 +189,11 @@ impl Drop for Process {
 
 /// GET `path` from an HTTP server and parse the JSON body.
 pub fn get_json(addr: SocketAddr, path: &str) -> Option<Value> {
+    serde_json::from_str(&get_text(addr, path)?).ok()
+}
+
+/// GET `path` from an HTTP server: the body of a 200 answer.
+pub fn get_text(addr: SocketAddr, path: &str) -> Option<String> {
     let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
     stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
     write!(
@@ -202,7 +207,7 @@ pub fn get_json(addr: SocketAddr, path: &str) -> Option<Value> {
     if !head.starts_with("HTTP/1.1 200") {
         return None;
     }
-    serde_json::from_str(body).ok()
+    Some(body.to_string())
 }
 
 /// Runs a command to completion and returns its stdout, panicking with stderr on failure.
@@ -256,6 +261,18 @@ impl ControllerProcess {
         http: SocketAddr,
         extra: &[&str],
     ) -> ControllerProcess {
+        ControllerProcess::start_with_env(manifests, data_dir, grpc, http, extra, &[])
+    }
+
+    /// [`ControllerProcess::start_with`] and extra environment variables (`OTEL_*`).
+    pub fn start_with_env(
+        manifests: &Path,
+        data_dir: &Path,
+        grpc: SocketAddr,
+        http: SocketAddr,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> ControllerProcess {
         let (manifests, data_dir) = (
             manifests.display().to_string(),
             data_dir.display().to_string(),
@@ -273,7 +290,8 @@ impl ControllerProcess {
             &http_arg,
         ];
         args.extend_from_slice(extra);
-        let process = Process::start("controller", &bin("micromine-controller"), &args);
+        let process =
+            Process::start_with_env("controller", &bin("micromine-controller"), &args, env);
         wait_until("controller /readyz", Duration::from_secs(30), || {
             get_json(http, "/readyz")
         });
@@ -409,7 +427,19 @@ pub fn start_agent(
     state_dir: &Path,
     labels: &str,
 ) -> Process {
-    Process::start(
+    start_agent_with_env(controller, token, name, state_dir, labels, &[])
+}
+
+/// [`start_agent`] with extra environment variables (`OTEL_*`).
+pub fn start_agent_with_env(
+    controller: &ControllerProcess,
+    token: &str,
+    name: &str,
+    state_dir: &Path,
+    labels: &str,
+    env: &[(&str, &Path)],
+) -> Process {
+    Process::start_with_env(
         name,
         &bin("micromine-agent"),
         &[
@@ -427,6 +457,7 @@ pub fn start_agent(
             "--threads",
             "1",
         ],
+        env,
     )
 }
 

@@ -28,9 +28,16 @@ pub async fn enroll(
     name: &str,
 ) -> DeviceIdentity {
     let token: BootstrapToken = create_token(data_dir, 1).parse().expect("token parses");
-    identity::enroll(&controller.url(), &token, name, &BTreeMap::new(), None)
-        .await
-        .unwrap_or_else(|e| panic!("enrolling {name}: {e}"))
+    identity::enroll(
+        &controller.url(),
+        &token,
+        name,
+        &BTreeMap::new(),
+        None,
+        &Default::default(),
+    )
+    .await
+    .unwrap_or_else(|e| panic!("enrolling {name}: {e}"))
 }
 
 /// A `Hello` claiming `nominal_hashrate` and the label `site=e2e`.

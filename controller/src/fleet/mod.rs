@@ -326,7 +326,9 @@ impl Fleet {
 
     /// Re-verifies a batch of shares, records the good ones durably, and returns the
     /// results to acknowledge. Nothing is acknowledged as accepted before it is durable.
-    #[tracing::instrument(name = "share_batch", skip_all, fields(device = %device, shares = shares.len()))]
+    // A root span: as a child of the session's span its trace would last as long as the
+    // session and reach the collector only when the session ends.
+    #[tracing::instrument(name = "share_batch", parent = None, skip_all, fields(device = %device, shares = shares.len()))]
     pub async fn submit_shares(
         &self,
         device: &str,
@@ -405,6 +407,45 @@ impl Fleet {
             self.queue(fx);
         }
         Ok(pb::ShareResults { results })
+    }
+
+    /// Passes on the spans a device sent in-band that belong to traces of its own
+    /// assignments (see [`crate::span_relay`]); `over_rate` more were dropped unread.
+    pub fn relay_spans(&self, device: &str, spans: &[pb::AgentSpan], over_rate: usize) {
+        use crate::span_relay::{self, Outcome};
+        let traces = lock(&self.state).traces(device);
+        let now = SystemTime::now();
+        let mut counts: HashMap<Outcome, u64> = HashMap::new();
+        if over_rate > 0 {
+            counts.insert(Outcome::RateLimited, over_rate as u64);
+        }
+        for span in spans {
+            let outcome = match span_relay::admit(span, device, &traces, now) {
+                Ok(data) => {
+                    if crate::logging::relay_agent_span(data) {
+                        Outcome::Relayed
+                    } else {
+                        Outcome::NoCollector
+                    }
+                }
+                Err(outcome) => outcome,
+            };
+            *counts.entry(outcome).or_default() += 1;
+        }
+        for (outcome, count) in &counts {
+            if *outcome != Outcome::Relayed {
+                tracing::debug!(
+                    count,
+                    outcome = outcome.as_str(),
+                    "dropped spans from the agent"
+                );
+            }
+        }
+        if let Some(metrics) = self.metrics() {
+            for (outcome, count) in counts {
+                metrics.agent_spans(outcome, count);
+            }
+        }
     }
 
     /// Everything operators see.

@@ -103,6 +103,8 @@ struct DeviceRuntime {
     honesty: HonestyWindow,
     /// Shares it submitted for other devices' work.
     foreign_shares: u64,
+    /// Trace ids of its latest traced assignments: its in-band spans must belong to one.
+    traces: VecDeque<[u8; 16]>,
 }
 
 impl DeviceRuntime {
@@ -118,6 +120,7 @@ impl DeviceRuntime {
             protocol_errors: 0,
             honesty: HonestyWindow::default(),
             foreign_shares: 0,
+            traces: VecDeque::new(),
         }
     }
 
@@ -823,17 +826,28 @@ impl FleetState {
                 }
                 continue;
             };
-            // One span per assignment: with OTLP export on, a trace shows which device got
-            // which range of which MicroMiner's work, and when.
-            let _assign = tracing::info_span!(
+            // One trace per assignment (a root, not a child of the long-lived session):
+            // with OTLP export on, it shows which device got which range of which
+            // MicroMiner's work, and the agent's `mine` span continues it.
+            let assign = tracing::info_span!(
+                parent: None,
                 "assign",
                 device = name,
                 miner = %key,
                 assignment = lease.id,
                 nonces = lease.end - lease.start,
                 difficulty,
-            )
-            .entered();
+            );
+            let _entered = assign.enter();
+            let trace_context = crate::span_relay::trace_context(&assign);
+            if let Some(trace) = crate::span_relay::trace_id(&trace_context)
+                && let Some(device) = self.devices.get_mut(name)
+            {
+                if device.traces.len() >= crate::span_relay::TRACES_PER_DEVICE {
+                    device.traces.pop_front();
+                }
+                device.traces.push_back(trace);
+            }
             let Some(work) = self.headers.get(&header).cloned() else {
                 // Cannot happen: headers are registered before they are assigned from.
                 self.scheduler.end_lease(lease.id);
@@ -867,6 +881,7 @@ impl FleetState {
                     limits: Some(pb::Limits {
                         duty_cycle: spec.limits.duty_cycle,
                     }),
+                    trace_context,
                 }),
             );
             self.lease_meta.insert(lease.id, meta);
@@ -890,6 +905,14 @@ impl FleetState {
         self.scheduler.add_header(id);
         self.headers.insert(id, Arc::new(work));
         id
+    }
+
+    /// Trace ids of a device's latest traced assignments.
+    pub fn traces(&self, name: &str) -> Vec<[u8; 16]> {
+        self.devices
+            .get(name)
+            .map(|d| d.traces.iter().copied().collect())
+            .unwrap_or_default()
     }
 
     // ---------------------------------------------------------------- shares
