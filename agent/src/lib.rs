@@ -7,6 +7,7 @@
 //! - `bench`: measuring an engine's hash rate.
 //! - `capacity`: what the device has (cores, architecture, memory).
 //! - `miner`: hashing threads working through assigned nonce ranges.
+//! - `sensors`: temperature, battery, power draw and host CPU load from sysfs and procfs.
 //! - `identity`, `tls`: the device's key and certificate, enrollment, TLS to the controller.
 //! - `session`: the long-lived session with the controller, reconnects and resume.
 //! - `telemetry`: the agent's spans, sent in-band over the session or to a collector.
@@ -22,6 +23,7 @@ pub mod engine;
 pub mod files;
 pub mod identity;
 pub mod miner;
+pub mod sensors;
 pub mod session;
 pub mod telemetry;
 pub mod tls;

@@ -7,6 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use micromine_agent::engine::{self, EngineKind};
+use micromine_agent::sensors::SensorPaths;
 use micromine_agent::session::{self, AgentConfig, AgentCounters};
 use micromine_agent::telemetry::AgentTelemetry;
 use micromine_agent::{bench, capacity};
@@ -55,6 +56,13 @@ enum Command {
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
+        /// Where sysfs is mounted (thermal zones, power supplies); a container that
+        /// mounts the host's elsewhere points here.
+        #[arg(long, default_value = "/sys", value_name = "DIR")]
+        sysfs_root: PathBuf,
+        /// Where procfs is mounted (CPU load).
+        #[arg(long, default_value = "/proc", value_name = "DIR")]
+        proc_root: PathBuf,
     },
     /// Measure this device's hash rate.
     Bench {
@@ -135,6 +143,8 @@ fn main() -> Result<()> {
             threads,
             engine,
             log_json,
+            sysfs_root,
+            proc_root,
         } => {
             init_logging(log_json);
             let token = token
@@ -154,6 +164,10 @@ fn main() -> Result<()> {
                 backoff_base: Duration::from_millis(500),
                 backoff_max: Duration::from_secs(30),
                 telemetry: Default::default(),
+                sensors: SensorPaths {
+                    sysfs: sysfs_root,
+                    proc: proc_root,
+                },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

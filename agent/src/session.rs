@@ -31,6 +31,7 @@ use crate::capacity;
 use crate::engine::EngineKind;
 use crate::identity::{self, DeviceIdentity, IdentityError};
 use crate::miner::{FinishReason, Miner, MinerEvent, WorkOrder};
+use crate::sensors::{SensorPaths, Sensors};
 use crate::telemetry::{AgentTelemetry, SdkSpan};
 use crate::tls;
 use opentelemetry::KeyValue;
@@ -78,6 +79,8 @@ pub struct AgentConfig {
     pub backoff_max: Duration,
     /// Where spans go: in-band over the session unless a collector is configured.
     pub telemetry: AgentTelemetry,
+    /// Where temperature, battery and CPU load are read from.
+    pub sensors: SensorPaths,
 }
 
 /// Why the agent cannot run at all (as opposed to a session failing, which it survives).
@@ -252,7 +255,9 @@ pub async fn run(
         hash_engine: format!("{} ({})", measured.engine, measured.backend),
     };
     let (miner, events) = Miner::start(config.engine, threads);
+    let sensors = Sensors::new(config.sensors.clone());
     let mut agent = Agent {
+        sensors,
         config,
         capacity,
         miner,
@@ -342,6 +347,7 @@ struct Agent {
     next_renewal_attempt: Instant,
     /// Open `mine` spans of traced assignments.
     mining_spans: HashMap<u64, SdkSpan>,
+    sensors: Sensors,
 }
 
 fn message(kind: AgentKind) -> pb::AgentMessage {
@@ -682,10 +688,15 @@ impl Agent {
         } else {
             "mining"
         };
+        let readings = self.sensors.read();
         tx.send(message(AgentKind::Capacity(pb::CapacityReport {
             hashrate,
             state: state.to_string(),
-            ..Default::default()
+            temperature_c: readings.temperature_c,
+            host_cpu_percent: readings.host_cpu_percent,
+            battery_percent: readings.battery_percent,
+            power_watts: readings.power_watts,
+            on_battery: readings.on_battery,
         })))
         .await
         .map_err(|_| SessionError::Closed)

@@ -23,7 +23,7 @@ use http::{Request, Response};
 use kube::api::{Api, Patch, PatchParams};
 use kube::client::Body;
 use micromine_controller::edgedevice::EdgeDevice;
-use micromine_controller::fleet::status::DeviceView;
+use micromine_controller::fleet::status::{DeviceReadings, DeviceView};
 use micromine_controller::kubernetes::FIELD_MANAGER;
 use micromine_controller::kubernetes::devices::{
     self, DEVICE_REFRESH_WRITES_PER_MINUTE, DevicePublisher, MINER_REFRESH_WRITES_PER_MINUTE,
@@ -107,6 +107,10 @@ fn device(i: usize, now_ms: i64, step: u64) -> DeviceView {
         last_seen_unix_ms: now_ms - 1_000,
         certificate_not_after_unix_ms: START_MS + 86_400_000,
         flags: Vec::new(),
+        readings: DeviceReadings {
+            temperature_c: Some(45.0 + (jitter / 100.0) as f32),
+            ..DeviceReadings::default()
+        },
     }
 }
 

@@ -174,6 +174,7 @@ pub async fn run(
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),
             telemetry: Default::default(),
+            sensors: Default::default(),
         };
         let agent_counters = Arc::new(AgentCounters::default());
         counters.push(agent_counters.clone());

@@ -20,7 +20,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
 use crate::fleet::Fleet;
-use crate::fleet::status::FleetView;
+use crate::fleet::status::{DeviceReadings, FleetView};
 
 /// Scrapes within this long of each other share one fleet view: each observable
 /// instrument asks for it, and a view walks every device.
@@ -237,6 +237,24 @@ fn observe_certificates(meter: &Meter, views: &Arc<ViewCache>, ca_expiry_unix_s:
         .build();
 }
 
+/// Per site: the hottest and the mean temperature of connected devices with a sensor.
+fn site_temperatures(view: &FleetView) -> std::collections::BTreeMap<String, (f64, f64)> {
+    let mut sites: std::collections::BTreeMap<String, (f64, f64, u32)> = Default::default();
+    for device in view.devices.iter().filter(|d| d.connected) {
+        if let Some(celsius) = device.readings.temperature_c {
+            let site = device.labels.get("site").cloned().unwrap_or_default();
+            let entry = sites.entry(site).or_insert((f64::MIN, 0.0, 0));
+            entry.0 = entry.0.max(f64::from(celsius));
+            entry.1 += f64::from(celsius);
+            entry.2 += 1;
+        }
+    }
+    sites
+        .into_iter()
+        .map(|(site, (max, sum, n))| (site, (max, sum / f64::from(n))))
+        .collect()
+}
+
 /// The series read from the fleet at scrape time.
 fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions) {
     let v = views.clone();
@@ -354,6 +372,48 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
 
     let v = views.clone();
     meter
+        .f64_observable_gauge("micromine.site.max_temperature_celsius")
+        .with_description("The hottest connected device of each site, by its own thermal zones (devices without a sensor are left out)")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for (site, (max, _)) in site_temperatures(&view) {
+                observer.observe(max, &[KeyValue::new("site", site)]);
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .f64_observable_gauge("micromine.site.mean_temperature_celsius")
+        .with_description("Mean temperature of each site's connected devices that have a sensor")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for (site, (_, mean)) in site_temperatures(&view) {
+                observer.observe(mean, &[KeyValue::new("site", site)]);
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .f64_observable_gauge("micromine.power_watts")
+        .with_description("Power drawn by each MicroMiner's connected devices, as the devices that measure it report it")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            let mut by_miner: std::collections::BTreeMap<&str, f64> = Default::default();
+            for device in view.devices.iter().filter(|d| d.connected) {
+                if let (Some(miner), Some(watts)) = (&device.miner, device.readings.power_watts) {
+                    *by_miner.entry(miner.as_str()).or_default() += f64::from(watts);
+                }
+            }
+            for (miner, watts) in by_miner {
+                observer.observe(watts, &miner_labels(miner));
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
         .u64_observable_gauge("micromine.sessions.active")
         .with_description("Agent sessions open now")
         .with_callback(move |observer| {
@@ -390,6 +450,44 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
             }
         })
         .build();
+    type Pick = fn(&DeviceReadings) -> Option<f64>;
+    let readings: [(&'static str, &'static str, Pick); 4] = [
+        (
+            "micromine.device.temperature_celsius",
+            "The device's hottest thermal zone",
+            |r| r.temperature_c.map(f64::from),
+        ),
+        (
+            "micromine.device.host_cpu_ratio",
+            "CPU the device's own work uses (everything but the agent), 0 to 1",
+            |r| r.host_cpu_percent.map(|p| f64::from(p) / 100.0),
+        ),
+        (
+            "micromine.device.battery_ratio",
+            "The device's emptiest system battery, 0 to 1",
+            |r| r.battery_percent.map(|p| f64::from(p) / 100.0),
+        ),
+        (
+            "micromine.device.power_watts",
+            "Power the device reports drawing",
+            |r| r.power_watts.map(f64::from),
+        ),
+    ];
+    for (name, description, pick) in readings {
+        let v = views.clone();
+        meter
+            .f64_observable_gauge(name)
+            .with_description(description)
+            .with_callback(move |observer| {
+                let Some(view) = v.get() else { return };
+                for device in view.devices.iter().filter(|d| d.connected) {
+                    if let Some(value) = pick(&device.readings) {
+                        observer.observe(value, &[KeyValue::new("device", device.name.clone())]);
+                    }
+                }
+            })
+            .build();
+    }
     let v = views.clone();
     meter
         .f64_observable_gauge("micromine.device.share_difficulty")
@@ -530,12 +628,30 @@ mod tests {
             labels: [("site".to_string(), "plant-3".to_string())].into(),
             ..Default::default()
         };
-        fleet.connect(
-            "gw-1",
-            &hello,
-            outbound,
-            tokio_util::sync::CancellationToken::new(),
-        );
+        for (name, temperature, power, host_cpu) in [
+            ("gw-1", 60.0, Some(5.0), Some(30.0)),
+            ("gw-2", 70.0, Some(3.5), None),
+            // A broken sensor (or a lying agent): no temperature, not 999 °C.
+            ("gw-3", 999.0, None, None),
+        ] {
+            fleet.connect(
+                name,
+                &hello,
+                outbound.clone(),
+                tokio_util::sync::CancellationToken::new(),
+            );
+            fleet.report(
+                name,
+                &micromine_proto::pb::CapacityReport {
+                    hashrate: 1e6,
+                    state: "mining".into(),
+                    temperature_c: Some(temperature),
+                    power_watts: power,
+                    host_cpu_percent: host_cpu,
+                    ..Default::default()
+                },
+            );
+        }
 
         let fleetwide = Metrics::new(&fleet, MetricsOptions::default(), vec![2_000_000_000])
             .unwrap()
@@ -547,10 +663,31 @@ mod tests {
                 &fleetwide,
                 r#"micromine_devices{miner="plant/night",miner_namespace="plant",site="plant-3",state="mining"}"#
             ),
-            Some(1.0),
+            Some(3.0),
             "{fleetwide}"
         );
-        assert_eq!(sample(&fleetwide, "micromine_sessions_active"), Some(1.0));
+        assert_eq!(sample(&fleetwide, "micromine_sessions_active"), Some(3.0));
+        assert_eq!(
+            sample(
+                &fleetwide,
+                r#"micromine_site_max_temperature_celsius{site="plant-3"}"#
+            ),
+            Some(70.0)
+        );
+        assert_eq!(
+            sample(
+                &fleetwide,
+                r#"micromine_site_mean_temperature_celsius{site="plant-3"}"#
+            ),
+            Some(65.0)
+        );
+        assert_eq!(
+            sample(
+                &fleetwide,
+                r#"micromine_power_watts{miner="plant/night",miner_namespace="plant"}"#
+            ),
+            Some(8.5)
+        );
         assert_eq!(
             sample(
                 &fleetwide,
@@ -574,6 +711,30 @@ mod tests {
         assert!(
             sample(&text, r#"micromine_device_share_difficulty{device="gw-1"}"#)
                 .is_some_and(|d| d > 0.0)
+        );
+        assert_eq!(
+            sample(
+                &text,
+                r#"micromine_device_temperature_celsius{device="gw-2"}"#
+            ),
+            Some(70.0)
+        );
+        assert_eq!(
+            sample(&text, r#"micromine_device_host_cpu_ratio{device="gw-1"}"#),
+            Some(0.3),
+            "{text}"
+        );
+        assert_eq!(
+            sample(&text, r#"micromine_device_power_watts{device="gw-1"}"#),
+            Some(5.0)
+        );
+        assert!(
+            !text.contains(r#"micromine_device_temperature_celsius{device="gw-3"}"#),
+            "an implausible reading is no reading"
+        );
+        assert!(
+            !text.contains("micromine_device_battery_ratio"),
+            "no battery, no series"
         );
     }
 

@@ -909,8 +909,16 @@ const METRICS: &[&str] = &[
     "micromine_enrollments_total",
     "micromine_certificate_expiry_timestamp_seconds",
     "micromine_controller_serving",
+    "micromine_site_max_temperature_celsius",
+    "micromine_site_mean_temperature_celsius",
+    "micromine_power_watts",
+    "micromine_agent_spans_total",
     "micromine_device_hashrate_hashes_per_second",
     "micromine_device_share_difficulty",
+    "micromine_device_temperature_celsius",
+    "micromine_device_host_cpu_ratio",
+    "micromine_device_battery_ratio",
+    "micromine_device_power_watts",
 ];
 
 /// The `micromine_*` names `expr` uses, each of which must be in [`METRICS`].
@@ -1213,6 +1221,7 @@ fn alert_rules_are_well_formed() {
     let expected = [
         ("MicromineCertificateExpiringSoon", "warning"),
         ("MicromineControllerDown", "critical"),
+        ("MicromineDeviceOverheating", "warning"),
         ("MicromineDevicesOffline", "critical"),
         ("MicromineDevicesOffline", "warning"),
         ("MicromineEffectiveHashrateGap", "warning"),

@@ -398,12 +398,19 @@ impl Fixture {
     /// Starts an agent named `name` (state in `<dir>/<name>`, label `site=e2e`) that
     /// enrolls with `token`, and waits until the controller shows it mining.
     pub fn mining_agent(&self, token: &str, name: &str) -> Process {
-        let agent = start_agent(
+        self.mining_agent_with(token, name, &[])
+    }
+
+    /// [`Fixture::mining_agent`] with extra arguments.
+    pub fn mining_agent_with(&self, token: &str, name: &str, extra: &[&str]) -> Process {
+        let agent = start_agent_with(
             &self.controller,
             token,
             name,
             &self.dir.path().join(name),
             "site=e2e",
+            extra,
+            &[],
         );
         wait_until(&format!("{name} to mine"), Duration::from_secs(30), || {
             (self.controller.device(name)?["state"] == "mining").then_some(())
@@ -427,38 +434,64 @@ pub fn start_agent(
     state_dir: &Path,
     labels: &str,
 ) -> Process {
-    start_agent_with_env(controller, token, name, state_dir, labels, &[])
+    start_agent_with(controller, token, name, state_dir, labels, &[], &[])
 }
 
-/// [`start_agent`] with extra environment variables (`OTEL_*`).
-pub fn start_agent_with_env(
+/// [`start_agent`] with extra arguments (`--sysfs-root`) and environment variables
+/// (`OTEL_*`).
+pub fn start_agent_with(
     controller: &ControllerProcess,
     token: &str,
     name: &str,
     state_dir: &Path,
     labels: &str,
+    extra: &[&str],
     env: &[(&str, &Path)],
 ) -> Process {
-    Process::start_with_env(
+    let url = controller.url();
+    let state_dir = state_dir.display().to_string();
+    let mut args = vec![
+        "run",
+        "--controller",
+        &url,
+        "--token",
+        token,
+        "--name",
         name,
-        &bin("micromine-agent"),
-        &[
-            "run",
-            "--controller",
-            &controller.url(),
-            "--token",
-            token,
-            "--name",
-            name,
-            "--state-dir",
-            &state_dir.display().to_string(),
-            "--labels",
-            labels,
-            "--threads",
-            "1",
-        ],
-        env,
-    )
+        "--state-dir",
+        &state_dir,
+        "--labels",
+        labels,
+        "--threads",
+        "1",
+    ];
+    args.extend_from_slice(extra);
+    Process::start_with_env(name, &bin("micromine-agent"), &args, env)
+}
+
+/// A fake sysfs tree under `root` for an agent's `--sysfs-root`: one thermal zone at
+/// `celsius` and a battery at 80 % drawing `watts`, with mains online.
+pub fn fake_sysfs(root: &Path, celsius: f32, watts: f32) -> PathBuf {
+    let files = [
+        (
+            "class/thermal/thermal_zone0/temp",
+            format!("{}", (celsius * 1000.0) as i64),
+        ),
+        ("class/power_supply/BAT0/type", "Battery".to_string()),
+        ("class/power_supply/BAT0/capacity", "80".to_string()),
+        (
+            "class/power_supply/BAT0/power_now",
+            format!("{}", (watts * 1e6) as i64),
+        ),
+        ("class/power_supply/AC/type", "Mains".to_string()),
+        ("class/power_supply/AC/online", "1".to_string()),
+    ];
+    for (path, content) in files {
+        let path = root.join(path);
+        std::fs::create_dir_all(path.parent().expect("a parent")).expect("mkdir");
+        std::fs::write(&path, content).expect("write");
+    }
+    root.to_path_buf()
 }
 
 /// Field at JSON pointer `pointer` of `value` as a number (0 when missing).

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use micromine_e2e::observability;
 use micromine_e2e::prometheus::{Prometheus, promtool_check_rules};
-use micromine_e2e::{Fixture, create_token, get_json, test_manifest, wait_until};
+use micromine_e2e::{Fixture, create_token, fake_sysfs, get_json, test_manifest, wait_until};
 
 /// The sum of an instant vector, 0 when it is empty.
 fn total(prometheus: &Prometheus, promql: &str) -> f64 {
@@ -48,10 +48,23 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String)
 fn prometheus_scrapes_a_quickstart_sized_fleet_and_the_key_series_move() {
     let fleet = Fixture::start(&test_manifest("obs", 5, 1e12), &[]);
     let token = create_token(&fleet.data, 3);
-    let _agents: Vec<_> = ["obs-1", "obs-2", "obs-3"]
-        .iter()
-        .map(|name| fleet.mining_agent(&token, name))
-        .collect();
+    // Each device reads its own (fake) sensors: 50, 60 and 70 °C, 2, 3 and 4 W.
+    let _agents: Vec<_> = [
+        ("obs-1", 50.0, 2.0),
+        ("obs-2", 60.0, 3.0),
+        ("obs-3", 70.0, 4.0),
+    ]
+    .iter()
+    .map(|(name, celsius, watts)| {
+        let sysfs = fake_sysfs(
+            &fleet.dir.path().join(format!("{name}-sys")),
+            *celsius,
+            *watts,
+        );
+        let sysfs = sysfs.display().to_string();
+        fleet.mining_agent_with(&token, name, &["--sysfs-root", &sysfs])
+    })
+    .collect();
     let rules = std::fs::read_to_string(chart_file("alerts/micromine-rules.yaml"))
         .expect("the chart's alert rules");
     let prometheus = Prometheus::start_with_rules(&[fleet.controller.http], "/metrics", &rules);
@@ -90,6 +103,28 @@ fn prometheus_scrapes_a_quickstart_sized_fleet_and_the_key_series_move() {
         3.0
     );
     assert_eq!(total(&prometheus, "micromine_sessions_active"), 3.0);
+    // What the devices say about themselves reaches Prometheus through the controller.
+    wait_until("device readings", Duration::from_secs(30), || {
+        (total(
+            &prometheus,
+            r#"micromine_site_max_temperature_celsius{site="e2e"}"#,
+        ) == 70.0)
+            .then_some(())
+    });
+    assert_eq!(
+        total(
+            &prometheus,
+            r#"micromine_site_mean_temperature_celsius{site="e2e"}"#
+        ),
+        60.0
+    );
+    let readings = &fleet.device("obs-3")["readings"];
+    assert_eq!(readings["temperatureC"], 70.0, "{readings}");
+    assert_eq!(readings["batteryPercent"], 80.0, "{readings}");
+    assert_eq!(readings["onBattery"], false, "{readings}");
+    wait_until("reported power", Duration::from_secs(30), || {
+        (total(&prometheus, r#"micromine_power_watts{miner="default/obs"}"#) == 9.0).then_some(())
+    });
     assert!(total(&prometheus, "micromine_assignments_active") >= 3.0);
     assert_eq!(total(&prometheus, "micromine_controller_serving"), 1.0);
     wait_until("effective hash rate", Duration::from_secs(60), || {

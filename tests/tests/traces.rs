@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use micromine_e2e::raw::{self, RawSession};
 use micromine_e2e::{
-    ControllerProcess, create_token, get_text, loopback, start_agent, start_agent_with_env,
+    ControllerProcess, create_token, get_text, loopback, start_agent, start_agent_with,
     test_manifest, wait_until,
 };
 use micromine_proto::pb::{self, agent_message::Kind as AgentKind};
@@ -262,12 +262,13 @@ fn an_agent_with_its_own_collector_exports_directly_and_enrollment_is_one_trace(
     let dir = tempfile::tempdir().expect("tempdir");
     let controller = traced_controller(dir.path(), &collector);
     let token = create_token(&dir.path().join("data"), 1);
-    let _agent = start_agent_with_env(
+    let _agent = start_agent_with(
         &controller,
         &token,
         "traced-2",
         &dir.path().join("traced-2"),
         "site=e2e",
+        &[],
         &collector.env("e2e-agent"),
     );
 

@@ -11,7 +11,7 @@ use micromine_proto::work::Target;
 
 use super::honesty::HonestyWindow;
 use super::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp};
-use super::status::{DeviceFlag, DeviceView, MinerView, RateWindow};
+use super::status::{DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow};
 use crate::ledger::Totals;
 use crate::manifest::{
     DeviceCounts, Hashrate, MicroMiner, MicroMinerStatus, MinerSet, ShareCounts,
@@ -105,6 +105,8 @@ struct DeviceRuntime {
     foreign_shares: u64,
     /// Trace ids of its latest traced assignments: its in-band spans must belong to one.
     traces: VecDeque<[u8; 16]>,
+    /// Its latest sensor readings.
+    readings: DeviceReadings,
 }
 
 impl DeviceRuntime {
@@ -121,6 +123,7 @@ impl DeviceRuntime {
             honesty: HonestyWindow::default(),
             foreign_shares: 0,
             traces: VecDeque::new(),
+            readings: DeviceReadings::default(),
         }
     }
 
@@ -609,6 +612,7 @@ impl FleetState {
                 0.0
             };
             device.reported_state = report.state.chars().take(64).collect();
+            device.readings = DeviceReadings::from_report(report);
             device.record.last_seen_unix_ms = now_ms;
             device.honesty.report(device.reported_hashrate, now_ms);
         }
@@ -1137,6 +1141,7 @@ impl FleetState {
                     certificate_not_after_unix_ms: d.record.certificate_not_after_unix_ms,
                     flags: device_flags(d),
                     last_seen_unix_ms: d.record.last_seen_unix_ms,
+                    readings: d.readings,
                 }
             })
             .collect();

@@ -117,6 +117,49 @@ pub struct DeviceView {
     pub certificate_not_after_unix_ms: i64,
     /// Signs of a broken or hostile agent (`HashrateMismatch`, `ForeignShares`).
     pub flags: Vec<DeviceFlag>,
+    /// What the device last said about its temperature, battery, power and load.
+    pub readings: DeviceReadings,
+}
+
+/// A device's own readings, as its agent last reported them. Each is absent when the
+/// device has no such sensor, or sent a value no sensor could produce.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+#[serde(rename_all = "camelCase")]
+pub struct DeviceReadings {
+    /// The hottest thermal zone, °C.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub temperature_c: Option<f32>,
+    /// CPU used by everything but the agent, percent of the machine.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub host_cpu_percent: Option<f32>,
+    /// The emptiest system battery, percent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub battery_percent: Option<f32>,
+    /// Power drawn, watts.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_watts: Option<f32>,
+    /// Running on battery.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub on_battery: Option<bool>,
+}
+
+/// Keeps a reported value only when it is finite and within `range`.
+fn plausible(value: Option<f32>, range: std::ops::RangeInclusive<f32>) -> Option<f32> {
+    value.filter(|v| v.is_finite() && range.contains(v))
+}
+
+impl DeviceReadings {
+    /// The readings of a report; implausible values are dropped, not clamped, so a broken
+    /// sensor (or a lying agent) cannot pass for a hot or empty device.
+    pub fn from_report(report: &micromine_proto::pb::CapacityReport) -> DeviceReadings {
+        DeviceReadings {
+            temperature_c: plausible(report.temperature_c, -40.0..=150.0),
+            host_cpu_percent: plausible(report.host_cpu_percent, 0.0..=100.0),
+            battery_percent: plausible(report.battery_percent, 0.0..=100.0),
+            power_watts: plausible(report.power_watts, 0.0..=10_000.0),
+            on_battery: report.on_battery,
+        }
+    }
 }
 
 /// Something about a device an operator should look at.

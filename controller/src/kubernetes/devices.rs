@@ -412,7 +412,11 @@ fn status_of(device: &DeviceView, conditions: Vec<Condition>) -> EdgeDeviceStatu
         assigned_miner: device.miner.clone(),
         hashrate: Some(device.effective_hashrate),
         shares: Some(ShareCounts::from_totals(&device.shares)),
-        temperature_c: None,
+        temperature_c: device
+            .connected
+            .then_some(device.readings.temperature_c)
+            .flatten()
+            .map(f64::from),
         certificate_not_after: (device.certificate_not_after_unix_ms > 0)
             .then(|| time_from_unix_ms(device.certificate_not_after_unix_ms))
             .flatten(),
@@ -675,7 +679,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::fleet::status::DeviceFlag;
+    use crate::fleet::status::{DeviceFlag, DeviceReadings};
     use crate::kubernetes::testing::{self, expect};
     use crate::ledger::Totals;
     use http::{Method, StatusCode};
@@ -706,6 +710,10 @@ mod tests {
             last_seen_unix_ms: now_ms,
             certificate_not_after_unix_ms: now_ms + 86_400_000,
             flags: Vec::new(),
+            readings: DeviceReadings {
+                temperature_c: Some(48.5),
+                ..Default::default()
+            },
         }
     }
 
@@ -759,11 +767,14 @@ mod tests {
         assert_eq!(status.assigned_miner.as_deref(), Some("plant/night-shift"));
         assert_eq!(status.capacity.as_ref().unwrap().memory_bytes, 1 << 30);
 
+        assert_eq!(status.temperature_c, Some(48.5));
+
         // Heartbeats and moving figures within the minute: nothing.
         for step in 1..12 {
             let now = T0 + step * 5_000;
             d.last_seen_unix_ms = now;
             d.effective_hashrate += 1000.0;
+            d.readings.temperature_c = Some(50.0 + step as f32);
             assert!(
                 p.plan(std::slice::from_ref(&d), now).is_empty(),
                 "at +{step}×5 s"
@@ -775,6 +786,7 @@ mod tests {
         let refresh = p.plan(std::slice::from_ref(&d), now);
         assert_eq!(statuses(&refresh).len(), 1);
         assert_eq!(statuses(&refresh)[0].1.hashrate, Some(d.effective_hashrate));
+        assert_eq!(statuses(&refresh)[0].1.temperature_c, Some(61.0));
 
         // A state change goes out at once.
         d.state = "throttled:thermal".into();
