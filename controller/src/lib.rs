@@ -5,6 +5,7 @@
 //! - `manifest`, `selector`: the `MicroMiner` resource and label selectors.
 //! - `edgedevice`, `crd`: the `EdgeDevice` resource; both CustomResourceDefinitions.
 //! - `scheduler`, `vardiff`: nonce ranges per device, share targets per device.
+//! - `economics`: energy cost against expected revenue.
 //! - `worksource`: where block headers come from (the builtin synthetic source).
 //! - `store`, `ledger`: the embedded transactional store (redb) with group commit, and the
 //!   share ledger on top of it.
@@ -22,6 +23,7 @@
 //! - `quickstart`: a local fleet in one command.
 
 pub mod crd;
+pub mod economics;
 pub mod edgedevice;
 pub mod fleet;
 pub mod grpc;

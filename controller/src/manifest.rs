@@ -91,6 +91,43 @@ pub struct MicroMinerSpec {
     /// Stop handing out work and cancel what devices hold.
     #[serde(default)]
     pub paused: bool,
+    /// What energy costs and a block pays: the status then shows power, energy, cost and
+    /// expected revenue, and a `Profitable` condition.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub economics: Option<Economics>,
+}
+
+/// Prices and power, for cost and revenue. All amounts are in one currency of your
+/// choice; the status reports in the same.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Economics {
+    /// Price of one kWh of electricity, at least 0.
+    #[x_kube(validation = Rule::new("double(self) >= 0.0").message("must be at least 0"))]
+    pub energy_price_per_k_wh: f64,
+    /// Price of one coin, at least 0.
+    #[x_kube(validation = Rule::new("double(self) >= 0.0").message("must be at least 0"))]
+    pub coin_price: f64,
+    /// Coins one found block pays (subsidy plus typical fees), at least 0.
+    #[x_kube(validation = Rule::new("double(self) >= 0.0").message("must be at least 0"))]
+    pub block_reward: f64,
+    /// Difficulty of the network the blocks are for, above 0. Default: the work source's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("double(self) > 0.0").message("must be above 0"))]
+    pub network_difficulty: Option<f64>,
+    /// Watts a device draws while mining when it does not measure its own power (no
+    /// battery or smart supply to ask), at least 0. Default 5.
+    #[serde(default = "default_device_watts")]
+    #[x_kube(validation = Rule::new("double(self) >= 0.0").message("must be at least 0"))]
+    pub default_device_watts: f64,
+    /// The same by the device's `class` label, e.g. `{gateway: 8, phone: 3}`; wins over
+    /// `defaultDeviceWatts`.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub device_watts_by_class: BTreeMap<String, f64>,
+}
+
+fn default_device_watts() -> f64 {
+    5.0
 }
 
 fn default_shares_per_minute() -> f64 {
@@ -169,6 +206,29 @@ pub struct MicroMinerStatus {
     /// When the last accepted share was recorded.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub last_share_time: Option<Time>,
+    /// Power, energy, cost and expected revenue, when `spec.economics` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub economics: Option<EconomicsStatus>,
+}
+
+/// What mining costs and is expected to earn, in the currency of `spec.economics`.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct EconomicsStatus {
+    /// Power the working devices draw now, W (measured where a device can, else the
+    /// spec's figure for its class).
+    pub power_watts: f64,
+    /// Energy its devices have drawn while working for it, kWh.
+    pub energy_k_wh: f64,
+    /// What that energy cost, at the current price.
+    pub energy_cost: f64,
+    /// Expected revenue of the work accepted so far (accepted share difficulty over the
+    /// network difficulty, in blocks, times the block's value).
+    pub revenue: f64,
+    /// Energy cost per hour at the current power.
+    pub cost_per_hour: f64,
+    /// Expected revenue per hour at the effective (proven) hash rate.
+    pub revenue_per_hour: f64,
 }
 
 /// Devices of a MicroMiner by state.
@@ -307,6 +367,31 @@ impl MicroMiner {
                 "spec.limits.dutyCycle",
                 format!("must be above 0 and at most 1, got {duty}"),
             );
+        }
+        if let Some(economics) = &spec.economics {
+            let mut at_least_zero = |field: &str, value: f64| {
+                if !(value.is_finite() && value >= 0.0) {
+                    problem(
+                        &format!("spec.economics.{field}"),
+                        format!("must be a number of at least 0, got {value}"),
+                    );
+                }
+            };
+            at_least_zero("energyPricePerKWh", economics.energy_price_per_k_wh);
+            at_least_zero("coinPrice", economics.coin_price);
+            at_least_zero("blockReward", economics.block_reward);
+            at_least_zero("defaultDeviceWatts", economics.default_device_watts);
+            for (class, watts) in &economics.device_watts_by_class {
+                at_least_zero(&format!("deviceWattsByClass.{class}"), *watts);
+            }
+            if let Some(d) = economics.network_difficulty
+                && !(d.is_finite() && d > 0.0)
+            {
+                problem(
+                    "spec.economics.networkDifficulty",
+                    format!("must be a number above 0, got {d}"),
+                );
+            }
         }
         if problems.is_empty() {
             Ok(())
@@ -619,6 +704,60 @@ spec:
             negative_u32.to_string().contains("spec.assignmentSeconds"),
             "{negative_u32}"
         );
+    }
+
+    #[test]
+    fn economics_are_read_and_bad_figures_named() {
+        let with = GOOD.replace(
+            "limits: {dutyCycle: 0.5}",
+            "limits: {dutyCycle: 0.5}\n  economics:\n    energyPricePerKWh: 0.12\n    coinPrice: 60000\n    blockReward: 3.125\n    deviceWattsByClass: {gateway: 8}",
+        );
+        let miners = parse_str("m.yaml", &with).expect("valid");
+        let economics = miners[0].spec.economics.clone().expect("economics");
+        assert_eq!(economics.energy_price_per_k_wh, 0.12);
+        assert_eq!(economics.default_device_watts, 5.0, "the default");
+        assert_eq!(economics.network_difficulty, None, "the work source's");
+        assert_eq!(economics.device_watts_by_class["gateway"], 8.0);
+        for (from, to, field) in [
+            (
+                "energyPricePerKWh: 0.12",
+                "energyPricePerKWh: -0.12",
+                "spec.economics.energyPricePerKWh",
+            ),
+            (
+                "coinPrice: 60000",
+                "coinPrice: -1",
+                "spec.economics.coinPrice",
+            ),
+            (
+                "blockReward: 3.125",
+                "blockReward: -3",
+                "spec.economics.blockReward",
+            ),
+            (
+                "{gateway: 8}",
+                "{gateway: -8}",
+                "spec.economics.deviceWattsByClass.gateway",
+            ),
+            (
+                "blockReward: 3.125",
+                "blockReward: 3.125\n    networkDifficulty: 0",
+                "spec.economics.networkDifficulty",
+            ),
+            (
+                "blockReward: 3.125",
+                "blockReward: 3.125\n    pricePerKWh: 1",
+                "spec.economics.pricePerKWh",
+            ),
+        ] {
+            let err = error_of(&with.replace(from, to));
+            let ManifestError::Invalid { field: got, .. } = &err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(got, field, "{to}: {err}");
+        }
+        let missing = error_of(&with.replace("    coinPrice: 60000\n", ""));
+        assert!(missing.to_string().contains("coinPrice"), "{missing}");
     }
 
     #[test]

@@ -397,7 +397,7 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
     let v = views.clone();
     meter
         .f64_observable_gauge("micromine.power_watts")
-        .with_description("Power drawn by each MicroMiner's connected devices, as the devices that measure it report it")
+        .with_description("Power drawn by each MicroMiner's devices: with spec.economics, the working devices' (measured, else the spec's figure); without, what connected devices that measure it report")
         .with_callback(move |observer| {
             let Some(view) = v.get() else { return };
             let mut by_miner: std::collections::BTreeMap<&str, f64> = Default::default();
@@ -406,8 +406,86 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
                     *by_miner.entry(miner.as_str()).or_default() += f64::from(watts);
                 }
             }
+            for miner in &view.miners {
+                if let Some(economics) = &miner.status.economics {
+                    by_miner.insert(&miner.key, economics.power_watts);
+                }
+            }
             for (miner, watts) in by_miner {
                 observer.observe(watts, &miner_labels(miner));
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .f64_observable_counter("micromine.energy.joules")
+        .with_description(
+            "Energy drawn by each MicroMiner's working devices (MicroMiners with spec.economics)",
+        )
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for miner in &view.miners {
+                if let Some(economics) = &miner.status.economics {
+                    observer.observe(economics.energy_k_wh * 3.6e6, &miner_labels(&miner.key));
+                }
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .f64_observable_counter("micromine.expected_revenue")
+        .with_description("Expected revenue of each MicroMiner's accepted work, in the currency of spec.economics (accepted difficulty over network difficulty, times a block's value)")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for miner in &view.miners {
+                if let Some(economics) = &miner.status.economics {
+                    observer.observe(economics.revenue, &miner_labels(&miner.key));
+                }
+            }
+        })
+        .build();
+
+    type Hourly = fn(&crate::manifest::EconomicsStatus) -> f64;
+    let hourly: [(&'static str, &'static str, Hourly); 2] = [
+        (
+            "micromine.energy_cost_per_hour",
+            "Energy cost per hour of each MicroMiner's working devices, in the currency of spec.economics",
+            |e| e.cost_per_hour,
+        ),
+        (
+            "micromine.expected_revenue_per_hour",
+            "Expected revenue per hour of each MicroMiner at its effective hash rate, in the currency of spec.economics",
+            |e| e.revenue_per_hour,
+        ),
+    ];
+    for (name, description, pick) in hourly {
+        let v = views.clone();
+        meter
+            .f64_observable_gauge(name)
+            .with_description(description)
+            .with_callback(move |observer| {
+                let Some(view) = v.get() else { return };
+                for miner in &view.miners {
+                    if let Some(economics) = &miner.status.economics {
+                        observer.observe(pick(economics), &miner_labels(&miner.key));
+                    }
+                }
+            })
+            .build();
+    }
+
+    let v = views.clone();
+    meter
+        .u64_observable_gauge("micromine.profitable")
+        .with_description("1 while a MicroMiner's Profitable condition is True, 0 while False (MicroMiners with spec.economics)")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for miner in &view.miners {
+                if let Some(c) = miner.status.conditions.iter().find(|c| c.type_ == "Profitable") {
+                    observer.observe(u64::from(c.status == "True"), &miner_labels(&miner.key));
+                }
             }
         })
         .build();

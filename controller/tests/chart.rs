@@ -912,6 +912,11 @@ const METRICS: &[&str] = &[
     "micromine_site_max_temperature_celsius",
     "micromine_site_mean_temperature_celsius",
     "micromine_power_watts",
+    "micromine_energy_joules_total",
+    "micromine_expected_revenue_total",
+    "micromine_energy_cost_per_hour",
+    "micromine_expected_revenue_per_hour",
+    "micromine_profitable",
     "micromine_agent_spans_total",
     "micromine_device_hashrate_hashes_per_second",
     "micromine_device_share_difficulty",
@@ -1228,6 +1233,7 @@ fn alert_rules_are_well_formed() {
         ("MicromineNoAcceptedShares", "warning"),
         ("MicromineReconcileErrors", "warning"),
         ("MicromineRejectedShareRatioHigh", "warning"),
+        ("MicromineUnprofitable", "warning"),
     ]
     .map(|(a, s)| (a.to_owned(), s.to_owned()));
     assert_eq!(alerts, expected);

@@ -46,7 +46,14 @@ fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String)
 
 #[test]
 fn prometheus_scrapes_a_quickstart_sized_fleet_and_the_key_series_move() {
-    let fleet = Fixture::start(&test_manifest("obs", 5, 1e12), &[]);
+    // With economics, so the energy, cost and revenue panels have data too. Blocks of the
+    // test network (difficulty 1e12) are out of reach of three test devices (~1e-11 blocks
+    // an hour), so only an absurd block value makes them pay.
+    let manifest = format!(
+        "{}  economics:\n    energyPricePerKWh: 0.12\n    coinPrice: 1e15\n    blockReward: 1\n",
+        test_manifest("obs", 5, 1e12)
+    );
+    let fleet = Fixture::start(&manifest, &[]);
     let token = create_token(&fleet.data, 3);
     // Each device reads its own (fake) sensors: 50, 60 and 70 °C, 2, 3 and 4 W.
     let _agents: Vec<_> = [
@@ -118,6 +125,32 @@ fn prometheus_scrapes_a_quickstart_sized_fleet_and_the_key_series_move() {
         ),
         60.0
     );
+    // Economics: the devices' measured 9 W at 0.12 per kWh; energy accumulates.
+    wait_until("energy cost per hour", Duration::from_secs(30), || {
+        let cost = total(
+            &prometheus,
+            r#"micromine_energy_cost_per_hour{miner="default/obs"}"#,
+        );
+        ((cost - 9.0 / 1000.0 * 0.12).abs() < 1e-9).then_some(())
+    });
+    let energy = r#"micromine_energy_joules_total{miner="default/obs"}"#;
+    let drawn = wait_until("energy drawn", Duration::from_secs(30), || {
+        let joules = total(&prometheus, energy);
+        (joules > 0.0).then_some(joules)
+    });
+    wait_until(
+        "energy to keep accumulating",
+        Duration::from_secs(30),
+        || (total(&prometheus, energy) > drawn).then_some(()),
+    );
+    assert_eq!(
+        total(&prometheus, r#"micromine_profitable{miner="default/obs"}"#),
+        1.0,
+        "1e15 per block pays for 9 W"
+    );
+    let status = fleet.controller.status().expect("status");
+    let economics = &status["miners"][0]["status"]["economics"];
+    assert_eq!(economics["powerWatts"], 9.0, "{economics}");
     let readings = &fleet.device("obs-3")["readings"];
     assert_eq!(readings["temperatureC"], 70.0, "{readings}");
     assert_eq!(readings["batteryPercent"], 80.0, "{readings}");

@@ -20,6 +20,7 @@ const DEVICES: JsonTable = TableDefinition::new("fleet_devices");
 
 const IDS_KEY: &str = "ids";
 const TIP_PREFIX: &str = "tip/";
+const ENERGY_KEY: &str = "energy";
 
 /// Id counters; each is the next value to hand out.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -143,6 +144,8 @@ pub enum PersistOp {
     DeleteLease(u64),
     /// A device record.
     Device(DeviceRecord),
+    /// Energy drawn per MicroMiner, joules.
+    Energy(BTreeMap<String, f64>),
 }
 
 fn id_key(id: u64) -> String {
@@ -154,9 +157,11 @@ fn id_key(id: u64) -> String {
 /// tip are coalesced to the last.
 pub fn apply(txn: &WriteTransaction, ops: &[PersistOp]) -> Result<(), StoreError> {
     let mut ids = None;
+    let mut energy = None;
     let mut tips: BTreeMap<&str, &ChainTip> = BTreeMap::new();
     for op in ops {
         match op {
+            PersistOp::Energy(joules) => energy = Some(joules),
             PersistOp::Ids(value) => ids = Some(value),
             PersistOp::Tip(miner, tip) => {
                 tips.insert(miner, tip);
@@ -175,6 +180,9 @@ pub fn apply(txn: &WriteTransaction, ops: &[PersistOp]) -> Result<(), StoreError
     if let Some(ids) = ids {
         put_json(txn, META, IDS_KEY, ids)?;
     }
+    if let Some(energy) = energy {
+        put_json(txn, META, ENERGY_KEY, energy)?;
+    }
     for (miner, tip) in tips {
         put_json(txn, META, &format!("{TIP_PREFIX}{miner}"), tip)?;
     }
@@ -185,6 +193,7 @@ pub fn apply(txn: &WriteTransaction, ops: &[PersistOp]) -> Result<(), StoreError
 /// [`forget_headers`].
 pub fn load(txn: &ReadTransaction) -> Result<Restored, StoreError> {
     let ids: FleetIds = get_json(txn, META, IDS_KEY)?.unwrap_or_default();
+    let energy_joules: BTreeMap<String, f64> = get_json(txn, META, ENERGY_KEY)?.unwrap_or_default();
     let mut tips = BTreeMap::new();
     for (key, tip) in list_json::<serde_json::Value>(txn, META)? {
         if let Some(miner) = key.strip_prefix(TIP_PREFIX) {
@@ -229,6 +238,7 @@ pub fn load(txn: &ReadTransaction) -> Result<Restored, StoreError> {
         tips,
         devices,
         unreferenced_headers: unreferenced.into_iter().map(|h| h.id).collect(),
+        energy_joules,
     })
 }
 

@@ -12,9 +12,11 @@ use micromine_proto::work::Target;
 use super::honesty::HonestyWindow;
 use super::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp};
 use super::status::{DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow};
+use crate::economics;
 use crate::ledger::Totals;
 use crate::manifest::{
-    DeviceCounts, Hashrate, MicroMiner, MicroMinerStatus, MinerSet, ShareCounts,
+    DeviceCounts, Economics, EconomicsStatus, Hashrate, MicroMiner, MicroMinerStatus, MinerSet,
+    ShareCounts,
 };
 use crate::scheduler::{AssignmentId, HeaderId, Lease, NONCE_SPACE, Scheduler};
 use crate::selector;
@@ -86,6 +88,19 @@ struct MinerRuntime {
     current_header: Option<HeaderId>,
     effective: RateWindow,
     conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
+    /// The last verdict of `spec.economics`, for hysteresis; `None` before the first.
+    profitable: Option<bool>,
+}
+
+/// A MicroMiner's devices in terms of power and hash rate.
+#[derive(Debug, Clone, Copy, Default)]
+struct Economy {
+    /// Power of the devices holding its work now, W.
+    working_watts: f64,
+    /// What its connected, schedulable devices could hash at its duty cycle, H/s.
+    capacity_hashrate: f64,
+    /// What those devices draw while mining, W.
+    capacity_watts: f64,
 }
 
 #[derive(Debug)]
@@ -196,6 +211,8 @@ pub struct Restored {
     pub devices: Vec<DeviceRecord>,
     /// Stored headers nothing refers to any more.
     pub unreferenced_headers: Vec<HeaderId>,
+    /// Energy drawn for each MicroMiner, joules.
+    pub energy_joules: BTreeMap<String, f64>,
 }
 
 /// The fleet: devices, MicroMiners, headers and leases.
@@ -215,7 +232,19 @@ pub struct FleetState {
     /// nothing. Kept apart from the device records because it is the API server's to
     /// say, not the store's, and may name devices this controller has not met yet.
     unschedulable: BTreeSet<String>,
+    /// Energy drawn for each MicroMiner with `spec.economics`, joules; kept by key so it
+    /// outlives edits of the resource.
+    energy_joules: BTreeMap<String, f64>,
+    /// When energy was last integrated.
+    energy_tick_ms: Option<i64>,
+    /// When energy was last written to the store.
+    energy_saved_ms: i64,
 }
+
+/// Energy totals are written at most this often; a crash loses at most this much.
+const ENERGY_SAVE_MS: i64 = 60_000;
+/// A gap between ticks longer than this (a stalled process) is not counted as drawn.
+const ENERGY_MAX_STEP_MS: i64 = 10_000;
 
 fn now_unix_seconds(now_ms: i64) -> u32 {
     (now_ms / 1000).clamp(0, i64::from(u32::MAX)) as u32
@@ -277,6 +306,75 @@ impl FleetState {
             ids,
             next_session: 1,
             unschedulable: BTreeSet::new(),
+            energy_joules: restored.energy_joules,
+            energy_tick_ms: None,
+            energy_saved_ms: 0,
+        }
+    }
+
+    // ---------------------------------------------------------------- economics
+
+    /// A MicroMiner's devices in terms of power and hash rate.
+    fn economy(&self, key: &str, economics: &Economics, duty_cycle: f64) -> Economy {
+        let mut economy = Economy::default();
+        for (name, d) in &self.devices {
+            if d.session.is_none() || d.miner.as_deref() != Some(key) {
+                continue;
+            }
+            let watts = economics::device_watts(
+                economics,
+                d.readings.power_watts,
+                d.record.labels.get("class").map(String::as_str),
+            );
+            if !self.unschedulable.contains(name) {
+                economy.capacity_hashrate += d.nominal_hashrate() * duty_cycle;
+                economy.capacity_watts += watts;
+            }
+            if !self.scheduler.leases_of(name).is_empty() {
+                economy.working_watts += watts;
+            }
+        }
+        economy
+    }
+
+    /// Adds the energy the working devices drew since the last tick, judges whether each
+    /// MicroMiner pays, and now and then makes the energy totals durable.
+    fn account_energy(&mut self, now_ms: i64, fx: &mut Effects) {
+        let step_ms = self
+            .energy_tick_ms
+            .map_or(0, |last| (now_ms - last).clamp(0, ENERGY_MAX_STEP_MS));
+        self.energy_tick_ms = Some(now_ms);
+        let keys: Vec<String> = self.miners.keys().cloned().collect();
+        for key in keys {
+            let Some(runtime) = self.miners.get(&key) else {
+                continue;
+            };
+            let Some(economics) = runtime.spec.spec.economics.clone() else {
+                continue;
+            };
+            let duty = runtime.spec.spec.limits.duty_cycle;
+            let difficulty = economics
+                .network_difficulty
+                .unwrap_or_else(|| runtime.source.network_target().difficulty());
+            let economy = self.economy(&key, &economics, duty);
+            *self.energy_joules.entry(key.clone()).or_default() +=
+                economy.working_watts * step_ms as f64 / 1000.0;
+            let revenue =
+                economics::revenue_per_hour(&economics, economy.capacity_hashrate, difficulty);
+            let cost = economics::cost_per_hour(&economics, economy.capacity_watts);
+            if let Some(runtime) = self.miners.get_mut(&key) {
+                let verdict = economics::profitable(runtime.profitable, revenue, cost);
+                if runtime.profitable.is_some_and(|before| before != verdict) {
+                    tracing::info!(miner = %key, profitable = verdict, revenue_per_hour = revenue,
+                        cost_per_hour = cost, "profitability changed");
+                }
+                runtime.profitable = Some(verdict);
+            }
+        }
+        if now_ms - self.energy_saved_ms >= ENERGY_SAVE_MS && !self.energy_joules.is_empty() {
+            self.energy_saved_ms = now_ms;
+            fx.persist
+                .push(PersistOp::Energy(self.energy_joules.clone()));
         }
     }
 
@@ -357,6 +455,7 @@ impl FleetState {
                             current_header: None,
                             effective,
                             conditions: Vec::new(),
+                            profitable: None,
                         },
                     );
                 }
@@ -1049,6 +1148,7 @@ impl FleetState {
     /// sure every connected device has work.
     pub fn tick(&mut self, now_ms: i64) -> Effects {
         let mut fx = Effects::default();
+        self.account_energy(now_ms, &mut fx);
         for lease in self.scheduler.expire(now_ms) {
             tracing::debug!(device = %lease.device, lease = lease.id, scanned = lease.scanned_until - lease.start,
                 len = lease.len(), "lease expired; remainder reclaimed");
@@ -1145,6 +1245,15 @@ impl FleetState {
                 }
             })
             .collect();
+        let economies: BTreeMap<String, Economy> = self
+            .miners
+            .iter()
+            .filter_map(|(key, runtime)| {
+                let economics = runtime.spec.spec.economics.as_ref()?;
+                let duty = runtime.spec.spec.limits.duty_cycle;
+                Some((key.clone(), self.economy(key, economics, duty)))
+            })
+            .collect();
         let mut miners = Vec::new();
         for (key, runtime) in self.miners.iter_mut() {
             let mut counts = DeviceCounts::default();
@@ -1167,6 +1276,30 @@ impl FleetState {
                 }
             }
             let t = totals(Scope::Miner(key));
+            let effective = runtime.effective.hashrate(now_ms);
+            let network_difficulty = runtime.source.network_target().difficulty();
+            let economics_status = match (runtime.spec.spec.economics.clone(), economies.get(key)) {
+                (Some(ref economics), Some(economy)) => {
+                    let difficulty = economics.network_difficulty.unwrap_or(network_difficulty);
+                    let joules = self.energy_joules.get(key).copied().unwrap_or(0.0);
+                    set_profitable(runtime, economics, economy, difficulty, now_ms);
+                    let energy_k_wh = joules / 3.6e6;
+                    Some(EconomicsStatus {
+                        power_watts: economy.working_watts,
+                        energy_k_wh,
+                        energy_cost: economics::energy_cost(economics, energy_k_wh),
+                        revenue: economics::earned(economics, t.accepted_difficulty, difficulty),
+                        cost_per_hour: economics::cost_per_hour(economics, economy.working_watts),
+                        revenue_per_hour: economics::revenue_per_hour(
+                            economics, effective, difficulty,
+                        ),
+                    })
+                }
+                _ => {
+                    runtime.conditions.retain(|c| c.type_ != "Profitable");
+                    None
+                }
+            };
             let status = MicroMinerStatus {
                 observed_generation: runtime.spec.metadata.generation,
                 conditions: super::conditions::update(
@@ -1176,21 +1309,19 @@ impl FleetState {
                     runtime.spec.metadata.generation,
                     now_ms,
                 ),
-                hashrate: Hashrate {
-                    nominal,
-                    effective: runtime.effective.hashrate(now_ms),
-                },
+                hashrate: Hashrate { nominal, effective },
                 shares: ShareCounts::from_totals(&t),
                 blocks_found: t.blocks,
                 last_share_time: t
                     .last_share_unix_ms
                     .and_then(super::conditions::time_from_unix_ms),
                 devices: counts,
+                economics: economics_status,
             };
             miners.push(MinerView {
                 key: key.clone(),
                 status,
-                network_difficulty: runtime.source.network_target().difficulty(),
+                network_difficulty,
                 totals: t,
             });
         }
@@ -1227,6 +1358,54 @@ impl FleetState {
         leases.sort_by_key(|l| l.id);
         leases
     }
+}
+
+/// Sets the `Profitable` condition from what the MicroMiner's schedulable devices could
+/// earn at its duty cycle against what they would draw, as last judged by the tick (the
+/// first view before any tick judges it itself).
+fn set_profitable(
+    runtime: &mut MinerRuntime,
+    economics: &Economics,
+    economy: &Economy,
+    network_difficulty: f64,
+    now_ms: i64,
+) {
+    let revenue =
+        economics::revenue_per_hour(economics, economy.capacity_hashrate, network_difficulty);
+    let cost = economics::cost_per_hour(economics, economy.capacity_watts);
+    let verdict = *runtime
+        .profitable
+        .get_or_insert_with(|| economics::profitable(None, revenue, cost));
+    let (reason, message) = if economy.capacity_watts == 0.0 && economy.capacity_hashrate == 0.0 {
+        (
+            "NoDevices",
+            "no connected, schedulable device to judge by".to_string(),
+        )
+    } else {
+        (
+            if verdict {
+                "RevenueCoversEnergy"
+            } else {
+                "EnergyCostsMore"
+            },
+            format!(
+                "at {:.3} MH/s and {:.1} W: expected revenue {:.6}/h, energy cost {:.6}/h",
+                economy.capacity_hashrate / 1e6,
+                economy.capacity_watts,
+                revenue,
+                cost
+            ),
+        )
+    };
+    super::conditions::set(
+        &mut runtime.conditions,
+        "Profitable",
+        verdict,
+        reason,
+        &message,
+        runtime.spec.metadata.generation,
+        now_ms,
+    );
 }
 
 fn device_flags(d: &DeviceRuntime) -> Vec<DeviceFlag> {
@@ -1379,6 +1558,120 @@ mod tests {
         // Deleting the MicroMiner cancels too.
         let fx = s.apply_miners(&MinerSet::new(), NOW + 4);
         assert_eq!(cancels(&fx, "d1").len(), 2);
+    }
+
+    /// A MicroMiner on site x with economics: 1 MH/s devices at 5 W (unless measured),
+    /// a network of difficulty 1 and a block worth `block_value` at 0.12 per kWh.
+    fn paying_miner(block_value: f64) -> MicroMiner {
+        let text = format!(
+            "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {{name: a}}\nspec:\n  selector: {{matchLabels: {{site: x}}}}\n  workSource: {{builtin: {{networkDifficulty: 1e12}}}}\n  economics:\n    energyPricePerKWh: 0.12\n    coinPrice: {block_value}\n    blockReward: 1\n    networkDifficulty: 1\n    deviceWattsByClass: {{gateway: 8}}\n"
+        );
+        crate::manifest::parse_str("test.yaml", &text)
+            .expect("valid")
+            .remove(0)
+    }
+
+    fn profitable_condition(s: &mut FleetState, now: i64) -> (String, String, String) {
+        let (miners, _) = s.view(now, &|_| Totals::default());
+        let c = miners[0]
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Profitable")
+            .expect("a Profitable condition")
+            .clone();
+        (c.status, c.reason, c.message)
+    }
+
+    #[test]
+    fn economics_account_energy_and_judge_profitability_with_a_margin() {
+        // 1 MH/s on difficulty 1: 3600e6 / 2^32 = 0.8381903 blocks an hour.
+        // 5 W at 0.12 per kWh cost 0.0006 an hour, so a block must be worth more than
+        // 0.0006 / 0.8381903 = 0.000715828 for the device to pay.
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[paying_miner(1.0)]), NOW);
+        let (_, fx) = s.connect("d1", &hello("x", vec![]), NOW);
+        assert_eq!(assignments(&fx, "d1").len(), LEASES_PER_DEVICE);
+        s.tick(NOW);
+        let (status, reason, message) = profitable_condition(&mut s, NOW);
+        assert_eq!(
+            (status.as_str(), reason.as_str()),
+            ("True", "RevenueCoversEnergy")
+        );
+        assert!(message.contains("5.0 W"), "{message}");
+
+        // Two seconds of 5 W while holding work: 10 J.
+        s.tick(NOW + 1000);
+        s.tick(NOW + 2000);
+        let (miners, _) = s.view(NOW + 2000, &|_| Totals::default());
+        let economics = miners[0]
+            .status
+            .economics
+            .clone()
+            .expect("economics status");
+        assert_eq!(economics.power_watts, 5.0);
+        assert!(
+            (economics.energy_k_wh - 10.0 / 3.6e6).abs() < 1e-15,
+            "{economics:?}"
+        );
+        assert!((economics.cost_per_hour - 0.0006).abs() < 1e-12);
+        // A long stall is not counted as drawn power.
+        s.tick(NOW + 3_600_000);
+        let (miners, _) = s.view(NOW + 3_600_000, &|_| Totals::default());
+        let stalled = miners[0]
+            .status
+            .economics
+            .clone()
+            .expect("economics status");
+        assert!(
+            stalled.energy_k_wh * 3.6e6 <= 10.0 + 5.0 * 10.0 + 1e-9,
+            "{stalled:?}"
+        );
+
+        // The coin falls: energy costs more than the work is worth.
+        let t = NOW + 3_601_000;
+        s.apply_miners(&set(&[paying_miner(0.0007)]), t);
+        s.tick(t);
+        assert_eq!(profitable_condition(&mut s, t).1, "EnergyCostsMore");
+        // Just above break-even is not enough to turn back on (margin 5 %)...
+        s.apply_miners(&set(&[paying_miner(0.00073)]), t + 1000);
+        s.tick(t + 1000);
+        assert_eq!(profitable_condition(&mut s, t + 1000).0, "False");
+        // ...clearly above is.
+        s.apply_miners(&set(&[paying_miner(0.00076)]), t + 2000);
+        s.tick(t + 2000);
+        assert_eq!(profitable_condition(&mut s, t + 2000).0, "True");
+    }
+
+    #[test]
+    fn energy_totals_are_persisted_and_restored() {
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[paying_miner(1.0)]), NOW);
+        s.connect("d1", &hello("x", vec![]), NOW);
+        let saved = |fx: &Effects| {
+            fx.persist.iter().find_map(|op| match op {
+                PersistOp::Energy(joules) => Some(joules.clone()),
+                _ => None,
+            })
+        };
+        assert!(saved(&s.tick(NOW)).is_some(), "the first tick saves");
+        let mut last = None;
+        for step in 1..=70 {
+            if let Some(joules) = saved(&s.tick(NOW + step * 1000)) {
+                last = Some((step, joules));
+            }
+        }
+        let (step, joules) = last.expect("saved again within a minute");
+        assert_eq!(step, 60);
+        assert_eq!(joules["default/a"], 5.0 * 60.0);
+        let mut restored = FleetState::new(Restored {
+            energy_joules: joules,
+            ..Restored::default()
+        });
+        restored.apply_miners(&set(&[paying_miner(1.0)]), NOW);
+        let (miners, _) = restored.view(NOW, &|_| Totals::default());
+        let economics = miners[0].status.economics.clone().expect("economics");
+        assert!((economics.energy_k_wh * 3.6e6 - 300.0).abs() < 1e-9);
     }
 
     #[test]
