@@ -164,6 +164,8 @@ struct Shared {
     /// Duty cycle as f64 bits.
     duty_cycle: AtomicU64,
     hashes_total: AtomicU64,
+    /// Time all threads together spent hashing, nanoseconds.
+    busy_nanos: AtomicU64,
     events: mpsc::Sender<MinerEvent>,
     engine: EngineKind,
 }
@@ -229,6 +231,7 @@ impl Miner {
             shutdown: AtomicBool::new(false),
             duty_cycle: AtomicU64::new(1.0f64.to_bits()),
             hashes_total: AtomicU64::new(0),
+            busy_nanos: AtomicU64::new(0),
             events,
             engine,
         });
@@ -290,6 +293,16 @@ impl Miner {
             .store(duty.to_bits(), Ordering::Relaxed);
     }
 
+    /// Time the hashing threads together have spent hashing since start.
+    pub fn busy_time(&self) -> Duration {
+        Duration::from_nanos(self.shared.busy_nanos.load(Ordering::Relaxed))
+    }
+
+    /// Number of hashing threads.
+    pub fn threads(&self) -> usize {
+        self.threads.len()
+    }
+
     /// Total hashes computed since start.
     pub fn hashes_total(&self) -> u64 {
         self.shared.hashes_total.load(Ordering::Relaxed)
@@ -343,11 +356,17 @@ fn hashing_thread(shared: &Shared) {
         if work.complete_chunk(start, end) >= work.order.end {
             shared.finish(&work, FinishReason::Exhausted);
         }
+        let burst = began.elapsed();
+        shared.busy_nanos.fetch_add(
+            burst.as_nanos().try_into().unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
         let duty = f64::from_bits(shared.duty_cycle.load(Ordering::Relaxed));
         if duty < 1.0 {
             // Sleep in proportion to the burst so the average matches the duty cycle.
-            let busy = began.elapsed().as_secs_f64();
-            std::thread::sleep(Duration::from_secs_f64(busy * (1.0 - duty) / duty));
+            std::thread::sleep(Duration::from_secs_f64(
+                burst.as_secs_f64() * (1.0 - duty) / duty,
+            ));
         }
     }
 }

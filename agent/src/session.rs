@@ -266,6 +266,7 @@ pub async fn run(
         pending: BTreeMap::new(),
         counters,
         last_hashes: 0,
+        last_busy: Duration::ZERO,
         last_report: Instant::now(),
         next_renewal_attempt: Instant::now(),
         mining_spans: HashMap::new(),
@@ -343,6 +344,7 @@ struct Agent {
     pending: BTreeMap<(u64, u32), bool>,
     counters: Arc<AgentCounters>,
     last_hashes: u64,
+    last_busy: Duration,
     last_report: Instant,
     next_renewal_attempt: Instant,
     /// Open `mine` spans of traced assignments.
@@ -682,6 +684,13 @@ impl Agent {
         let elapsed = self.last_report.elapsed().as_secs_f64().max(1e-3);
         let hashrate = (total - self.last_hashes) as f64 / elapsed;
         self.last_hashes = total;
+        let busy = self.miner.busy_time();
+        let duty_cycle = measured_duty(
+            busy.saturating_sub(self.last_busy),
+            self.last_report.elapsed(),
+            self.miner.threads(),
+        );
+        self.last_busy = busy;
         self.last_report = Instant::now();
         let state = if self.held.is_empty() {
             "idle"
@@ -697,6 +706,7 @@ impl Agent {
             battery_percent: readings.battery_percent,
             power_watts: readings.power_watts,
             on_battery: readings.on_battery,
+            duty_cycle: Some(duty_cycle),
         })))
         .await
         .map_err(|_| SessionError::Closed)
@@ -842,6 +852,15 @@ impl Agent {
     }
 }
 
+/// The fraction of `threads` threads' time over `wall` that `busy` hashing amounts to.
+fn measured_duty(busy: Duration, wall: Duration, threads: usize) -> f32 {
+    let available = wall.as_secs_f64() * threads.max(1) as f64;
+    if available <= 0.0 {
+        return 0.0;
+    }
+    (busy.as_secs_f64() / available).clamp(0.0, 1.0) as f32
+}
+
 async fn send_batch(
     tx: &mpsc::Sender<pb::AgentMessage>,
     batch: &mut Vec<pb::Share>,
@@ -901,6 +920,17 @@ mod tests {
             limits: None,
             trace_context: Default::default(),
         }
+    }
+
+    #[test]
+    fn measured_duty_is_busy_time_over_the_threads_time() {
+        let s = Duration::from_secs;
+        assert_eq!(measured_duty(s(2), s(4), 2), 0.25);
+        assert_eq!(measured_duty(s(4), s(4), 1), 1.0);
+        assert_eq!(measured_duty(s(0), s(4), 4), 0.0);
+        // Timer granularity may put a burst a hair past the interval: never above 1.
+        assert_eq!(measured_duty(s(5), s(4), 1), 1.0);
+        assert_eq!(measured_duty(s(1), Duration::ZERO, 1), 0.0);
     }
 
     #[test]

@@ -529,7 +529,12 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
         })
         .build();
     type Pick = fn(&DeviceReadings) -> Option<f64>;
-    let readings: [(&'static str, &'static str, Pick); 4] = [
+    let readings: [(&'static str, &'static str, Pick); 5] = [
+        (
+            "micromine.device.duty_cycle_ratio",
+            "Fraction of the device's mining threads' time spent hashing lately, as the agent measured it",
+            |r| r.duty_cycle.map(f64::from),
+        ),
         (
             "micromine.device.temperature_celsius",
             "The device's hottest thermal zone",
@@ -726,6 +731,7 @@ mod tests {
                     temperature_c: Some(temperature),
                     power_watts: power,
                     host_cpu_percent: host_cpu,
+                    duty_cycle: Some(0.25),
                     ..Default::default()
                 },
             );
@@ -805,6 +811,10 @@ mod tests {
         assert_eq!(
             sample(&text, r#"micromine_device_power_watts{device="gw-1"}"#),
             Some(5.0)
+        );
+        assert_eq!(
+            sample(&text, r#"micromine_device_duty_cycle_ratio{device="gw-1"}"#),
+            Some(0.25)
         );
         assert!(
             !text.contains(r#"micromine_device_temperature_celsius{device="gw-3"}"#),

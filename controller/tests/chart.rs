@@ -924,6 +924,7 @@ const METRICS: &[&str] = &[
     "micromine_device_host_cpu_ratio",
     "micromine_device_battery_ratio",
     "micromine_device_power_watts",
+    "micromine_device_duty_cycle_ratio",
 ];
 
 /// The `micromine_*` names `expr` uses, each of which must be in [`METRICS`].

@@ -141,6 +141,9 @@ pub struct DeviceReadings {
     /// Running on battery.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub on_battery: Option<bool>,
+    /// Fraction of its mining threads' time it spent hashing lately, as it measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub duty_cycle: Option<f32>,
 }
 
 /// Keeps a reported value only when it is finite and within `range`.
@@ -158,6 +161,7 @@ impl DeviceReadings {
             battery_percent: plausible(report.battery_percent, 0.0..=100.0),
             power_watts: plausible(report.power_watts, 0.0..=10_000.0),
             on_battery: report.on_battery,
+            duty_cycle: plausible(report.duty_cycle, 0.0..=1.0),
         }
     }
 }
