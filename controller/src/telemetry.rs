@@ -370,29 +370,32 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
         })
         .build();
 
-    let v = views.clone();
-    meter
-        .f64_observable_gauge("micromine.site.max_temperature_celsius")
-        .with_description("The hottest connected device of each site, by its own thermal zones (devices without a sensor are left out)")
-        .with_callback(move |observer| {
-            let Some(view) = v.get() else { return };
-            for (site, (max, _)) in site_temperatures(&view) {
-                observer.observe(max, &[KeyValue::new("site", site)]);
-            }
-        })
-        .build();
-
-    let v = views.clone();
-    meter
-        .f64_observable_gauge("micromine.site.mean_temperature_celsius")
-        .with_description("Mean temperature of each site's connected devices that have a sensor")
-        .with_callback(move |observer| {
-            let Some(view) = v.get() else { return };
-            for (site, (_, mean)) in site_temperatures(&view) {
-                observer.observe(mean, &[KeyValue::new("site", site)]);
-            }
-        })
-        .build();
+    type SiteTemperature = fn(&(f64, f64)) -> f64;
+    let site_series: [(&'static str, &'static str, SiteTemperature); 2] = [
+        (
+            "micromine.site.max_temperature_celsius",
+            "The hottest connected device of each site, by its own thermal zones (devices without a sensor are left out)",
+            |t| t.0,
+        ),
+        (
+            "micromine.site.mean_temperature_celsius",
+            "Mean temperature of each site's connected devices that have a sensor",
+            |t| t.1,
+        ),
+    ];
+    for (name, description, pick) in site_series {
+        let v = views.clone();
+        meter
+            .f64_observable_gauge(name)
+            .with_description(description)
+            .with_callback(move |observer| {
+                let Some(view) = v.get() else { return };
+                for (site, temperatures) in site_temperatures(&view) {
+                    observer.observe(pick(&temperatures), &[KeyValue::new("site", site)]);
+                }
+            })
+            .build();
+    }
 
     let v = views.clone();
     meter
@@ -417,35 +420,34 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
         })
         .build();
 
-    let v = views.clone();
-    meter
-        .f64_observable_counter("micromine.energy.joules")
-        .with_description(
+    type Accrued = fn(&crate::manifest::EconomicsStatus) -> f64;
+    let accrued: [(&'static str, &'static str, Accrued); 2] = [
+        (
+            "micromine.energy.joules",
             "Energy drawn by each MicroMiner's working devices (MicroMiners with spec.economics)",
-        )
-        .with_callback(move |observer| {
-            let Some(view) = v.get() else { return };
-            for miner in &view.miners {
-                if let Some(economics) = &miner.status.economics {
-                    observer.observe(economics.energy_k_wh * 3.6e6, &miner_labels(&miner.key));
+            |e| e.energy_k_wh * 3.6e6,
+        ),
+        (
+            "micromine.expected_revenue",
+            "Expected revenue of each MicroMiner's accepted work, in the currency of spec.economics (accepted difficulty over network difficulty, times a block's value)",
+            |e| e.revenue,
+        ),
+    ];
+    for (name, description, pick) in accrued {
+        let v = views.clone();
+        meter
+            .f64_observable_counter(name)
+            .with_description(description)
+            .with_callback(move |observer| {
+                let Some(view) = v.get() else { return };
+                for miner in &view.miners {
+                    if let Some(economics) = &miner.status.economics {
+                        observer.observe(pick(economics), &miner_labels(&miner.key));
+                    }
                 }
-            }
-        })
-        .build();
-
-    let v = views.clone();
-    meter
-        .f64_observable_counter("micromine.expected_revenue")
-        .with_description("Expected revenue of each MicroMiner's accepted work, in the currency of spec.economics (accepted difficulty over network difficulty, times a block's value)")
-        .with_callback(move |observer| {
-            let Some(view) = v.get() else { return };
-            for miner in &view.miners {
-                if let Some(economics) = &miner.status.economics {
-                    observer.observe(economics.revenue, &miner_labels(&miner.key));
-                }
-            }
-        })
-        .build();
+            })
+            .build();
+    }
 
     type Hourly = fn(&crate::manifest::EconomicsStatus) -> f64;
     let hourly: [(&'static str, &'static str, Hourly); 2] = [
