@@ -8,6 +8,7 @@
 //! - `capacity`: what the device has (cores, architecture, memory).
 //! - `miner`: hashing threads working through assigned nonce ranges.
 //! - `sensors`: temperature, battery, power draw and host CPU load from sysfs and procfs.
+//! - `governor`: the device's limits (windows, battery, host load, heat), enforced locally.
 //! - `identity`, `tls`: the device's key and certificate, enrollment, TLS to the controller.
 //! - `session`: the long-lived session with the controller, reconnects and resume.
 //! - `telemetry`: the agent's spans, sent in-band over the session or to a collector.
@@ -21,6 +22,7 @@ pub mod capacity;
 pub mod cli;
 pub mod engine;
 pub mod files;
+pub mod governor;
 pub mod identity;
 pub mod miner;
 pub mod sensors;

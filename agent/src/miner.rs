@@ -161,6 +161,9 @@ struct Shared {
     live: Mutex<BTreeMap<u64, Arc<ActiveWork>>>,
     wakeup: Condvar,
     shutdown: AtomicBool,
+    /// Set while a local limit forbids hashing; held work keeps its place (and expires on
+    /// time).
+    paused: AtomicBool,
     /// Duty cycle as f64 bits.
     duty_cycle: AtomicU64,
     hashes_total: AtomicU64,
@@ -184,6 +187,22 @@ impl Shared {
         };
         // The receiver is gone only when the agent is shutting down.
         let _ = self.events.blocking_send(event);
+    }
+
+    /// Finishes queued work whose lease ran out; for while hashing is paused, when no
+    /// chunk is taken to notice it.
+    fn expire_due(&self) {
+        let now = Instant::now();
+        let expired: Vec<Arc<ActiveWork>> = {
+            let mut queue = lock(&self.queue);
+            let (gone, kept): (VecDeque<_>, VecDeque<_>) =
+                queue.drain(..).partition(|w| now >= w.order.deadline);
+            *queue = kept;
+            gone.into_iter().collect()
+        };
+        for work in expired {
+            self.finish(&work, FinishReason::LeaseExpired);
+        }
     }
 
     /// The next chunk to scan, or None when there is nothing to do.
@@ -229,6 +248,7 @@ impl Miner {
             live: Mutex::new(BTreeMap::new()),
             wakeup: Condvar::new(),
             shutdown: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
             duty_cycle: AtomicU64::new(1.0f64.to_bits()),
             hashes_total: AtomicU64::new(0),
             busy_nanos: AtomicU64::new(0),
@@ -293,6 +313,13 @@ impl Miner {
             .store(duty.to_bits(), Ordering::Relaxed);
     }
 
+    /// Stops (`true`) or resumes hashing without giving up held work: a local limit
+    /// (heat, battery, host load, a window) holds the device back.
+    pub fn set_paused(&self, paused: bool) {
+        self.shared.paused.store(paused, Ordering::Release);
+        self.shared.wakeup.notify_all();
+    }
+
     /// Time the hashing threads together have spent hashing since start.
     pub fn busy_time(&self) -> Duration {
         Duration::from_nanos(self.shared.busy_nanos.load(Ordering::Relaxed))
@@ -328,8 +355,32 @@ impl Drop for Miner {
     }
 }
 
+/// Hashing is the lowest-value work on a device: its threads run at the lowest priority
+/// the OS offers an unprivileged process (nice 19 on Linux), so the device's own work
+/// always goes first.
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        let thread = rustix::thread::gettid();
+        if let Err(e) = rustix::process::setpriority_process(Some(thread), 19) {
+            tracing::warn!(error = %e, "cannot lower the hashing thread's priority");
+        }
+    }
+}
+
 fn hashing_thread(shared: &Shared) {
+    lower_priority();
     while !shared.shutdown.load(Ordering::Acquire) {
+        if shared.paused.load(Ordering::Acquire) {
+            shared.expire_due();
+            let queue = lock(&shared.queue);
+            if shared.paused.load(Ordering::Acquire) && !shared.shutdown.load(Ordering::Acquire) {
+                let _ = shared
+                    .wakeup
+                    .wait_timeout(queue, Duration::from_millis(200));
+            }
+            continue;
+        }
         let Some((work, start, end)) = shared.next_chunk() else {
             let queue = lock(&shared.queue);
             if queue.is_empty() && !shared.shutdown.load(Ordering::Acquire) {
@@ -451,6 +502,63 @@ mod tests {
         assert_eq!(miner.hashes_total(), (a.end - a.start) + (b.end - b.start));
         assert!(miner.held().is_empty());
         miner.stop();
+    }
+
+    #[tokio::test]
+    async fn paused_miners_hash_nothing_but_still_let_leases_expire() {
+        let (miner, mut rx) = Miner::start(EngineKind::detect(), 1);
+        miner.push(order(3, 0, 1 << 32, 1e9, Duration::from_secs(600)));
+        while miner.hashes_total() == 0 {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        miner.set_paused(true);
+        // The chunk in hand finishes; after that the count stands still.
+        let mut settled = miner.hashes_total();
+        loop {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            let now = miner.hashes_total();
+            if now == settled {
+                break;
+            }
+            settled = now;
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        assert_eq!(miner.hashes_total(), settled, "no hashing while paused");
+        // Held work is not forgotten, and work whose lease ends while paused is finished.
+        assert_eq!(miner.held(), vec![3]);
+        miner.push(order(4, 0, 1 << 32, 1e9, Duration::from_millis(100)));
+        let (_, finished) = collect_until_finished(&mut rx, &[4]).await;
+        assert!(matches!(
+            finished[0],
+            MinerEvent::Finished {
+                assignment_id: 4,
+                reason: FinishReason::LeaseExpired,
+                hashes: 0,
+                ..
+            }
+        ));
+        miner.set_paused(false);
+        tokio::time::timeout(Duration::from_secs(30), async {
+            while miner.hashes_total() == settled {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await
+        .expect("hashing resumes");
+        miner.stop();
+    }
+
+    #[test]
+    #[cfg(target_os = "linux")]
+    fn hashing_threads_run_at_the_lowest_priority() {
+        let nice = std::thread::spawn(|| {
+            lower_priority();
+            rustix::process::getpriority_process(Some(rustix::thread::gettid()))
+        })
+        .join()
+        .expect("thread")
+        .expect("getpriority");
+        assert_eq!(nice, 19);
     }
 
     #[tokio::test]

@@ -29,9 +29,10 @@ use crate::backoff::Backoff;
 use crate::bench;
 use crate::capacity;
 use crate::engine::EngineKind;
+use crate::governor::Governor;
 use crate::identity::{self, DeviceIdentity, IdentityError};
 use crate::miner::{FinishReason, Miner, MinerEvent, WorkOrder};
-use crate::sensors::{SensorPaths, Sensors};
+use crate::sensors::{Readings, SensorPaths, Sensors};
 use crate::telemetry::{AgentTelemetry, SdkSpan};
 use crate::tls;
 use opentelemetry::KeyValue;
@@ -51,6 +52,12 @@ const RESUBMIT_BURST: usize = 16_384;
 const RESUBMIT_PACE: Duration = Duration::from_millis(150);
 /// After a failed renewal, wait this long before trying again.
 const RENEW_RETRY: Duration = Duration::from_secs(60);
+/// How often the local limits are checked against fresh readings: a limit takes effect
+/// within a second.
+const GOVERN_EVERY: Duration = Duration::from_millis(500);
+/// The limits last received, kept in the state directory so they stay in force across a
+/// restart while the controller is out of reach.
+const LIMITS_FILE: &str = "limits.pb";
 
 /// How to run the agent.
 #[derive(Debug, Clone)]
@@ -256,8 +263,12 @@ pub async fn run(
     };
     let (miner, events) = Miner::start(config.engine, threads);
     let sensors = Sensors::new(config.sensors.clone());
+    let governor = Governor::new(load_limits(&config.state_dir));
     let mut agent = Agent {
         sensors,
+        governor,
+        held_back: None,
+        readings: Readings::default(),
         config,
         capacity,
         miner,
@@ -350,6 +361,23 @@ struct Agent {
     /// Open `mine` spans of traced assignments.
     mining_spans: HashMap<u64, SdkSpan>,
     sensors: Sensors,
+    governor: Governor,
+    /// Why the governor holds hashing back now, if it does.
+    held_back: Option<&'static str>,
+    /// The latest sensor readings (the governor's, also reported).
+    readings: Readings,
+}
+
+/// The limits saved by an earlier run, or none (hash freely until told otherwise).
+fn load_limits(state_dir: &std::path::Path) -> pb::Limits {
+    use prost::Message as _;
+    std::fs::read(state_dir.join(LIMITS_FILE))
+        .ok()
+        .and_then(|bytes| pb::Limits::decode(bytes.as_slice()).ok())
+        .unwrap_or(pb::Limits {
+            duty_cycle: 1.0,
+            ..Default::default()
+        })
 }
 
 fn message(kind: AgentKind) -> pb::AgentMessage {
@@ -357,15 +385,53 @@ fn message(kind: AgentKind) -> pb::AgentMessage {
 }
 
 impl Agent {
-    /// Between sessions: keep taking the miner's events so no share is lost.
+    /// Between sessions: keep taking the miner's events so no share is lost, and keep
+    /// enforcing the limits.
     async fn idle_until(&mut self, deadline: tokio::time::Instant, shutdown: &CancellationToken) {
+        let mut govern = tokio::time::interval(GOVERN_EVERY);
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
                 _ = tokio::time::sleep_until(deadline) => return,
                 Some(event) = self.events.recv() => self.note_offline(event),
+                _ = govern.tick() => self.govern(),
             }
         }
+    }
+
+    /// Reads the sensors and holds hashing back as the limits say.
+    fn govern(&mut self) {
+        self.readings = self.sensors.read();
+        let decision = self.governor.decide(&self.readings, jiff::Timestamp::now());
+        if decision.held_back != self.held_back {
+            match decision.held_back {
+                Some(reason) => {
+                    tracing::info!(reason, readings = ?self.readings, "hashing held back")
+                }
+                None => tracing::info!(after = ?self.held_back, "hashing resumes"),
+            }
+            self.held_back = decision.held_back;
+        }
+        if decision.duty_cycle > 0.0 {
+            self.miner.set_duty_cycle(decision.duty_cycle);
+            self.miner.set_paused(false);
+        } else {
+            self.miner.set_paused(true);
+        }
+    }
+
+    /// New limits from the controller: in force at once, and saved for a restart.
+    fn apply_limits(&mut self, limits: pb::Limits) {
+        use prost::Message as _;
+        if limits == *self.governor.limits() {
+            return;
+        }
+        let path = self.config.state_dir.join(LIMITS_FILE);
+        if let Err(e) = crate::files::write_file_atomic(&path, &limits.encode_to_vec(), 0o600) {
+            tracing::warn!(error = %e, path = %path.display(), "cannot save the limits");
+        }
+        self.governor.set_limits(limits);
+        self.govern();
     }
 
     fn note_offline(&mut self, event: MinerEvent) {
@@ -474,6 +540,7 @@ impl Agent {
             Duration::from_millis(u64::from(welcome.report_interval_ms.clamp(200, 60_000)));
         let mut report = tokio::time::interval(report_every);
         let mut flush = tokio::time::interval(SHARE_FLUSH);
+        let mut govern = tokio::time::interval(GOVERN_EVERY);
         let mut batch: Vec<pb::Share> = Vec::new();
         loop {
             tokio::select! {
@@ -514,6 +581,7 @@ impl Agent {
                     }
                 },
                 _ = flush.tick() => send_batch(&tx, &mut batch).await?,
+                _ = govern.tick() => self.govern(),
                 _ = report.tick() => {
                     self.send_reports(&tx).await?;
                     self.send_spans(&tx).await?;
@@ -534,7 +602,7 @@ impl Agent {
         tx: &mpsc::Sender<pb::AgentMessage>,
     ) -> Result<(), SessionError> {
         if let Some(limits) = &welcome.limits {
-            self.miner.set_duty_cycle(limits.duty_cycle);
+            self.apply_limits(limits.clone());
         }
         let kept: std::collections::HashSet<u64> =
             welcome.resumed_assignment_ids.iter().copied().collect();
@@ -603,7 +671,7 @@ impl Agent {
                         "assignment"
                     );
                     if let Some(limits) = &a.limits {
-                        self.miner.set_duty_cycle(limits.duty_cycle);
+                        self.apply_limits(limits.clone());
                     }
                     self.held.insert(
                         a.id,
@@ -629,7 +697,7 @@ impl Agent {
             }
             Some(Kind::SetLimits(set)) => {
                 if let Some(limits) = set.limits {
-                    self.miner.set_duty_cycle(limits.duty_cycle);
+                    self.apply_limits(limits);
                 }
             }
             Some(Kind::ShareResults(results)) => {
@@ -692,12 +760,12 @@ impl Agent {
         );
         self.last_busy = busy;
         self.last_report = Instant::now();
-        let state = if self.held.is_empty() {
-            "idle"
-        } else {
-            "mining"
+        let state = match self.held_back {
+            Some(reason) => reason,
+            None if self.held.is_empty() => "idle",
+            None => "mining",
         };
-        let readings = self.sensors.read();
+        let readings = self.readings;
         tx.send(message(AgentKind::Capacity(pb::CapacityReport {
             hashrate,
             state: state.to_string(),

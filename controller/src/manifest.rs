@@ -167,12 +167,80 @@ pub struct Limits {
     #[serde(default = "default_duty_cycle")]
     #[x_kube(validation = Rule::new("double(self) > 0.0 && double(self) <= 1.0").message("must be above 0 and at most 1"))]
     pub duty_cycle: f64,
+    /// Above this temperature (°C, 30 to 110) a device hashes at half its duty cycle;
+    /// 10 °C above it, it stops. Either lasts until it is 3 °C below. Devices without a
+    /// thermal sensor are not held back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("double(self) >= 30.0 && double(self) <= 110.0").message("must be between 30 and 110"))]
+    pub max_temperature_c: Option<f64>,
+    /// Below this battery level (percent, 0 to 100) a device stops hashing, until it is
+    /// 5 points above.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("double(self) >= 0.0 && double(self) <= 100.0").message("must be between 0 and 100"))]
+    pub min_battery_percent: Option<f64>,
+    /// While the device's own work (everything but the agent) uses more than this share of
+    /// its CPU (percent, 1 to 100), it stops hashing within a second; it resumes 10 points
+    /// below.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[x_kube(validation = Rule::new("double(self) >= 1.0 && double(self) <= 100.0").message("must be between 1 and 100"))]
+    pub max_host_cpu_percent: Option<f64>,
+    /// Stop hashing while the device runs on battery (no external supply online).
+    #[serde(default)]
+    pub pause_on_battery: bool,
+    /// When devices may hash, on their own clocks; none: always.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub windows: Vec<MiningWindow>,
+}
+
+/// A span of time in which mining is allowed. A window that ends before it starts
+/// crosses midnight and belongs to the day it starts on.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct MiningWindow {
+    /// Days the window starts on: Mon, Tue, Wed, Thu, Fri, Sat, Sun, or ranges like
+    /// Mon-Fri.
+    pub days: Vec<String>,
+    /// Start, HH:MM local time.
+    pub from: String,
+    /// End, HH:MM local time; equal to `from` for the whole day.
+    pub to: String,
+    /// IANA time zone of `from` and `to`, e.g. Europe/Istanbul. Default UTC.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub time_zone: String,
 }
 
 impl Default for Limits {
     fn default() -> Self {
         Limits {
             duty_cycle: default_duty_cycle(),
+            max_temperature_c: None,
+            min_battery_percent: None,
+            max_host_cpu_percent: None,
+            pause_on_battery: false,
+            windows: Vec::new(),
+        }
+    }
+}
+
+impl Limits {
+    /// The limits as agents receive them.
+    pub fn to_wire(&self) -> micromine_proto::pb::Limits {
+        micromine_proto::pb::Limits {
+            duty_cycle: self.duty_cycle,
+            max_temperature_c: self.max_temperature_c.map(|v| v as f32),
+            min_battery_percent: self.min_battery_percent.map(|v| v as f32),
+            max_host_cpu_percent: self.max_host_cpu_percent.map(|v| v as f32),
+            pause_on_battery: self.pause_on_battery,
+            windows: self
+                .windows
+                .iter()
+                .map(|w| micromine_proto::pb::MiningWindow {
+                    days: w.days.clone(),
+                    from: w.from.clone(),
+                    to: w.to.clone(),
+                    time_zone: w.time_zone.clone(),
+                })
+                .collect(),
         }
     }
 }
@@ -367,6 +435,36 @@ impl MicroMiner {
                 "spec.limits.dutyCycle",
                 format!("must be above 0 and at most 1, got {duty}"),
             );
+        }
+        let limits = &spec.limits;
+        for (field, value, range) in [
+            ("maxTemperatureC", limits.max_temperature_c, 30.0..=110.0),
+            ("minBatteryPercent", limits.min_battery_percent, 0.0..=100.0),
+            (
+                "maxHostCpuPercent",
+                limits.max_host_cpu_percent,
+                1.0..=100.0,
+            ),
+        ] {
+            if let Some(value) = value
+                && !range.contains(&value)
+            {
+                problem(
+                    &format!("spec.limits.{field}"),
+                    format!(
+                        "must be between {} and {}, got {value}",
+                        range.start(),
+                        range.end()
+                    ),
+                );
+            }
+        }
+        for (i, w) in limits.windows.iter().enumerate() {
+            if let Err(e) =
+                micromine_proto::window::Window::parse(&w.days, &w.from, &w.to, &w.time_zone)
+            {
+                problem(&format!("spec.limits.windows[{i}].{}", e.field), e.problem);
+            }
         }
         if let Some(economics) = &spec.economics {
             let mut at_least_zero = |field: &str, value: f64| {
@@ -704,6 +802,51 @@ spec:
             negative_u32.to_string().contains("spec.assignmentSeconds"),
             "{negative_u32}"
         );
+    }
+
+    #[test]
+    fn device_limits_are_read_and_bad_ones_named() {
+        let with = GOOD.replace(
+            "limits: {dutyCycle: 0.5}",
+            "limits:\n    dutyCycle: 0.5\n    maxTemperatureC: 70\n    minBatteryPercent: 30\n    maxHostCpuPercent: 60\n    pauseOnBattery: true\n    windows:\n      - {days: [Mon-Fri], from: \"22:00\", to: \"06:00\", timeZone: Europe/Istanbul}",
+        );
+        let miners = parse_str("m.yaml", &with).expect("valid");
+        let limits = &miners[0].spec.limits;
+        assert_eq!(limits.max_temperature_c, Some(70.0));
+        assert!(limits.pause_on_battery);
+        let wire = limits.to_wire();
+        assert_eq!(wire.min_battery_percent, Some(30.0));
+        assert_eq!(wire.windows[0].time_zone, "Europe/Istanbul");
+        for (from, to, field) in [
+            (
+                "maxTemperatureC: 70",
+                "maxTemperatureC: 200",
+                "spec.limits.maxTemperatureC",
+            ),
+            (
+                "minBatteryPercent: 30",
+                "minBatteryPercent: 130",
+                "spec.limits.minBatteryPercent",
+            ),
+            (
+                "maxHostCpuPercent: 60",
+                "maxHostCpuPercent: 0",
+                "spec.limits.maxHostCpuPercent",
+            ),
+            ("[Mon-Fri]", "[Weekdays]", "spec.limits.windows[0].days"),
+            ("\"22:00\"", "\"10pm\"", "spec.limits.windows[0].from"),
+            (
+                "Europe/Istanbul",
+                "Europe/Atlantis",
+                "spec.limits.windows[0].timeZone",
+            ),
+        ] {
+            let err = error_of(&with.replace(from, to));
+            let ManifestError::Invalid { field: got, .. } = &err else {
+                panic!("{err:?}")
+            };
+            assert_eq!(got, field, "{to}: {err}");
+        }
     }
 
     #[test]

@@ -12,10 +12,12 @@
 //! - `src/work/`: `u256` (the integer), `target` (targets, difficulty, compact bits),
 //!   `header` (header layout, sha256d, midstate), `merkle`.
 //! - `src/token.rs`: the bootstrap token format both sides parse; `src/names.rs`: the
-//!   device-name rule both sides check.
+//!   device-name rule both sides check; `src/window.rs`: mining windows, which the
+//!   controller checks and the agent evaluates.
 
 pub mod names;
 pub mod token;
+pub mod window;
 pub mod work;
 
 /// Generated protobuf messages and gRPC stubs for package `micromine.v1`.

@@ -11,12 +11,14 @@ use micromine_proto::work::Target;
 
 use super::honesty::HonestyWindow;
 use super::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp};
-use super::status::{DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow};
+use super::status::{
+    DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow, is_held_back, stops_hashing,
+};
 use crate::economics;
 use crate::ledger::Totals;
 use crate::manifest::{
-    DeviceCounts, Economics, EconomicsStatus, Hashrate, MicroMiner, MicroMinerStatus, MinerSet,
-    ShareCounts,
+    DeviceCounts, Economics, EconomicsStatus, Hashrate, Limits, MicroMiner, MicroMinerStatus,
+    MinerSet, ShareCounts,
 };
 use crate::scheduler::{AssignmentId, HeaderId, Lease, NONCE_SPACE, Scheduler};
 use crate::selector;
@@ -510,15 +512,13 @@ impl FleetState {
         let Some(runtime) = self.miners.get(miner) else {
             return;
         };
-        let limits = pb::Limits {
-            duty_cycle: runtime.spec.spec.limits.duty_cycle,
-        };
+        let limits = runtime.spec.spec.limits.to_wire();
         for (name, device) in &self.devices {
             if device.session.is_some() && device.miner.as_deref() == Some(miner) {
                 fx.send(
                     name,
                     Kind::SetLimits(pb::SetLimits {
-                        limits: Some(limits),
+                        limits: Some(limits.clone()),
                     }),
                 );
             }
@@ -590,19 +590,22 @@ impl FleetState {
                 self.end_lease(id, now_ms, &mut fx);
             }
         }
-        let duty = self
+        let limits = self
             .devices
             .get(name)
             .and_then(|d| d.miner.as_ref())
             .and_then(|m| self.miners.get(m))
-            .map_or(1.0, |m| m.spec.spec.limits.duty_cycle);
+            .map_or_else(
+                || Limits::default().to_wire(),
+                |m| m.spec.spec.limits.to_wire(),
+            );
         fx.send(
             name,
             Kind::Welcome(pb::Welcome {
                 device_name: name.to_string(),
                 resumed_assignment_ids: kept,
                 report_interval_ms: REPORT_INTERVAL_MS,
-                limits: Some(pb::Limits { duty_cycle: duty }),
+                limits: Some(limits),
             }),
         );
         self.rematch_device(name, now_ms, &mut fx);
@@ -891,7 +894,12 @@ impl FleetState {
         let Some(device) = self.devices.get(name) else {
             return;
         };
-        if device.session.is_none() || self.unschedulable.contains(name) {
+        // A device a local limit stops (battery, window, its own workload) gets nothing
+        // until it reports it can hash again; the tick after that report tops it up.
+        if device.session.is_none()
+            || self.unschedulable.contains(name)
+            || stops_hashing(&device.reported_state)
+        {
             return;
         }
         let Some(key) = device.miner.clone() else {
@@ -981,9 +989,7 @@ impl FleetState {
                     lease_ms: lease_ms as u32,
                     expires_at_unix_ms: expires,
                     miner: key.clone(),
-                    limits: Some(pb::Limits {
-                        duty_cycle: spec.limits.duty_cycle,
-                    }),
+                    limits: Some(spec.limits.to_wire()),
                     trace_context,
                 }),
             );
@@ -1209,9 +1215,7 @@ impl FleetState {
                     "offline".to_string()
                 } else if unschedulable {
                     "unschedulable".to_string()
-                } else if d.reported_state.starts_with("throttled")
-                    || d.reported_state.starts_with("paused")
-                {
+                } else if is_held_back(&d.reported_state) {
                     d.reported_state.clone()
                 } else if leases > 0 {
                     "mining".to_string()
@@ -1269,9 +1273,7 @@ impl FleetState {
                         counts.mining += 1;
                         nominal += d.nominal_hashrate * runtime.spec.spec.limits.duty_cycle;
                     }
-                    s if s.starts_with("throttled") || s.starts_with("paused") => {
-                        counts.throttled += 1
-                    }
+                    s if is_held_back(s) => counts.throttled += 1,
                     _ => {}
                 }
             }
@@ -1672,6 +1674,47 @@ mod tests {
         let (miners, _) = restored.view(NOW, &|_| Totals::default());
         let economics = miners[0].status.economics.clone().expect("economics");
         assert!((economics.energy_k_wh * 3.6e6 - 300.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_device_its_limits_stop_gets_no_new_work_until_it_can_hash() {
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[miner("a", "x", 1.0, false)]), NOW);
+        let (_, fx) = s.connect("d1", &hello("x", vec![]), NOW);
+        let held = assignments(&fx, "d1");
+        let report = |state: &str| pb::CapacityReport {
+            hashrate: 0.0,
+            state: state.into(),
+            ..Default::default()
+        };
+        s.report("d1", &report("paused:battery"), NOW + 1);
+        // Its leases run out; nothing replaces them while it is paused.
+        let later = NOW + 10 * 60_000;
+        for id in held.iter().map(|a| a.id) {
+            s.progress(
+                "d1",
+                &pb::Progress {
+                    assignment_id: id,
+                    scanned_until: 0,
+                    hashes: 0,
+                    finished: true,
+                },
+                later,
+            );
+        }
+        assert!(assignments(&s.tick(later), "d1").is_empty());
+        let (miners, devices) = s.view(later, &|_| Totals::default());
+        assert_eq!(devices[0].state, "paused:battery");
+        assert_eq!(miners[0].status.devices.throttled, 1);
+        // A thermal throttle still hashes (at half speed): it keeps getting work.
+        s.report("d1", &report("throttled:thermal"), later + 1);
+        assert_eq!(
+            assignments(&s.tick(later + 2), "d1").len(),
+            LEASES_PER_DEVICE
+        );
+        s.report("d1", &report("outside-window"), later + 3);
+        let (_, devices) = s.view(later + 3, &|_| Totals::default());
+        assert_eq!(devices[0].state, "outside-window");
     }
 
     #[test]

@@ -67,6 +67,19 @@ impl RateWindow {
     }
 }
 
+/// Whether an agent's reported state says a local limit holds it back:
+/// `throttled:<why>`, `paused:<why>` or `outside-window`.
+pub fn is_held_back(state: &str) -> bool {
+    state.starts_with("throttled") || state.starts_with("paused") || state == "outside-window"
+}
+
+/// Whether such a state means the device hashes nothing at all (new work would only
+/// expire): paused, outside its windows, or yielding to its own workload. A hot device
+/// still hashes, at half its duty cycle, until it is very hot.
+pub fn stops_hashing(state: &str) -> bool {
+    state.starts_with("paused") || state == "outside-window" || state == "throttled:host-load"
+}
+
 /// One device as operators see it.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 #[serde(rename_all = "camelCase")]

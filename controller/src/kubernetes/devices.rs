@@ -317,10 +317,14 @@ fn set_conditions(conditions: &mut Vec<Condition>, device: &DeviceView, now_ms: 
         );
     }
 
-    let throttled = device.state.strip_prefix("throttled");
-    match throttled {
+    let held_back = crate::fleet::status::is_held_back(&device.state).then(|| {
+        device
+            .state
+            .split_once(':')
+            .map_or(device.state.as_str(), |(_, why)| why)
+    });
+    match held_back {
         Some(why) => {
-            let why = why.trim_start_matches(':');
             conditions::set(
                 conditions,
                 "Throttled",
@@ -795,6 +799,17 @@ mod tests {
         let c = condition(status, "Throttled");
         assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", "Thermal"));
         assert_eq!(condition(status, "Schedulable").status, "True");
+
+        for (state, reason) in [
+            ("paused:battery", "Battery"),
+            ("throttled:host-load", "HostLoad"),
+            ("outside-window", "OutsideWindow"),
+        ] {
+            d.state = state.into();
+            let held = p.plan(std::slice::from_ref(&d), now + 1_500);
+            let c = condition(statuses(&held)[0].1, "Throttled");
+            assert_eq!((c.status.as_str(), c.reason.as_str()), ("True", reason));
+        }
 
         d.unschedulable = true;
         d.state = "unschedulable".into();
