@@ -130,6 +130,11 @@ impl Process {
         }
     }
 
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Waits for a stderr line containing `needle`.
     pub fn wait_for_log(&self, needle: &str, timeout: Duration) -> String {
         wait_until(&format!("{} to log {needle:?}", self.name), timeout, || {

@@ -1,0 +1,129 @@
+//! Device limits end to end: agents on fake sysfs trees (the same files a Linux device
+//! has) throttle when hot, pause on a low battery, resume with hysteresis, keep enforcing
+//! while the controller is gone, and hash no more than their duty cycle, measured from
+//! the agent's CPU time in /proc.
+
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use micromine_e2e::{Fixture, create_token, fake_sysfs, test_manifest, wait_until};
+
+fn with_limits(limits: &str) -> String {
+    format!("{}  limits:\n{limits}", test_manifest("lim", 5, 1e12))
+}
+
+fn write(root: &Path, file: &str, content: &str) {
+    std::fs::write(root.join(file), content).expect("write a sensor file");
+}
+
+/// Waits until the device's report carries `reading` = `value`, and returns the state
+/// that same report gave (the agent decides and reports from one reading).
+fn state_at_reading(fleet: &Fixture, device: &str, reading: &str, value: f64) -> String {
+    wait_until(
+        &format!("{device} to report {reading} {value}"),
+        Duration::from_secs(30),
+        || {
+            let d = fleet.controller.device(device)?;
+            (d["readings"][reading].as_f64()? == value)
+                .then(|| d["state"].as_str().unwrap_or_default().to_string())
+        },
+    )
+}
+
+fn wait_for_state(fleet: &Fixture, device: &str, state: &str) {
+    wait_until(
+        &format!("{device} to report {state}"),
+        Duration::from_secs(30),
+        || (fleet.controller.device(device)?["state"] == state).then_some(()),
+    );
+}
+
+#[test]
+fn heat_and_a_low_battery_hold_a_device_back_until_it_recovers_also_offline() {
+    let mut fleet = Fixture::start(
+        &with_limits("    maxTemperatureC: 70\n    minBatteryPercent: 30\n"),
+        &[],
+    );
+    let token = create_token(&fleet.data, 1);
+    let sysfs = fake_sysfs(&fleet.dir.path().join("lim-1-sys"), 50.0, 3.0);
+    let sysfs_arg = sysfs.display().to_string();
+    let agent = fleet.mining_agent_with(&token, "lim-1", &["--sysfs-root", &sysfs_arg]);
+    let temperature = "class/thermal/thermal_zone0/temp";
+    let battery = "class/power_supply/BAT0/capacity";
+
+    write(&sysfs, temperature, "75000");
+    wait_for_state(&fleet, "lim-1", "throttled:thermal");
+    // 69 °C is below the limit but not 3 below it: still throttled.
+    write(&sysfs, temperature, "69000");
+    assert_eq!(
+        state_at_reading(&fleet, "lim-1", "temperatureC", 69.0),
+        "throttled:thermal"
+    );
+    write(&sysfs, temperature, "60000");
+    wait_for_state(&fleet, "lim-1", "mining");
+
+    write(&sysfs, battery, "20");
+    wait_for_state(&fleet, "lim-1", "paused:battery");
+    wait_until(
+        "the paused device to stop hashing",
+        Duration::from_secs(30),
+        || (fleet.device("lim-1")["reportedHashrate"] == 0.0).then_some(()),
+    );
+    write(&sysfs, battery, "33");
+    assert_eq!(
+        state_at_reading(&fleet, "lim-1", "batteryPercent", 33.0),
+        "paused:battery",
+        "not yet 5 points above the floor"
+    );
+    write(&sysfs, battery, "40");
+    wait_for_state(&fleet, "lim-1", "mining");
+    wait_until("hashing again", Duration::from_secs(30), || {
+        (fleet.device("lim-1")["reportedHashrate"].as_f64()? > 0.0).then_some(())
+    });
+
+    // Without a controller the agent still enforces what it was last told.
+    fleet.controller.process.kill();
+    write(&sysfs, temperature, "90000");
+    let line = agent.wait_for_log("hashing held back", Duration::from_secs(10));
+    assert!(line.contains("throttled:thermal"), "{line}");
+}
+
+/// CPU time (user + system) the process has used, from /proc/<pid>/stat.
+fn cpu_time(pid: u32) -> Duration {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).expect("the agent's stat");
+    let after_name = &stat[stat.rfind(')').expect("comm") + 1..];
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks: u64 =
+        fields[11].parse::<u64>().expect("utime") + fields[12].parse::<u64>().expect("stime");
+    let hz: u64 = std::process::Command::new("getconf")
+        .arg("CLK_TCK")
+        .output()
+        .ok()
+        .and_then(|o| String::from_utf8(o.stdout).ok()?.trim().parse().ok())
+        .unwrap_or(100);
+    Duration::from_millis(ticks * 1000 / hz)
+}
+
+#[test]
+fn the_duty_cycle_bounds_the_cpu_the_agent_takes() {
+    let fleet = Fixture::start(&with_limits("    dutyCycle: 0.25\n"), &[]);
+    let token = create_token(&fleet.data, 1);
+    let agent = fleet.mining_agent(&token, "lim-duty");
+    // Past the start-up benchmark (which runs at full speed), mining at the duty cycle.
+    std::thread::sleep(Duration::from_secs(2));
+    let (cpu0, wall0) = (cpu_time(agent.pid()), Instant::now());
+    std::thread::sleep(Duration::from_secs(4));
+    let share = (cpu_time(agent.pid()) - cpu0).as_secs_f64() / wall0.elapsed().as_secs_f64();
+    // One hashing thread at 0.25, plus the agent's own bookkeeping. Other tests may take
+    // CPU from it (its hashing threads run at nice 19), which can only lower the share.
+    assert!(share <= 0.25 + 0.1, "the agent used {share:.3} of a core");
+    assert!(
+        share >= 0.05,
+        "the agent used {share:.3} of a core: is it mining?"
+    );
+    // What it measured itself and reported agrees.
+    let reported = fleet.device("lim-duty")["readings"]["dutyCycle"]
+        .as_f64()
+        .expect("a measured duty cycle");
+    assert!((0.1..=0.3).contains(&reported), "reported duty {reported}");
+}
