@@ -82,6 +82,7 @@ mod tests {
             network_difficulty: None,
             default_device_watts: 5.0,
             device_watts_by_class: BTreeMap::from([("gateway".to_string(), 8.0)]),
+            pause_when_unprofitable: false,
         }
     }
 

@@ -124,6 +124,10 @@ pub struct Economics {
     /// `defaultDeviceWatts`.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub device_watts_by_class: BTreeMap<String, f64>,
+    /// Take work back from the devices while `Profitable` is False, and hand it out again
+    /// when it turns True (the condition, the `Paused` condition and an Event say so).
+    #[serde(default)]
+    pub pause_when_unprofitable: bool,
 }
 
 fn default_device_watts() -> f64 {

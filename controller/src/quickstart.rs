@@ -293,8 +293,51 @@ pub fn progress_lines(view: &FleetView, elapsed: Duration) -> Vec<String> {
             m.status.shares.stale,
             m.status.blocks_found
         ));
+        if let Some(e) = &m.status.economics {
+            lines.push(format!(
+                "  {:.1} W: energy {:.6}/h, expected revenue {:.6}/h ({})",
+                e.power_watts,
+                e.cost_per_hour,
+                e.revenue_per_hour,
+                profitable_word(m)
+            ));
+        }
     }
     lines
+}
+
+/// `profitable`, `unprofitable`, or `not judged yet`, from the Profitable condition.
+fn profitable_word(m: &crate::fleet::status::MinerView) -> &'static str {
+    match m
+        .status
+        .conditions
+        .iter()
+        .find(|c| c.type_ == "Profitable")
+        .map(|c| c.status.as_str())
+    {
+        Some("True") => "profitable",
+        Some("False") => "unprofitable",
+        _ => "not judged yet",
+    }
+}
+
+/// One line per MicroMiner with economics: what its energy cost against what its accepted
+/// work is expected to earn.
+fn economics_lines(view: &FleetView) -> Vec<String> {
+    view.miners
+        .iter()
+        .filter_map(|m| {
+            let e = m.status.economics.as_ref()?;
+            Some(format!(
+                "MicroMiner {}: energy {:.3} Wh costing {:.6}, expected revenue {:.6}: {}",
+                m.key,
+                e.energy_k_wh * 1000.0,
+                e.energy_cost,
+                e.revenue,
+                profitable_word(m)
+            ))
+        })
+        .collect()
 }
 
 /// The closing summary.
@@ -325,6 +368,7 @@ pub fn summary_lines(summary: &Summary) -> Vec<String> {
         ),
         format!("blocks found: {}", t.blocks),
     ];
+    lines.extend(economics_lines(&summary.view));
     match &summary.data_dir {
         Some(dir) => lines.push(format!(
             "ledger kept in {} (run again to continue it)",

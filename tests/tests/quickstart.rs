@@ -48,6 +48,23 @@ fn quickstart_mines_real_shares_and_keeps_its_ledger() {
         summary.contains("MicroMiner default/quickstart"),
         "{summary}"
     );
+    // The cost/revenue line: energy drawn (two devices at the example's 5 W each, for ten
+    // seconds: under 0.03 Wh; the bound leaves room for a slow start) against what the
+    // accepted work is expected to earn.
+    let economics = summary
+        .lines()
+        .find(|l| l.starts_with("MicroMiner default/quickstart: energy "))
+        .unwrap_or_else(|| panic!("no cost/revenue line in:\n{summary}"));
+    let wh: f64 = economics
+        .split_whitespace()
+        .nth(3)
+        .and_then(|w| w.parse().ok())
+        .unwrap_or_else(|| panic!("{economics}"));
+    assert!(wh > 0.0 && wh < 0.25, "{economics}");
+    assert!(
+        economics.ends_with(": profitable") || economics.ends_with(": unprofitable"),
+        "{economics}"
+    );
 
     // Same data dir: the devices keep their identities and the ledger continues.
     let mut second = Process::start("quickstart again", &bin("micromine-controller"), &args);

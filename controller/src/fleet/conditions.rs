@@ -10,17 +10,23 @@ pub fn time_from_unix_ms(ms: i64) -> Option<Time> {
     jiff::Timestamp::from_millisecond(ms).ok().map(Time)
 }
 
+/// Why a MicroMiner hands out no work: (reason, message).
+pub type Pause<'a> = (&'a str, &'a str);
+
+/// The pause `spec.paused` asks for.
+pub const SPEC_PAUSED: Pause<'static> = ("Paused", "spec.paused is true");
+
 /// Recomputes the conditions into `current` (keeping transition times of unchanged
 /// statuses) and returns a copy.
 pub fn update(
     current: &mut Vec<Condition>,
-    paused: bool,
+    paused: Option<Pause<'_>>,
     devices: &DeviceCounts,
     generation: Option<i64>,
     now_ms: i64,
 ) -> Vec<Condition> {
-    let (ready, ready_reason, ready_message) = if paused {
-        (false, "Paused", "spec.paused is true".to_string())
+    let (ready, ready_reason, ready_message) = if let Some((reason, message)) = paused {
+        (false, reason, message.to_string())
     } else if devices.mining > 0 {
         (
             true,
@@ -59,11 +65,7 @@ pub fn update(
             "every matched device is connected".to_string(),
         )
     };
-    let paused_message = if paused {
-        "spec.paused is true"
-    } else {
-        "work is being handed out"
-    };
+    let (paused_reason, paused_message) = paused.unwrap_or(("Running", "work is being handed out"));
     set(
         current,
         "Ready",
@@ -85,8 +87,8 @@ pub fn update(
     set(
         current,
         "Paused",
-        paused,
-        if paused { "Paused" } else { "Running" },
+        paused.is_some(),
+        paused_reason,
         paused_message,
         generation,
         now_ms,
@@ -140,7 +142,7 @@ mod tests {
             throttled: 0,
             offline: 0,
         };
-        update(&mut conditions, false, &mining, Some(1), 1_000);
+        update(&mut conditions, None, &mining, Some(1), 1_000);
         let ready = |c: &Vec<Condition>| {
             c.iter()
                 .find(|c| c.type_ == "Ready")
@@ -149,7 +151,7 @@ mod tests {
         };
         assert_eq!(ready(&conditions).status, "True");
         let t0 = ready(&conditions).last_transition_time;
-        update(&mut conditions, false, &mining, Some(1), 5_000);
+        update(&mut conditions, None, &mining, Some(1), 5_000);
         assert_eq!(ready(&conditions).last_transition_time, t0);
         let none = DeviceCounts {
             matched: 2,
@@ -157,7 +159,7 @@ mod tests {
             throttled: 0,
             offline: 2,
         };
-        update(&mut conditions, false, &none, Some(2), 9_000);
+        update(&mut conditions, None, &none, Some(2), 9_000);
         assert_eq!(ready(&conditions).status, "False");
         assert_ne!(ready(&conditions).last_transition_time, t0);
         assert_eq!(conditions.len(), 3);

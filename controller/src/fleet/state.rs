@@ -92,6 +92,8 @@ struct MinerRuntime {
     conditions: Vec<k8s_openapi::apimachinery::pkg::apis::meta::v1::Condition>,
     /// The last verdict of `spec.economics`, for hysteresis; `None` before the first.
     profitable: Option<bool>,
+    /// Work taken back because mining does not pay (`pauseWhenUnprofitable`).
+    unprofitable_pause: bool,
 }
 
 /// A MicroMiner's devices in terms of power and hash rate.
@@ -364,13 +366,22 @@ impl FleetState {
             let revenue =
                 economics::revenue_per_hour(&economics, economy.capacity_hashrate, difficulty);
             let cost = economics::cost_per_hour(&economics, economy.capacity_watts);
-            if let Some(runtime) = self.miners.get_mut(&key) {
-                let verdict = economics::profitable(runtime.profitable, revenue, cost);
-                if runtime.profitable.is_some_and(|before| before != verdict) {
-                    tracing::info!(miner = %key, profitable = verdict, revenue_per_hour = revenue,
-                        cost_per_hour = cost, "profitability changed");
+            let Some(runtime) = self.miners.get_mut(&key) else {
+                continue;
+            };
+            let verdict = economics::profitable(runtime.profitable, revenue, cost);
+            if runtime.profitable.is_some_and(|before| before != verdict) {
+                tracing::info!(miner = %key, profitable = verdict, revenue_per_hour = revenue,
+                    cost_per_hour = cost, "profitability changed");
+            }
+            runtime.profitable = Some(verdict);
+            let pause = economics.pause_when_unprofitable && !verdict;
+            if pause != runtime.unprofitable_pause {
+                runtime.unprofitable_pause = pause;
+                if pause {
+                    // The tick tops devices up again once it pays (see `top_up`).
+                    self.end_miner_leases(&key, "mining does not pay", fx);
                 }
-                runtime.profitable = Some(verdict);
             }
         }
         if now_ms - self.energy_saved_ms >= ENERGY_SAVE_MS && !self.energy_joules.is_empty() {
@@ -458,6 +469,7 @@ impl FleetState {
                             effective,
                             conditions: Vec::new(),
                             profitable: None,
+                            unprofitable_pause: false,
                         },
                     );
                 }
@@ -908,7 +920,7 @@ impl FleetState {
         let Some(miner) = self.miners.get(&key) else {
             return;
         };
-        if miner.spec.spec.paused {
+        if miner.spec.spec.paused || miner.unprofitable_pause {
             return;
         }
         let spec = miner.spec.spec.clone();
@@ -1306,7 +1318,16 @@ impl FleetState {
                 observed_generation: runtime.spec.metadata.generation,
                 conditions: super::conditions::update(
                     &mut runtime.conditions,
-                    runtime.spec.spec.paused,
+                    if runtime.spec.spec.paused {
+                        Some(super::conditions::SPEC_PAUSED)
+                    } else if runtime.unprofitable_pause {
+                        Some((
+                            "Unprofitable",
+                            "spec.economics.pauseWhenUnprofitable: energy costs more than the work is expected to earn",
+                        ))
+                    } else {
+                        None
+                    },
                     &counts,
                     runtime.spec.metadata.generation,
                     now_ms,
@@ -1571,6 +1592,59 @@ mod tests {
         crate::manifest::parse_str("test.yaml", &text)
             .expect("valid")
             .remove(0)
+    }
+
+    fn condition(s: &mut FleetState, now: i64, type_: &str) -> (String, String) {
+        let (miners, _) = s.view(now, &|_| Totals::default());
+        let c = miners[0]
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == type_)
+            .unwrap_or_else(|| panic!("a {type_} condition"))
+            .clone();
+        (c.status, c.reason)
+    }
+
+    #[test]
+    fn an_unprofitable_miner_with_pause_when_unprofitable_takes_its_work_back() {
+        let paying = |value: f64| {
+            let mut m = paying_miner(value);
+            if let Some(e) = m.spec.economics.as_mut() {
+                e.pause_when_unprofitable = true;
+            }
+            m
+        };
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[paying(1.0)]), NOW);
+        let (_, fx) = s.connect("d1", &hello("x", vec![]), NOW);
+        let held: Vec<u64> = assignments(&fx, "d1").iter().map(|a| a.id).collect();
+        assert!(s.tick(NOW).messages.is_empty());
+
+        s.apply_miners(&set(&[paying(0.0001)]), NOW + 1000);
+        let fx = s.tick(NOW + 1000);
+        assert_eq!(cancels(&fx, "d1"), held, "its work is taken back");
+        assert!(
+            assignments(&s.tick(NOW + 2000), "d1").is_empty(),
+            "and none handed out"
+        );
+        assert_eq!(
+            condition(&mut s, NOW + 2000, "Paused"),
+            ("True".into(), "Unprofitable".into())
+        );
+        assert_eq!(condition(&mut s, NOW + 2000, "Ready").1, "Unprofitable");
+        assert_eq!(condition(&mut s, NOW + 2000, "Profitable").0, "False");
+
+        s.apply_miners(&set(&[paying(1.0)]), NOW + 3000);
+        assert_eq!(
+            assignments(&s.tick(NOW + 3000), "d1").len(),
+            LEASES_PER_DEVICE,
+            "it pays again: work resumes"
+        );
+        assert_eq!(
+            condition(&mut s, NOW + 3000, "Paused"),
+            ("False".into(), "Running".into())
+        );
     }
 
     fn profitable_condition(s: &mut FleetState, now: i64) -> (String, String, String) {

@@ -292,11 +292,11 @@ async fn apply(
     let key = miner.key();
     let previous_ready = ready_status(miner.status.as_ref());
     let now = now_ms();
-    let (status, event, action) = match miner.validate() {
+    let (status, events, action) = match miner.validate() {
         Ok(()) => {
             ctx.serve(Some(miner.clone()), &key);
             let status = ctx.status_of(&key, now);
-            let event = match (
+            let readiness = match (
                 previous_ready.as_deref(),
                 ready_status(Some(&status)).as_deref(),
             ) {
@@ -311,7 +311,9 @@ async fn apply(
                 )),
                 _ => None,
             };
-            (status, event, Action::requeue(STATUS_PERIOD))
+            let profitability = profitability_event(miner.status.as_ref(), &status);
+            let events = readiness.into_iter().chain(profitability).collect();
+            (status, events, Action::requeue(STATUS_PERIOD))
         }
         Err(problems) => {
             ctx.serve(None, &key);
@@ -321,9 +323,9 @@ async fn apply(
                 .collect::<Vec<_>>()
                 .join("; ");
             let status = invalid_status(miner, &message);
-            let event = Some((EventType::Warning, "InvalidSpec", message));
+            let events = vec![(EventType::Warning, "InvalidSpec", message)];
             // Nothing changes until the object does.
-            (status, event, Action::await_change())
+            (status, events, Action::await_change())
         }
     };
     if !ctx
@@ -349,7 +351,7 @@ async fn apply(
         source,
     })?;
     ctx.gate.wrote(&key, now);
-    if let Some((type_, reason, note)) = event {
+    for (type_, reason, note) in events {
         publish(ctx, miner, type_, reason, note).await;
     }
     Ok(action)
@@ -473,6 +475,35 @@ fn significant(status: &MicroMinerStatus) -> Significant {
     )
 }
 
+/// An Event when `Profitable` flips: a Warning when mining stops paying (saying whether
+/// the work was taken back), a Normal one when it pays again.
+fn profitability_event(
+    before: Option<&MicroMinerStatus>,
+    now: &MicroMinerStatus,
+) -> Option<(EventType, &'static str, String)> {
+    let condition = |status: &MicroMinerStatus, type_: &str| {
+        status.conditions.iter().find(|c| c.type_ == type_).cloned()
+    };
+    let profitable = condition(now, "Profitable")?;
+    let was = before.and_then(|b| condition(b, "Profitable"));
+    if was.as_ref().map(|c| c.status.as_str()) == Some(profitable.status.as_str()) {
+        return None;
+    }
+    if profitable.status == "True" {
+        return Some((EventType::Normal, "Profitable", profitable.message));
+    }
+    let paused = condition(now, "Paused").is_some_and(|c| c.reason == "Unprofitable");
+    let note = if paused {
+        format!(
+            "{}; work taken back (pauseWhenUnprofitable)",
+            profitable.message
+        )
+    } else {
+        profitable.message
+    };
+    Some((EventType::Warning, "Unprofitable", note))
+}
+
 fn ready_status(status: Option<&MicroMinerStatus>) -> Option<String> {
     status?
         .conditions
@@ -522,6 +553,55 @@ mod tests {
 
     use crate::ledger::Ledger;
     use crate::store::Store;
+
+    fn with_conditions(conditions: &[(&str, &str, &str)]) -> MicroMinerStatus {
+        let mut all = Vec::new();
+        for (type_, status, reason) in conditions {
+            conditions::set(
+                &mut all,
+                type_,
+                *status == "True",
+                reason,
+                "at 1.000 MH/s and 5.0 W: ...",
+                None,
+                0,
+            );
+        }
+        MicroMinerStatus {
+            conditions: all,
+            ..MicroMinerStatus::default()
+        }
+    }
+
+    #[test]
+    fn a_profitability_flip_is_an_event_saying_whether_work_was_taken_back() {
+        let paying = with_conditions(&[("Profitable", "True", "RevenueCoversEnergy")]);
+        let losing = with_conditions(&[("Profitable", "False", "EnergyCostsMore")]);
+        let paused = with_conditions(&[
+            ("Profitable", "False", "EnergyCostsMore"),
+            ("Paused", "True", "Unprofitable"),
+        ]);
+        assert!(
+            profitability_event(Some(&paying), &paying).is_none(),
+            "no flip"
+        );
+        assert!(
+            profitability_event(None, &MicroMinerStatus::default()).is_none(),
+            "no economics"
+        );
+        let (type_, reason, note) = profitability_event(Some(&paying), &losing).expect("event");
+        assert_eq!((type_, reason), (EventType::Warning, "Unprofitable"));
+        assert!(!note.contains("taken back"), "{note}");
+        let (_, _, note) = profitability_event(Some(&paying), &paused).expect("event");
+        assert!(
+            note.ends_with("work taken back (pauseWhenUnprofitable)"),
+            "{note}"
+        );
+        let (type_, reason, _) = profitability_event(Some(&losing), &paying).expect("event");
+        assert_eq!((type_, reason), (EventType::Normal, "Profitable"));
+        // The first status with economics says how it stands.
+        assert!(profitability_event(None, &losing).is_some());
+    }
 
     const PATH: &str = "/apis/micromine.dev/v1alpha1/namespaces/plant/microminers/night-shift";
     const EVENTS: &str = "/apis/events.k8s.io/v1/namespaces/plant/events";
