@@ -127,3 +127,109 @@ fn the_duty_cycle_bounds_the_cpu_the_agent_takes() {
         .expect("a measured duty cycle");
     assert!((0.1..=0.3).contains(&reported), "reported duty {reported}");
 }
+
+/// A fake /proc for `--proc-root` whose `stat` a thread keeps advancing: of every 100
+/// ticks, `busy_percent` busy, none of them the agent's (its `self/stat` stands still).
+struct FakeProc {
+    root: std::path::PathBuf,
+    busy_percent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+}
+
+impl FakeProc {
+    fn start(root: &Path, busy_percent: u64) -> FakeProc {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+        std::fs::create_dir_all(root.join("self")).expect("mkdir");
+        std::fs::write(
+            root.join("self/stat"),
+            "4242 (micromine-agent) S 1 1 1 0 -1 0 0 0 0 0 0 0 0 0 20 0 3 0",
+        )
+        .expect("self/stat");
+        let busy = std::sync::Arc::new(AtomicU64::new(busy_percent));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (dir, b, s) = (root.to_path_buf(), busy.clone(), stop.clone());
+        std::thread::spawn(move || {
+            let (mut user, mut idle) = (0u64, 0u64);
+            while !s.load(Ordering::Relaxed) {
+                let percent = b.load(Ordering::Relaxed);
+                user += percent;
+                idle += 100 - percent;
+                let line = format!("cpu  {user} 0 0 {idle} 0 0 0 0 0 0\n");
+                // Written whole and renamed, so the agent never reads half a file.
+                let tmp = dir.join("stat.tmp");
+                if std::fs::write(&tmp, line).is_ok() {
+                    let _ = std::fs::rename(&tmp, dir.join("stat"));
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
+        FakeProc {
+            root: root.to_path_buf(),
+            busy_percent: busy,
+            stop,
+        }
+    }
+
+    fn set(&self, busy_percent: u64) {
+        self.busy_percent
+            .store(busy_percent, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+impl Drop for FakeProc {
+    fn drop(&mut self) {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    }
+}
+
+#[test]
+fn the_devices_own_work_being_unplugged_and_its_windows_hold_it_back() {
+    let fleet = Fixture::start(
+        &with_limits("    maxHostCpuPercent: 60\n    pauseOnBattery: true\n"),
+        &[],
+    );
+    let token = create_token(&fleet.data, 1);
+    let sysfs = fake_sysfs(&fleet.dir.path().join("host-sys"), 40.0, 3.0);
+    let proc = FakeProc::start(&fleet.dir.path().join("host-proc"), 20);
+    let (sysfs_arg, proc_arg) = (sysfs.display().to_string(), proc.root.display().to_string());
+    let _agent = fleet.mining_agent_with(
+        &token,
+        "lim-host",
+        &["--sysfs-root", &sysfs_arg, "--proc-root", &proc_arg],
+    );
+    proc.set(80);
+    wait_for_state(&fleet, "lim-host", "throttled:host-load");
+    // 55 % is under the ceiling but not 10 points under it.
+    proc.set(55);
+    assert_eq!(
+        state_at_reading(&fleet, "lim-host", "hostCpuPercent", 55.0),
+        "throttled:host-load"
+    );
+    proc.set(30);
+    wait_for_state(&fleet, "lim-host", "mining");
+
+    write(&sysfs, "class/power_supply/AC/online", "0");
+    wait_for_state(&fleet, "lim-host", "paused:battery");
+    write(&sysfs, "class/power_supply/AC/online", "1");
+    wait_for_state(&fleet, "lim-host", "mining");
+
+    // A MicroMiner whose only window is on another day: the device idles and is handed
+    // nothing.
+    let tomorrow = jiff::Zoned::now()
+        .with_time_zone(jiff::tz::TimeZone::UTC)
+        .weekday()
+        .next();
+    let day = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+        [tomorrow.to_monday_zero_offset() as usize];
+    std::fs::write(
+        fleet.dir.path().join("manifests").join("test.yaml"),
+        with_limits(&format!(
+            "    windows:\n      - {{days: [{day}], from: \"00:00\", to: \"00:00\"}}\n"
+        )),
+    )
+    .expect("edit the manifest");
+    wait_for_state(&fleet, "lim-host", "outside-window");
+    wait_until("its leases to run out", Duration::from_secs(60), || {
+        (fleet.device("lim-host")["assignments"] == 0).then_some(())
+    });
+}
