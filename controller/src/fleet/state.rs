@@ -319,26 +319,44 @@ impl FleetState {
     // ---------------------------------------------------------------- economics
 
     /// A MicroMiner's devices in terms of power and hash rate.
-    fn economy(&self, key: &str, economics: &Economics, duty_cycle: f64) -> Economy {
-        let mut economy = Economy::default();
+    /// Every MicroMiner with `spec.economics` in terms of power and hash rate, in one pass
+    /// over the devices (the tick does this every second, so not once per MicroMiner).
+    fn economies(&self) -> BTreeMap<String, Economy> {
+        let mut economies: BTreeMap<String, Economy> = self
+            .miners
+            .iter()
+            .filter(|(_, m)| m.spec.spec.economics.is_some())
+            .map(|(key, _)| (key.clone(), Economy::default()))
+            .collect();
         for (name, d) in &self.devices {
-            if d.session.is_none() || d.miner.as_deref() != Some(key) {
+            let Some(key) = d.miner.as_deref() else {
+                continue;
+            };
+            if d.session.is_none() {
                 continue;
             }
+            let (Some(economy), Some(runtime)) = (economies.get_mut(key), self.miners.get(key))
+            else {
+                continue;
+            };
+            let Some(economics) = &runtime.spec.spec.economics else {
+                continue;
+            };
             let watts = economics::device_watts(
                 economics,
                 d.readings.power_watts,
                 d.record.labels.get("class").map(String::as_str),
             );
             if !self.unschedulable.contains(name) {
-                economy.capacity_hashrate += d.nominal_hashrate() * duty_cycle;
+                economy.capacity_hashrate +=
+                    d.nominal_hashrate() * runtime.spec.spec.limits.duty_cycle;
                 economy.capacity_watts += watts;
             }
             if !self.scheduler.leases_of(name).is_empty() {
                 economy.working_watts += watts;
             }
         }
-        economy
+        economies
     }
 
     /// Adds the energy the working devices drew since the last tick, judges whether each
@@ -348,19 +366,16 @@ impl FleetState {
             .energy_tick_ms
             .map_or(0, |last| (now_ms - last).clamp(0, ENERGY_MAX_STEP_MS));
         self.energy_tick_ms = Some(now_ms);
-        let keys: Vec<String> = self.miners.keys().cloned().collect();
-        for key in keys {
+        for (key, economy) in self.economies() {
             let Some(runtime) = self.miners.get(&key) else {
                 continue;
             };
             let Some(economics) = runtime.spec.spec.economics.clone() else {
                 continue;
             };
-            let duty = runtime.spec.spec.limits.duty_cycle;
             let difficulty = economics
                 .network_difficulty
                 .unwrap_or_else(|| runtime.source.network_target().difficulty());
-            let economy = self.economy(&key, &economics, duty);
             *self.energy_joules.entry(key.clone()).or_default() +=
                 economy.working_watts * step_ms as f64 / 1000.0;
             let revenue =
@@ -1261,15 +1276,7 @@ impl FleetState {
                 }
             })
             .collect();
-        let economies: BTreeMap<String, Economy> = self
-            .miners
-            .iter()
-            .filter_map(|(key, runtime)| {
-                let economics = runtime.spec.spec.economics.as_ref()?;
-                let duty = runtime.spec.spec.limits.duty_cycle;
-                Some((key.clone(), self.economy(key, economics, duty)))
-            })
-            .collect();
+        let economies = self.economies();
         let mut miners = Vec::new();
         for (key, runtime) in self.miners.iter_mut() {
             let mut counts = DeviceCounts::default();
