@@ -237,6 +237,24 @@ fn observe_certificates(meter: &Meter, views: &Arc<ViewCache>, ca_expiry_unix_s:
         .build();
 }
 
+/// One figure of a MicroMiner's economics status.
+type EconomicsFigure = fn(&crate::manifest::EconomicsStatus) -> f64;
+
+/// Observes `pick` of every MicroMiner that has economics, labelled by MicroMiner.
+fn observe_economics(
+    views: Arc<ViewCache>,
+    pick: EconomicsFigure,
+) -> impl Fn(&dyn opentelemetry::metrics::AsyncInstrument<f64>) + Send + Sync + 'static {
+    move |observer| {
+        let Some(view) = views.get() else { return };
+        for miner in &view.miners {
+            if let Some(economics) = &miner.status.economics {
+                observer.observe(pick(economics), &miner_labels(&miner.key));
+            }
+        }
+    }
+}
+
 /// Per site: the hottest and the mean temperature of connected devices with a sensor.
 fn site_temperatures(view: &FleetView) -> std::collections::BTreeMap<String, (f64, f64)> {
     let mut sites: std::collections::BTreeMap<String, (f64, f64, u32)> = Default::default();
@@ -420,62 +438,48 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
         })
         .build();
 
-    type Accrued = fn(&crate::manifest::EconomicsStatus) -> f64;
-    let accrued: [(&'static str, &'static str, Accrued); 2] = [
+    // Counters accrue (energy drawn, expected revenue earned); gauges are rates now.
+    let economics_series: [(&'static str, &'static str, EconomicsFigure, bool); 4] = [
         (
             "micromine.energy.joules",
             "Energy drawn by each MicroMiner's working devices (MicroMiners with spec.economics)",
             |e| e.energy_k_wh * 3.6e6,
+            true,
         ),
         (
             "micromine.expected_revenue",
             "Expected revenue of each MicroMiner's accepted work, in the currency of spec.economics (accepted difficulty over network difficulty, times a block's value)",
             |e| e.revenue,
+            true,
         ),
-    ];
-    for (name, description, pick) in accrued {
-        let v = views.clone();
-        meter
-            .f64_observable_counter(name)
-            .with_description(description)
-            .with_callback(move |observer| {
-                let Some(view) = v.get() else { return };
-                for miner in &view.miners {
-                    if let Some(economics) = &miner.status.economics {
-                        observer.observe(pick(economics), &miner_labels(&miner.key));
-                    }
-                }
-            })
-            .build();
-    }
-
-    type Hourly = fn(&crate::manifest::EconomicsStatus) -> f64;
-    let hourly: [(&'static str, &'static str, Hourly); 2] = [
         (
             "micromine.energy_cost_per_hour",
             "Energy cost per hour of each MicroMiner's working devices, in the currency of spec.economics",
             |e| e.cost_per_hour,
+            false,
         ),
         (
             "micromine.expected_revenue_per_hour",
             "Expected revenue per hour of each MicroMiner at its effective hash rate, in the currency of spec.economics",
             |e| e.revenue_per_hour,
+            false,
         ),
     ];
-    for (name, description, pick) in hourly {
-        let v = views.clone();
-        meter
-            .f64_observable_gauge(name)
-            .with_description(description)
-            .with_callback(move |observer| {
-                let Some(view) = v.get() else { return };
-                for miner in &view.miners {
-                    if let Some(economics) = &miner.status.economics {
-                        observer.observe(pick(economics), &miner_labels(&miner.key));
-                    }
-                }
-            })
-            .build();
+    for (name, description, pick, counter) in economics_series {
+        let callback = observe_economics(views.clone(), pick);
+        if counter {
+            meter
+                .f64_observable_counter(name)
+                .with_description(description)
+                .with_callback(callback)
+                .build();
+        } else {
+            meter
+                .f64_observable_gauge(name)
+                .with_description(description)
+                .with_callback(callback)
+                .build();
+        }
     }
 
     let v = views.clone();
