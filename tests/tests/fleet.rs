@@ -66,19 +66,17 @@ fn a_killed_agents_range_is_reclaimed_and_handed_out_again() {
         &dir.path().join("rescuer"),
         "site=e2e",
     );
-    // Until the victim's leases expire, its ranges stay its own: no other device may get
-    // any nonce of them.
-    let expiry = held
-        .iter()
-        .map(|l| l["expires_at_ms"].as_i64().unwrap_or(0))
-        .max()
-        .unwrap_or(0);
-    let overlaps = |lease: &Value| {
-        held.iter().any(|h| {
-            h["header"] == lease["header"]
-                && u64_of(&lease["start"]) < u64_of(&h["end"])
-                && u64_of(&h["start"]) < u64_of(&lease["end"])
-        })
+    // Until a victim lease expires, its range stays the victim's: no other device may get
+    // any nonce of it. (Each lease by its own expiry: the victim may have finished its
+    // first range and been given a later one before it was killed.)
+    let overlapped = |lease: &Value| {
+        held.iter()
+            .find(|h| {
+                h["header"] == lease["header"]
+                    && u64_of(&lease["start"]) < u64_of(&h["end"])
+                    && u64_of(&h["start"]) < u64_of(&lease["end"])
+            })
+            .cloned()
     };
     let reclaimed = wait_until(
         "the victim's unscanned nonces to be handed to the rescuer",
@@ -93,10 +91,11 @@ fn a_killed_agents_range_is_reclaimed_and_handed_out_again() {
                 .iter()
                 .filter(|l| l["device"] == "rescuer")
             {
-                if overlaps(lease) {
+                if let Some(victims) = overlapped(lease) {
+                    let expiry = victims["expires_at_ms"].as_i64().unwrap_or(0);
                     assert!(
                         now_ms >= expiry - 1000,
-                        "victim's range reassigned before its lease ran out: {lease}"
+                        "victim's range reassigned before its lease ran out: {lease} overlaps {victims}"
                     );
                     return Some(lease.clone());
                 }
