@@ -151,6 +151,10 @@ fn main() -> Result<()> {
                 .map(|t| t.parse::<BootstrapToken>())
                 .transpose()
                 .context("--token")?;
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()?;
             let config = AgentConfig {
                 controller,
                 token,
@@ -163,20 +167,17 @@ fn main() -> Result<()> {
                 bench_duration: Duration::from_secs(1),
                 backoff_base: Duration::from_millis(500),
                 backoff_max: Duration::from_secs(30),
-                telemetry: Default::default(),
+                // The OTLP exporter, when asked for, needs the runtime.
+                telemetry: {
+                    let _runtime = runtime.enter();
+                    AgentTelemetry::from_env()
+                },
                 sensors: SensorPaths {
                     sysfs: sysfs_root,
                     proc: proc_root,
                 },
             };
-            let runtime = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()?;
             runtime.block_on(async move {
-                let mut config = config;
-                // The OTLP exporter, when asked for, needs this runtime.
-                config.telemetry = AgentTelemetry::from_env();
                 let shutdown = CancellationToken::new();
                 let signal = shutdown.clone();
                 tokio::spawn(async move {

@@ -74,13 +74,7 @@ impl AgentTelemetry {
     /// `OTEL_RESOURCE_ATTRIBUTES`) ask for it, else [`in_band`](Self::in_band). Must run
     /// inside the tokio runtime the exporter will use.
     pub fn from_env() -> AgentTelemetry {
-        let wanted = [
-            "OTEL_EXPORTER_OTLP_ENDPOINT",
-            "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-        ]
-        .iter()
-        .any(|v| std::env::var_os(v).is_some_and(|e| !e.is_empty()));
-        if !wanted {
+        if !otlp_export_requested() {
             return AgentTelemetry::in_band();
         }
         let exporter = match opentelemetry_otlp::SpanExporter::builder()
@@ -196,6 +190,18 @@ impl opentelemetry::propagation::Extractor for Headers<'_> {
     fn keys(&self) -> Vec<&str> {
         self.0.keys().copied().collect()
     }
+}
+
+/// Whether the standard variables ask for OTLP trace export (`OTEL_EXPORTER_OTLP_ENDPOINT`
+/// or `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` set and not empty). The controller asks the
+/// same question.
+pub fn otlp_export_requested() -> bool {
+    [
+        "OTEL_EXPORTER_OTLP_ENDPOINT",
+        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
+    ]
+    .iter()
+    .any(|v| std::env::var_os(v).is_some_and(|e| !e.is_empty()))
 }
 
 #[derive(Default)]

@@ -31,13 +31,7 @@ pub fn init(json: bool, default_filter: &str) {
 /// Returns whether traces are exported; an exporter that cannot be built is reported
 /// and logging goes on without it.
 pub fn init_with_traces(json: bool, default_filter: &str, service: &str) -> bool {
-    let wanted = [
-        "OTEL_EXPORTER_OTLP_ENDPOINT",
-        "OTEL_EXPORTER_OTLP_TRACES_ENDPOINT",
-    ]
-    .iter()
-    .any(|v| std::env::var_os(v).is_some_and(|e| !e.is_empty()));
-    if !wanted {
+    if !micromine_agent::telemetry::otlp_export_requested() {
         install(json, default_filter, None);
         return false;
     }
