@@ -380,6 +380,12 @@ fn load_limits(state_dir: &std::path::Path) -> pb::Limits {
         })
 }
 
+/// Keeps `limits` for [`load_limits`] after a restart.
+fn save_limits(state_dir: &std::path::Path, limits: &pb::Limits) -> std::io::Result<()> {
+    use prost::Message as _;
+    crate::files::write_file_atomic(&state_dir.join(LIMITS_FILE), &limits.encode_to_vec(), 0o600)
+}
+
 fn message(kind: AgentKind) -> pb::AgentMessage {
     pb::AgentMessage { kind: Some(kind) }
 }
@@ -422,13 +428,11 @@ impl Agent {
 
     /// New limits from the controller: in force at once, and saved for a restart.
     fn apply_limits(&mut self, limits: pb::Limits) {
-        use prost::Message as _;
         if limits == *self.governor.limits() {
             return;
         }
-        let path = self.config.state_dir.join(LIMITS_FILE);
-        if let Err(e) = crate::files::write_file_atomic(&path, &limits.encode_to_vec(), 0o600) {
-            tracing::warn!(error = %e, path = %path.display(), "cannot save the limits");
+        if let Err(e) = save_limits(&self.config.state_dir, &limits) {
+            tracing::warn!(error = %e, dir = %self.config.state_dir.display(), "cannot save the limits");
         }
         self.governor.set_limits(limits);
         self.govern();
@@ -988,6 +992,27 @@ mod tests {
             limits: None,
             trace_context: Default::default(),
         }
+    }
+
+    #[test]
+    fn the_last_limits_outlive_a_restart_and_a_bad_file_means_none() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        assert_eq!(load_limits(dir.path()).duty_cycle, 1.0, "nothing saved yet");
+        let limits = pb::Limits {
+            duty_cycle: 0.3,
+            max_temperature_c: Some(60.0),
+            windows: vec![pb::MiningWindow {
+                days: vec!["Mon-Fri".into()],
+                from: "22:00".into(),
+                to: "06:00".into(),
+                time_zone: "Europe/Istanbul".into(),
+            }],
+            ..Default::default()
+        };
+        save_limits(dir.path(), &limits).expect("save");
+        assert_eq!(load_limits(dir.path()), limits);
+        std::fs::write(dir.path().join(LIMITS_FILE), b"\xff\xff not protobuf").expect("write");
+        assert_eq!(load_limits(dir.path()).duty_cycle, 1.0);
     }
 
     #[test]
