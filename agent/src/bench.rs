@@ -8,7 +8,8 @@ use std::time::{Duration, Instant};
 use micromine_proto::work::Target;
 use serde::Serialize;
 
-use crate::engine::{EngineKind, PreparedWork};
+use crate::engine::{self, EngineKind};
+use crate::sensors::Sensors;
 
 /// Nonces per scan call: small enough to stop promptly, large enough that the loop
 /// overhead vanishes.
@@ -19,8 +20,6 @@ const BENCH_CHUNK: u64 = 1 << 16;
 pub struct BenchReport {
     /// Engine name.
     pub engine: String,
-    /// The hardware path the engine used.
-    pub backend: String,
     /// Hashing threads.
     pub threads: usize,
     /// Measured wall-clock seconds.
@@ -29,16 +28,30 @@ pub struct BenchReport {
     pub hashes: u64,
     /// Hashes per second, all threads together.
     pub hashes_per_second: f64,
+    /// The device's power draw halfway through, watts, where it reports one (a battery's
+    /// `power_now`); the whole device's, not the hashing threads' alone.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub power_watts: Option<f64>,
+    /// Hashes per joule of the device's draw: the figure that decides whether mining on it
+    /// pays.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hashes_per_joule: Option<f64>,
 }
 
-/// Hashes on `threads` threads for about `duration` and reports the rate.
+/// Hashes on `threads` threads for about `duration` and reports the rate, and with
+/// `sensors` the device's power draw halfway through (when the hashing has warmed it up).
 ///
 /// Each thread scans its own nonces of a fixed header against an impossible target, which
 /// is exactly the per-nonce work of mining minus the rare share report.
-pub fn run(kind: EngineKind, threads: usize, duration: Duration) -> BenchReport {
+pub fn run(
+    kind: EngineKind,
+    threads: usize,
+    duration: Duration,
+    sensors: Option<&mut Sensors>,
+) -> BenchReport {
     let threads = threads.max(1);
     let prefix: [u8; 76] = std::array::from_fn(|i| (i as u8).wrapping_mul(37).wrapping_add(11));
-    let work = Arc::new(PreparedWork::new(
+    let work = Arc::new(engine::prepare(
         &prefix,
         Target::from_compact(0x0300_0001).unwrap_or(Target::MAX),
     ));
@@ -64,7 +77,12 @@ pub fn run(kind: EngineKind, threads: usize, duration: Duration) -> BenchReport 
             })
         })
         .collect();
-    std::thread::sleep(duration);
+    std::thread::sleep(duration / 2);
+    let power_watts = sensors
+        .and_then(|sensors| sensors.read().power_watts)
+        .map(f64::from)
+        .filter(|watts| *watts > 0.0);
+    std::thread::sleep(duration - duration / 2);
     stop.store(true, Ordering::Relaxed);
     for handle in handles {
         // A hashing thread only panics on a bug; the figure is still the hashes counted.
@@ -72,14 +90,47 @@ pub fn run(kind: EngineKind, threads: usize, duration: Duration) -> BenchReport 
     }
     let seconds = started.elapsed().as_secs_f64();
     let hashes = total.load(Ordering::Relaxed);
+    let hashes_per_second = hashes as f64 / seconds;
     BenchReport {
         engine: kind.name().to_string(),
-        backend: kind.backend().to_string(),
         threads,
         seconds,
         hashes,
-        hashes_per_second: hashes as f64 / seconds,
+        hashes_per_second,
+        power_watts,
+        hashes_per_joule: power_watts.map(|watts| hashes_per_second / watts),
     }
+}
+
+/// The human-readable report of `micromine-agent bench`: one line per engine, the selected
+/// one marked.
+pub fn table(selected: EngineKind, reports: &[BenchReport]) -> String {
+    let mut out = format!(
+        "{:<12} {:>7} {:>10} {:>12} {:>11}\n",
+        "engine", "threads", "MH/s", "MH/s/thread", "MH/J"
+    );
+    for report in reports {
+        let per_joule = report
+            .hashes_per_joule
+            .map_or_else(|| "-".to_string(), |h| format!("{:.3}", h / 1e6));
+        let mark = if report.engine == selected.name() {
+            "  selected"
+        } else {
+            ""
+        };
+        out.push_str(&format!(
+            "{:<12} {:>7} {:>10.2} {:>12.2} {:>11}{mark}\n",
+            report.engine,
+            report.threads,
+            report.hashes_per_second / 1e6,
+            report.hashes_per_second / 1e6 / report.threads as f64,
+            per_joule,
+        ));
+    }
+    if reports.iter().all(|r| r.hashes_per_joule.is_none()) {
+        out.push_str("MH/J: this device reports no power draw (no battery `power_now`)\n");
+    }
+    out.trim_end().to_string()
 }
 
 #[cfg(test)]
@@ -88,13 +139,46 @@ mod tests {
 
     #[test]
     fn counts_hashes_on_every_thread() {
-        let report = run(EngineKind::detect(), 2, Duration::from_millis(200));
+        let report = run(EngineKind::Portable, 2, Duration::from_millis(200), None);
         assert_eq!(report.threads, 2);
         // Every thread finishes at least one chunk before it sees the stop flag.
         assert!(report.hashes >= 2 * BENCH_CHUNK, "{report:?}");
         assert!(report.hashes_per_second > 0.0);
         let json = serde_json::to_value(&report).expect("serialises");
-        assert_eq!(json["engine"], "sha2-midstate");
+        assert_eq!(json["engine"], "portable");
         assert_eq!(json["threads"], 2);
+        // No sensors, no power figure, and no made-up efficiency.
+        assert!(json.get("power_watts").is_none(), "{json}");
+        assert!(json.get("hashes_per_joule").is_none(), "{json}");
+    }
+
+    #[test]
+    fn divides_the_rate_by_the_power_the_device_reports() {
+        let root = tempfile::tempdir().expect("tempdir");
+        let battery = root.path().join("class/power_supply/BAT0");
+        std::fs::create_dir_all(&battery).expect("mkdir");
+        for (file, value) in [
+            ("type", "Battery"),
+            ("capacity", "80"),
+            ("power_now", "2500000"),
+        ] {
+            std::fs::write(battery.join(file), value).expect("write");
+        }
+        let mut sensors = Sensors::new(crate::sensors::SensorPaths {
+            sysfs: root.path().to_path_buf(),
+            proc: root.path().join("no-proc"),
+        });
+        let report = run(
+            EngineKind::Portable,
+            1,
+            Duration::from_millis(100),
+            Some(&mut sensors),
+        );
+        assert_eq!(report.power_watts, Some(2.5));
+        let per_joule = report.hashes_per_joule.expect("power was reported");
+        assert!(
+            (per_joule - report.hashes_per_second / 2.5).abs() < 1e-6,
+            "{report:?}"
+        );
     }
 }

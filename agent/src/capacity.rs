@@ -20,6 +20,24 @@ pub fn memory_bytes() -> u64 {
         .unwrap_or(0)
 }
 
+/// The CPU's model as `/proc/cpuinfo` names it (x86 `model name`, or ARM's `Hardware` /
+/// `Model` lines), for benchmark reports; the architecture where it names none.
+pub fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|text| parse_cpu_model(&text))
+        .unwrap_or_else(|| arch().to_string())
+}
+
+fn parse_cpu_model(cpuinfo: &str) -> Option<String> {
+    ["model name", "Hardware", "Model"].iter().find_map(|key| {
+        cpuinfo.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            (name.trim() == *key && !value.trim().is_empty()).then(|| value.trim().to_string())
+        })
+    })
+}
+
 fn parse_meminfo_total(meminfo: &str) -> Option<u64> {
     let line = meminfo.lines().find(|l| l.starts_with("MemTotal:"))?;
     let mut fields = line.split_whitespace().skip(1);
@@ -33,6 +51,19 @@ fn parse_meminfo_total(meminfo: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_the_cpu_model() {
+        let x86 = "processor\t: 0\nvendor_id\t: AuthenticAMD\nmodel name\t: AMD EPYC 7B13\n";
+        assert_eq!(parse_cpu_model(x86).as_deref(), Some("AMD EPYC 7B13"));
+        let pi =
+            "processor\t: 0\nBogoMIPS\t: 108.00\n\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n";
+        assert_eq!(
+            parse_cpu_model(pi).as_deref(),
+            Some("Raspberry Pi 4 Model B Rev 1.4")
+        );
+        assert_eq!(parse_cpu_model("processor\t: 0\n"), None);
+    }
 
     #[test]
     fn reads_meminfo() {

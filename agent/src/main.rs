@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
 use micromine_agent::engine::{self, EngineKind};
-use micromine_agent::sensors::SensorPaths;
+use micromine_agent::sensors::{SensorPaths, Sensors};
 use micromine_agent::session::{self, AgentConfig, AgentCounters};
 use micromine_agent::telemetry::AgentTelemetry;
 use micromine_agent::{bench, capacity};
@@ -64,20 +64,24 @@ enum Command {
         #[arg(long, default_value = "/proc", value_name = "DIR")]
         proc_root: PathBuf,
     },
-    /// Measure this device's hash rate.
+    /// Measure this device's hash rate with every engine its CPU runs.
     Bench {
-        /// How long to measure.
-        #[arg(long, default_value_t = 5)]
-        seconds: u64,
+        /// How long to measure each engine, in seconds.
+        #[arg(long, default_value_t = 5.0)]
+        seconds: f64,
         /// Hashing threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
-        /// Hashing engine (`auto` picks the fastest this CPU runs).
+        /// The engine `run` would use (`auto` picks the fastest this CPU runs); measured
+        /// first and marked as selected.
         #[arg(long, default_value = "auto")]
         engine: String,
-        /// Print one JSON object instead of a sentence.
+        /// Print one JSON object instead of a table.
         #[arg(long)]
         json: bool,
+        /// Where sysfs is mounted (for the power draw, to report hashes per joule).
+        #[arg(long, default_value = "/sys", value_name = "DIR")]
+        sysfs_root: PathBuf,
     },
 }
 
@@ -103,33 +107,38 @@ fn main() -> Result<()> {
             threads,
             engine,
             json,
+            sysfs_root,
         } => {
-            let kind = engine::select(Some(&engine))?;
+            let selected = engine::select(Some(&engine))?;
+            if !(seconds.is_finite() && (0.05..=3600.0).contains(&seconds)) {
+                anyhow::bail!("--seconds: {seconds} is not between 0.05 and 3600");
+            }
             let threads = threads.unwrap_or_else(|| capacity::cores() as usize);
-            let report = bench::run(kind, threads, Duration::from_secs(seconds.max(1)));
+            let mut sensors = Sensors::new(SensorPaths {
+                sysfs: sysfs_root,
+                ..SensorPaths::default()
+            });
+            let order = std::iter::once(selected)
+                .chain(EngineKind::available().filter(|kind| *kind != selected));
+            let reports: Vec<bench::BenchReport> = order
+                .map(|kind| {
+                    bench::run(
+                        kind,
+                        threads,
+                        Duration::from_secs_f64(seconds),
+                        Some(&mut sensors),
+                    )
+                })
+                .collect();
             if json {
-                println!("{}", serde_json::to_string(&report)?);
+                let out = serde_json::json!({
+                    "selected": selected.name(),
+                    "cpu": capacity::cpu_model(),
+                    "results": reports,
+                });
+                println!("{out}");
             } else {
-                println!(
-                    "{} ({}) on {} threads: {:.2} MH/s ({:.2} MH/s per thread)",
-                    report.engine,
-                    report.backend,
-                    report.threads,
-                    report.hashes_per_second / 1e6,
-                    report.hashes_per_second / 1e6 / report.threads as f64
-                );
-                for other in EngineKind::ALL
-                    .iter()
-                    .filter(|k| k.is_available() && **k != kind)
-                {
-                    let r = bench::run(*other, threads, Duration::from_secs(seconds.max(1)));
-                    println!(
-                        "{} ({}): {:.2} MH/s",
-                        r.engine,
-                        r.backend,
-                        r.hashes_per_second / 1e6
-                    );
-                }
+                println!("{}", bench::table(selected, &reports));
             }
             Ok(())
         }

@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use micromine_proto::work::{HEADER_PREFIX_LEN, Target};
 use tokio::sync::mpsc;
 
-use crate::engine::{EngineKind, PreparedWork};
+use crate::engine::{self, EngineKind, Work};
 
 /// Nonces per chunk: about 6 ms at 11 MH/s.
 pub const CHUNK: u64 = 1 << 16;
@@ -86,7 +86,7 @@ pub struct WorkProgress {
 
 struct ActiveWork {
     order: WorkOrder,
-    prepared: PreparedWork,
+    prepared: Work,
     /// Next chunk start to hand out.
     cursor: AtomicU64,
     /// Set once; whoever sets it reports `Finished`.
@@ -105,7 +105,7 @@ struct Completion {
 impl ActiveWork {
     fn new(order: WorkOrder) -> ActiveWork {
         ActiveWork {
-            prepared: PreparedWork::new(&order.prefix, order.target),
+            prepared: engine::prepare(&order.prefix, order.target),
             cursor: AtomicU64::new(order.start),
             closed: AtomicBool::new(false),
             hashes: AtomicU64::new(0),

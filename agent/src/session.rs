@@ -250,8 +250,8 @@ pub async fn run(
 ) -> Result<AgentStats, AgentError> {
     let mut identity = ensure_identity(&config).await?;
     let threads = config.threads.max(1);
-    let measured = bench::run(config.engine, threads, config.bench_duration);
-    tracing::info!(engine = %measured.engine, backend = %measured.backend, threads,
+    let measured = bench::run(config.engine, threads, config.bench_duration, None);
+    tracing::info!(engine = %measured.engine, threads,
         hashes_per_second = measured.hashes_per_second, "benchmarked");
     let capacity = pb::Capacity {
         cores: capacity::cores(),
@@ -259,7 +259,7 @@ pub async fn run(
         arch: capacity::arch().to_string(),
         memory_bytes: capacity::memory_bytes(),
         nominal_hashrate: measured.hashes_per_second,
-        hash_engine: format!("{} ({})", measured.engine, measured.backend),
+        hash_engine: measured.engine.clone(),
     };
     let (miner, events) = Miner::start(config.engine, threads);
     let sensors = Sensors::new(config.sensors.clone());

@@ -92,7 +92,7 @@ fn device(i: usize, now_ms: i64, step: u64) -> DeviceView {
         memory_bytes: 2 << 30,
         mining_threads: 3,
         arch: "aarch64".into(),
-        hash_engine: "sha2-midstate/neon".into(),
+        hash_engine: "armv8-sha2".into(),
         agent_version: "0.1.0".into(),
         nominal_hashrate: 2.0e6,
         reported_hashrate: 1.9e6 + jitter,

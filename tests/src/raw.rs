@@ -6,7 +6,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use bytes::BufMut;
-use micromine_agent::engine::{EngineKind, PreparedWork};
+use micromine_agent::engine::{self, EngineKind, Work};
 use micromine_agent::identity::{self, DeviceIdentity};
 use micromine_agent::tls;
 use micromine_proto::pb::{
@@ -181,9 +181,9 @@ pub fn forge(a: &pb::Assignment) -> u32 {
         .expect("some nonce misses the target") as u32
 }
 
-fn prepared(a: &pb::Assignment) -> PreparedWork {
+fn prepared(a: &pb::Assignment) -> Work {
     let prefix: [u8; 76] = a.header_prefix.as_slice().try_into().expect("76 bytes");
-    PreparedWork::new(
+    engine::prepare(
         &prefix,
         Target::from_le_slice(&a.share_target).expect("target"),
     )

@@ -702,7 +702,7 @@ mod tests {
             memory_bytes: 1 << 30,
             mining_threads: 3,
             arch: "aarch64".into(),
-            hash_engine: "sha2-midstate/neon".into(),
+            hash_engine: "armv8-sha2".into(),
             agent_version: "0.1.0".into(),
             nominal_hashrate: 2.0e6,
             reported_hashrate: 1.9e6,
