@@ -3,11 +3,15 @@
 //! `sha256rnds2` performs two rounds but its result is needed by the next one a few cycles
 //! later, so a single hash leaves the SHA unit idle most of the time. The engine therefore
 //! hashes `LANES` independent nonces side by side, each step written once per lane so the
-//! CPU always has independent round instructions to issue. On top of that:
-//! - rounds 0 and 1 of the first hash and its message words 4..15 and 16..17 do not read the
-//!   nonce and are computed once per header (see [`Work`]);
-//! - the second hash's words 8..15 are constant padding;
-//! - the second hash stops after round 61, when its last state word is known.
+//! CPU always has independent round instructions to issue. On top of that, per header
+//! rather than per nonce:
+//! - rounds 0 and 1 of the first hash (they precede the nonce, see [`Work`]);
+//! - the first hash's rounds 4..16 and the second's rounds 8..16, whose words are padding,
+//!   with both halves of each round-constant sum ready (no shuffle per nonce);
+//! - the `sha256msg1` results the padding makes constant (three in the first hash, one in
+//!   the second);
+//!
+//! and the second hash stops after round 61, when its last state word is known.
 //!
 //! The state lives in the two registers the instructions expect: `abef` holds the words
 //! F, E, B, A from the lowest lane up, `cdgh` holds H, G, D, C.
