@@ -19,7 +19,7 @@ use tokio::sync::mpsc;
 
 use crate::engine::{self, EngineKind, Work};
 
-/// Nonces per chunk: about 6 ms at 11 MH/s.
+/// Nonces per chunk: about 3 ms on the `sha-ni` engine, 40 ms on the portable one.
 pub const CHUNK: u64 = 1 << 16;
 
 /// A nonce range to scan, as received from the controller.
