@@ -10,9 +10,10 @@
 //! - `avx2`: x86-64 without SHA extensions, eight nonces per 256-bit register;
 //! - `portable`: plain Rust, on any CPU.
 //!
-//! All of them skip what does not depend on the nonce (the first 64 header bytes, the first
-//! rounds and message words of the first hash, the padding of the second) and stop the
-//! second hash as soon as its last state word, the hash's most significant 32 bits, is known:
+//! All of them skip what does not depend on the nonce (the first 64 header bytes, the
+//! padding words of both hashes and, except on ARM, whose instructions work four rounds at a
+//! time, the first hash's rounds before the nonce), and all but ARM stop the second hash as
+//! soon as its last state word, the hash's most significant 32 bits, is known:
 //! that word rejects all but one in 2^32 hashes at difficulty 1. Survivors are checked in
 //! full by the portable code before they are reported.
 //!
