@@ -151,7 +151,7 @@ macro_rules! word {
 macro_rules! round_at {
     ($s:ident, $bc:ident, $w:ident, $wk:ident, $varies:ident, $i:literal) => {{
         let wk = if $varies($i) {
-            add($w[$i], splat(K[$i]))
+            add($w[$i], $wk[$i])
         } else {
             $wk[$i]
         };
@@ -163,7 +163,8 @@ macro_rules! round_at {
 struct Block {
     /// The constant part of each schedule word.
     parts: [V; 64],
-    /// Constant word plus round constant, for the rounds whose word is constant.
+    /// For a constant word, the word plus its round constant; for a varying one, the round
+    /// constant alone, ready to add (AVX2 cannot broadcast from memory inside an addition).
     wk: [V; 64],
 }
 
@@ -174,7 +175,13 @@ impl Block {
         let parts = sha256::constant_parts(known, varies);
         Block {
             parts: std::array::from_fn(|i| splat(parts[i])),
-            wk: std::array::from_fn(|i| splat(parts[i].wrapping_add(K[i]))),
+            wk: std::array::from_fn(|i| {
+                if varies(i) {
+                    splat(K[i])
+                } else {
+                    splat(parts[i].wrapping_add(K[i]))
+                }
+            }),
         }
     }
 }
@@ -286,7 +293,7 @@ fn hash_lanes(header: &Block, digest: &Block, after_4: &[V; 8], midstate: &[V; 8
     macro_rules! second_word_and_e {
         ($($i:literal)*) => { $(
             word!(w, parts, digest_word_varies, $i);
-            round_e_only(&mut s, add(w[$i], splat(K[$i])));
+            round_e_only(&mut s, add(w[$i], wk[$i]));
         )* };
     }
     second_word_and_e!(57 58 59 60);
