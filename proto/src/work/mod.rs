@@ -14,6 +14,6 @@ pub use header::{
     BlockHeader, HEADER_LEN, HEADER_PREFIX_LEN, HeaderError, Midstate, SHA256_IV,
     finish_second_hash, hash_display_hex, header_with_nonce, sha256d,
 };
-pub use merkle::merkle_root;
+pub use merkle::{merkle_branch, merkle_root, merkle_root_from_branch};
 pub use target::{DIFFICULTY_1_TARGET, Target, TargetError};
 pub use u256::U256;
