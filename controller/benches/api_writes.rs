@@ -111,6 +111,7 @@ fn device(i: usize, now_ms: i64, step: u64) -> DeviceView {
             temperature_c: Some(45.0 + (jitter / 100.0) as f32),
             ..DeviceReadings::default()
         },
+        pool: Default::default(),
     }
 }
 

@@ -167,6 +167,12 @@ mod tests {
             "limits": {"dutyCycle": 0.5},
         }));
         assert_eq!(admission_errors(&object), Vec::<String>::new());
+        let pool = microminer(json!({
+            "selector": {},
+            "workSource": {"stratum": {"url": "stratum+ssl://pool.example.com:4443", "user": "acct.worker",
+                "passwordSecretRef": {"name": "pool", "key": "password"}}},
+        }));
+        assert_eq!(admission_errors(&pool), Vec::<String>::new());
     }
 
     #[test]
@@ -176,6 +182,11 @@ mod tests {
                 json!({"selector": {}, "workSource": {}}),
                 "workSource",
                 "exactly one work source",
+            ),
+            (
+                json!({"selector": {}, "workSource": {"builtin": {"networkDifficulty": 1}, "stratum": {"url": "stratum+tcp://pool:3333", "user": "a.b"}}}),
+                "workSource",
+                "exactly one work source must be set (builtin or stratum)",
             ),
             (
                 json!({"selector": {}, "workSource": {"builtin": {"networkDifficulty": 0}}}),
@@ -260,7 +271,11 @@ mod tests {
     /// through the k8s-openapi type unchanged, so no field is misspelt or misplaced.
     #[test]
     fn the_kubernetes_objects_in_the_examples_are_well_formed() {
-        use k8s_openapi::api::{batch::v1::CronJob, core::v1::ServiceAccount, rbac::v1};
+        use k8s_openapi::api::{
+            batch::v1::CronJob,
+            core::v1::{Secret, ServiceAccount},
+            rbac::v1,
+        };
         fn round_trip<T: serde::de::DeserializeOwned + serde::Serialize>(
             document: &Value,
         ) -> Value {
@@ -272,6 +287,7 @@ mod tests {
                 Some("MicroMiner") => continue,
                 Some("CronJob") => round_trip::<CronJob>(&document),
                 Some("ServiceAccount") => round_trip::<ServiceAccount>(&document),
+                Some("Secret") => round_trip::<Secret>(&document),
                 Some("Role") => round_trip::<v1::Role>(&document),
                 Some("RoleBinding") => round_trip::<v1::RoleBinding>(&document),
                 other => panic!("{}: no check for kind {other:?}", path.display()),

@@ -130,14 +130,21 @@ fn manifest_status(state: &HttpState) -> ManifestStatus {
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
     if state.ready.load(Ordering::Acquire) {
-        // Every work source is the builtin one for now, and it is always there; a pool
-        // connection (Stratum) will report its own state here.
+        // A pool outage does not make the controller unready: agents must still reach it
+        // (to keep their sessions and hand in shares), so the pools are reported, not
+        // judged.
         let sources: serde_json::Map<String, serde_json::Value> = state
             .fleet
             .view()
             .miners
             .iter()
-            .map(|m| (m.key.clone(), json!({"kind": "builtin", "connected": true})))
+            .map(|m| {
+                let source = match &m.status.pool {
+                    Some(pool) => json!({"kind": "stratum", "connected": pool.state == "Connected", "pool": pool.url}),
+                    None => json!({"kind": "builtin", "connected": true}),
+                };
+                (m.key.clone(), source)
+            })
             .collect();
         (
             StatusCode::OK,

@@ -32,6 +32,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::store::{self, Store, StoreError};
 
+pub mod pool;
+
 /// Length of an encoded [`ShareKey`].
 pub const SHARE_KEY_LEN: usize = 12;
 
@@ -354,6 +356,8 @@ struct Cache {
 
 struct State {
     cache: Mutex<Cache>,
+    /// Pool verdict totals by scope key (see [`pool`]).
+    pool: Mutex<pool::PoolCache>,
     /// Numbers record jobs in the order the writer runs them.
     sequence: AtomicU64,
 }
@@ -362,6 +366,11 @@ impl State {
     fn cache(&self) -> MutexGuard<'_, Cache> {
         // Nothing panics while the cache is locked; a poisoned lock still holds valid totals.
         self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn pool_cache(&self) -> MutexGuard<'_, pool::PoolCache> {
+        // As above: nothing panics while it is locked.
+        self.pool.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
     fn install(&self, sequence: u64, updated: Vec<(Kind, String, Totals)>) {
@@ -401,10 +410,15 @@ impl Ledger {
             action: "loading share totals",
             source,
         })?;
+        let pool = pool::load(&store).map_err(|source| LedgerError::Store {
+            action: "loading pool verdict totals",
+            source,
+        })?;
         Ok(Ledger {
             store,
             state: Arc::new(State {
                 cache: Mutex::new(cache),
+                pool: Mutex::new(pool),
                 sequence: AtomicU64::new(0),
             }),
         })
@@ -690,6 +704,7 @@ fn prune_chunk(txn: &WriteTransaction, header_id: u64) -> Result<usize, StoreErr
         nonce: 0,
     }
     .to_bytes();
+    pool::prune(txn, &end)?;
     let mut shares = store::open_table(txn, SHARES)?;
     let doomed = shares
         .range::<&[u8; SHARE_KEY_LEN]>(..&end)

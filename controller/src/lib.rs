@@ -7,6 +7,7 @@
 //! - `scheduler`, `vardiff`: nonce ranges per device, share targets per device.
 //! - `economics`: energy cost against expected revenue.
 //! - `worksource`: where block headers come from (the builtin synthetic source).
+//! - `stratum`: the controller as a Stratum V1 proxy towards a pool.
 //! - `store`, `ledger`: the embedded transactional store (redb) with group commit, and the
 //!   share ledger on top of it.
 //! - `pki`, `tokens`, `revocation`, `tls`: the fleet CA, bootstrap tokens, revoked
@@ -41,6 +42,7 @@ pub mod selector;
 pub mod span_relay;
 pub mod standalone;
 pub mod store;
+pub mod stratum;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;

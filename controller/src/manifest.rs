@@ -144,13 +144,150 @@ fn default_assignment_seconds() -> u32 {
 
 /// The source of work. Exactly one field is set.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, KubeSchema, Default)]
-#[x_kube(validation = Rule::new("[has(self.builtin)].filter(x, x).size() == 1").message("exactly one work source must be set (builtin)"))]
+#[x_kube(validation = Rule::new("[has(self.builtin), has(self.stratum)].filter(x, x).size() == 1").message("exactly one work source must be set (builtin or stratum)"))]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct WorkSource {
     /// Synthetic block templates mined with real sha256d work: for demos, tests and
     /// sizing a fleet without a pool.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub builtin: Option<BuiltinSource>,
+    /// A Stratum V1 pool: the controller mines for it as one worker and splits its jobs
+    /// across the selected devices.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stratum: Option<StratumSource>,
+}
+
+/// The pool to mine for, and the pools to fail over to.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StratumSource {
+    /// `stratum+tcp://HOST:PORT`, or `stratum+ssl://HOST:PORT` for TLS (the pool's
+    /// certificate is checked against the system's CAs, or those in `SSL_CERT_FILE`).
+    #[schemars(regex(
+        pattern = r"^stratum\+(tcp|ssl)://([^/:@\[\]\s]+|\[[0-9a-fA-F:.]+\]):[0-9]{1,5}$"
+    ))]
+    pub url: String,
+    /// The pool account and worker name, e.g. `account.worker`.
+    pub user: String,
+    /// Kubernetes mode: the Secret key (in the MicroMiner's namespace) holding the
+    /// password. Without a password source the password is `x`, which most pools expect.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+    /// Standalone mode: a file holding the password (a relative path is relative to the
+    /// manifests directory); trailing line breaks are ignored.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+    /// Pools to use, in order, while this one cannot be reached (at most 8). The
+    /// controller goes back to this pool as soon as it answers again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failover: Vec<StratumPool>,
+    /// While on a failover pool, how often (seconds, 1 to 3600) the primary pool is
+    /// tried again.
+    #[serde(default = "default_failback_seconds")]
+    #[schemars(range(min = 1, max = 3600))]
+    pub failback_seconds: u32,
+}
+
+fn default_failback_seconds() -> u32 {
+    60
+}
+
+/// A failover pool.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct StratumPool {
+    /// `stratum+tcp://HOST:PORT` or `stratum+ssl://HOST:PORT`.
+    #[schemars(regex(
+        pattern = r"^stratum\+(tcp|ssl)://([^/:@\[\]\s]+|\[[0-9a-fA-F:.]+\]):[0-9]{1,5}$"
+    ))]
+    pub url: String,
+    /// The account and worker name at this pool.
+    pub user: String,
+    /// Kubernetes mode: the Secret key holding this pool's password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_secret_ref: Option<SecretKeyRef>,
+    /// Standalone mode: a file holding this pool's password.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub password_file: Option<String>,
+}
+
+/// A key of a Secret in the MicroMiner's namespace.
+#[derive(Deserialize, Serialize, Clone, Debug, PartialEq, Eq, JsonSchema)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct SecretKeyRef {
+    /// The Secret's name.
+    pub name: String,
+    /// The key in its `data`.
+    pub key: String,
+}
+
+/// The longest failover list: more pools than this is a configuration mistake.
+pub const MAX_FAILOVER_POOLS: usize = 8;
+
+impl StratumSource {
+    /// The primary pool followed by the failover pools, in the order they are tried.
+    pub fn pools(&self) -> Vec<StratumPool> {
+        let primary = StratumPool {
+            url: self.url.clone(),
+            user: self.user.clone(),
+            password_secret_ref: self.password_secret_ref.clone(),
+            password_file: self.password_file.clone(),
+        };
+        std::iter::once(primary)
+            .chain(self.failover.iter().cloned())
+            .collect()
+    }
+}
+
+impl StratumPool {
+    /// The problems of this pool's settings, as (field under the pool, problem).
+    pub fn problems(&self) -> Vec<(&'static str, String)> {
+        let mut problems = Vec::new();
+        if let Err(e) = crate::stratum::PoolUrl::parse(&self.url) {
+            problems.push(("url", e));
+        }
+        if self.user.trim().is_empty() {
+            problems.push(("user", "is required".to_string()));
+        } else if self.user.len() > 256 || self.user.chars().any(char::is_control) {
+            problems.push((
+                "user",
+                "must be at most 256 characters without control characters".to_string(),
+            ));
+        }
+        if self.password_secret_ref.is_some() && self.password_file.is_some() {
+            problems.push((
+                "passwordFile",
+                "cannot be set together with passwordSecretRef; choose one".to_string(),
+            ));
+        }
+        if let Some(secret) = &self.password_secret_ref {
+            if !is_dns_subdomain(&secret.name) {
+                problems.push((
+                    "passwordSecretRef.name",
+                    format!("`{}` is not a valid Secret name", secret.name),
+                ));
+            }
+            if secret.key.is_empty()
+                || secret.key.len() > 253
+                || !secret
+                    .key
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+            {
+                problems.push((
+                    "passwordSecretRef.key",
+                    format!(
+                        "`{}` is not a valid Secret key (letters, digits, '-', '_', '.')",
+                        secret.key
+                    ),
+                ));
+            }
+        }
+        if self.password_file.as_deref().is_some_and(str::is_empty) {
+            problems.push(("passwordFile", "must not be empty".to_string()));
+        }
+        problems
+    }
 }
 
 /// Settings of the builtin work source.
@@ -281,6 +418,41 @@ pub struct MicroMinerStatus {
     /// Power, energy, cost and expected revenue, when `spec.economics` is set.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub economics: Option<EconomicsStatus>,
+    /// The pool connection, when the work source is `stratum`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pool: Option<PoolStatus>,
+}
+
+/// The pool connection of a MicroMiner with a `stratum` work source, and what the pool
+/// made of the shares submitted to it.
+#[derive(Deserialize, Serialize, Clone, Debug, Default, PartialEq, JsonSchema)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolStatus {
+    /// `Connected`, `Connecting` (not connected yet) or `Disconnected`.
+    pub state: String,
+    /// The pool in use (or last tried).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url: Option<String>,
+    /// Whether that is a failover pool rather than the primary.
+    #[serde(default)]
+    pub failover: bool,
+    /// The pool's share difficulty: device shares that meet it are submitted.
+    pub difficulty: f64,
+    /// The pool job devices are working on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub job: Option<String>,
+    /// Why the last connection ended or failed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub last_error: Option<String>,
+    /// Shares the pool accepted.
+    pub accepted: u64,
+    /// Shares the pool did not accept (or that could not be submitted).
+    pub rejected: u64,
+    /// Those by reason: `stale`, `job-not-found`, `duplicate`, `low-difficulty`,
+    /// `unauthorized`, `not-subscribed`, `other`, `timeout` (no answer), `session-lost`
+    /// (the pool session ended before the share could be submitted).
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub rejected_by_reason: BTreeMap<String, u64>,
 }
 
 /// What mining costs and is expected to earn, in the currency of `spec.economics`.
@@ -395,12 +567,12 @@ impl MicroMiner {
         if let Err(e) = selector::validate(&spec.selector) {
             problem(&format!("spec.selector.{}", e.field), e.problem);
         }
-        match &spec.work_source.builtin {
-            None => problem(
+        match (&spec.work_source.builtin, &spec.work_source.stratum) {
+            (None, None) | (Some(_), Some(_)) => problem(
                 "spec.workSource",
-                "exactly one work source must be set (builtin)".into(),
+                "exactly one work source must be set (builtin or stratum)".into(),
             ),
-            Some(builtin) => {
+            (Some(builtin), None) => {
                 if !(builtin.network_difficulty.is_finite() && builtin.network_difficulty > 0.0) {
                     problem(
                         "spec.workSource.builtin.networkDifficulty",
@@ -409,6 +581,35 @@ impl MicroMiner {
                             builtin.network_difficulty
                         ),
                     );
+                }
+            }
+            (None, Some(stratum)) => {
+                if stratum.failover.len() > MAX_FAILOVER_POOLS {
+                    problem(
+                        "spec.workSource.stratum.failover",
+                        format!(
+                            "lists {} pools, at most {MAX_FAILOVER_POOLS}",
+                            stratum.failover.len()
+                        ),
+                    );
+                }
+                if !(1..=3600).contains(&stratum.failback_seconds) {
+                    problem(
+                        "spec.workSource.stratum.failbackSeconds",
+                        format!(
+                            "must be between 1 and 3600, got {}",
+                            stratum.failback_seconds
+                        ),
+                    );
+                }
+                for (i, pool) in stratum.pools().iter().enumerate() {
+                    let prefix = match i {
+                        0 => "spec.workSource.stratum".to_string(),
+                        n => format!("spec.workSource.stratum.failover[{}]", n - 1),
+                    };
+                    for (field, text) in pool.problems() {
+                        problem(&format!("{prefix}.{field}"), text);
+                    }
                 }
             }
         }
@@ -905,6 +1106,81 @@ spec:
         }
         let missing = error_of(&with.replace("    coinPrice: 60000\n", ""));
         assert!(missing.to_string().contains("coinPrice"), "{missing}");
+    }
+
+    #[test]
+    fn pool_work_sources_are_read_and_bad_ones_named() {
+        let pool = GOOD.replace(
+            "    builtin: {networkDifficulty: 0.05}",
+            "    stratum:\n      url: stratum+ssl://pool.example.com:4443\n      user: acct.worker\n      passwordFile: pool.pass\n      failover:\n        - {url: \"stratum+tcp://[2001:db8::1]:3333\", user: acct.backup}\n",
+        );
+        let miner = parse_str("m.yaml", &pool).expect("valid").remove(0);
+        let stratum = miner.spec.work_source.stratum.expect("stratum");
+        assert_eq!(stratum.failback_seconds, 60);
+        let pools = stratum.pools();
+        assert_eq!(pools.len(), 2);
+        assert_eq!(pools[0].password_file.as_deref(), Some("pool.pass"));
+        assert_eq!(pools[1].user, "acct.backup");
+        for (from, to, field, text) in [
+            (
+                "stratum+ssl://pool.example.com:4443",
+                "http://pool:80",
+                "spec.workSource.stratum.url",
+                "must start with stratum+tcp://",
+            ),
+            (
+                "stratum+ssl://pool.example.com:4443",
+                "stratum+tcp://pool:99999",
+                "spec.workSource.stratum.url",
+                "1 to 65535",
+            ),
+            (
+                "user: acct.worker",
+                "user: ''",
+                "spec.workSource.stratum.user",
+                "is required",
+            ),
+            (
+                "passwordFile: pool.pass",
+                "passwordFile: pool.pass\n      passwordSecretRef: {name: s, key: k}",
+                "spec.workSource.stratum.passwordFile",
+                "cannot be set together",
+            ),
+            (
+                "user: acct.backup}",
+                "user: acct.backup, passwordSecretRef: {name: Bad_Name, key: k}}",
+                "spec.workSource.stratum.failover[0].passwordSecretRef.name",
+                "not a valid Secret name",
+            ),
+            (
+                "\"stratum+tcp://[2001:db8::1]:3333\"",
+                "\"stratum+tcp://[nope]:3333\"",
+                "spec.workSource.stratum.failover[0].url",
+                "no valid host",
+            ),
+            (
+                "passwordFile: pool.pass",
+                "passwordFile: pool.pass\n      failbackSeconds: 0",
+                "spec.workSource.stratum.failbackSeconds",
+                "between 1 and 3600",
+            ),
+        ] {
+            let err = error_of(&pool.replace(from, to));
+            let text_of = err.to_string();
+            assert!(
+                text_of.contains(&format!("{field}: ")) && text_of.contains(text),
+                "{field}: {text_of}"
+            );
+        }
+        let both = pool.replace(
+            "  workSource:\n",
+            "  workSource:\n    builtin: {networkDifficulty: 1}\n",
+        );
+        assert!(
+            error_of(&both).to_string().contains(
+                "spec.workSource: exactly one work source must be set (builtin or stratum)"
+            )
+        );
     }
 
     #[test]

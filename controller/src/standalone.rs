@@ -217,6 +217,9 @@ async fn start_serving(
     }
     let pki = Arc::new(config.load_pki()?);
     let tokens = Arc::new(TokenStore::open(&tokens_dir(&config.data_dir))?);
+    let pool_secrets = secrets
+        .as_ref()
+        .map(|s| crate::kubernetes::pool_secrets::SecretPasswords::new(s.client()));
     let token_source = match secrets {
         Some(secrets) => TokenSource::Secrets(Box::new(secrets)),
         None => TokenSource::Files(tokens.clone()),
@@ -228,6 +231,13 @@ async fn start_serving(
     })?;
     let ledger = Ledger::open(store.clone())?;
     let fleet = Fleet::open(store.clone(), ledger).await?;
+    match (&config.manifests, pool_secrets) {
+        (Some(dir), _) => fleet.set_passwords(Arc::new(
+            crate::stratum::passwords::FilePasswords::new(dir.clone()),
+        )),
+        (None, Some(secrets)) => fleet.set_passwords(Arc::new(secrets)),
+        (None, None) => {}
+    }
     let metrics = Metrics::new(
         &fleet,
         MetricsOptions {

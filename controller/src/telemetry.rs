@@ -319,6 +319,69 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
 
     let v = views.clone();
     meter
+        .u64_observable_counter("micromine.pool.shares")
+        .with_description(
+            "Shares submitted to the pool by MicroMiner and the pool's answer; rejected ones by reason, including timeout and session-lost (from the ledger)",
+        )
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for miner in &view.miners {
+                let Some(pool) = &miner.status.pool else { continue };
+                let [m, ns] = miner_labels(&miner.key);
+                observer.observe(
+                    pool.accepted,
+                    &[m.clone(), ns.clone(), KeyValue::new("result", "accepted"), KeyValue::new("reason", "")],
+                );
+                // Every reason always, so a rate over a first rejection is not lost.
+                for reason in crate::stratum::message::RejectReason::ALL {
+                    let count = pool.rejected_by_reason.get(reason.as_str()).copied().unwrap_or(0);
+                    observer.observe(
+                        count,
+                        &[m.clone(), ns.clone(), KeyValue::new("result", "rejected"), KeyValue::new("reason", reason.as_str())],
+                    );
+                }
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .u64_observable_gauge("micromine.pool.connected")
+        .with_description("1 while the MicroMiner's pool connection is up; `pool` is the pool in use or last tried, `failover` whether it is not the primary")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for miner in &view.miners {
+                let Some(pool) = &miner.status.pool else { continue };
+                let [m, ns] = miner_labels(&miner.key);
+                observer.observe(
+                    u64::from(pool.state == "Connected"),
+                    &[
+                        m,
+                        ns,
+                        KeyValue::new("pool", pool.url.clone().unwrap_or_default()),
+                        KeyValue::new("failover", pool.failover.to_string()),
+                    ],
+                );
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
+        .f64_observable_gauge("micromine.pool.difficulty")
+        .with_description("The pool's share difficulty for the MicroMiner")
+        .with_callback(move |observer| {
+            let Some(view) = v.get() else { return };
+            for miner in &view.miners {
+                if let Some(pool) = &miner.status.pool {
+                    observer.observe(pool.difficulty, &miner_labels(&miner.key));
+                }
+            }
+        })
+        .build();
+
+    let v = views.clone();
+    meter
         .u64_observable_counter("micromine.blocks_found")
         .with_description("Shares that met the network target, by MicroMiner (from the ledger)")
         .with_callback(move |observer| {

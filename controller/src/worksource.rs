@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::scheduler::HeaderId;
 
 /// One header prefix that devices scan nonces of.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct WorkHeader {
     /// Unique id (never reused).
     pub id: HeaderId,
@@ -25,6 +25,27 @@ pub struct WorkHeader {
     pub prefix: [u8; HEADER_PREFIX_LEN],
     /// The block target (from the header's `bits`).
     pub network_bits: u32,
+    /// What a pool needs to accept shares of this header; `None` for builtin work.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub upstream: Option<UpstreamWork>,
+}
+
+/// The pool's side of a header built from a Stratum job.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct UpstreamWork {
+    /// The pool session (extranonce1) it was built for.
+    pub session: u64,
+    /// The pool's job id.
+    pub job_id: String,
+    /// The controller's extranonce2, hex.
+    pub extranonce2: String,
+    /// The header's time.
+    pub ntime: u32,
+    /// Rolled version bits, when the pool allows version rolling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version_bits: Option<u32>,
+    /// The pool difficulty when the header was built.
+    pub difficulty: f64,
 }
 
 impl WorkHeader {
@@ -154,6 +175,7 @@ impl BuiltinSource {
             job: self.tip.job,
             prefix: header.prefix(),
             network_bits: self.bits,
+            upstream: None,
         }
     }
 
@@ -173,6 +195,74 @@ impl BuiltinSource {
         self.bits = bits_for(network_difficulty);
         self.tip.job = new_job;
         self.tip.next_extranonce = 0;
+    }
+}
+
+/// A MicroMiner's work source at run time.
+#[derive(Debug, Clone)]
+pub enum Source {
+    /// Synthetic templates.
+    Builtin(BuiltinSource),
+    /// A pool's jobs.
+    Stratum(crate::stratum::work::StratumWork),
+}
+
+impl Source {
+    /// The current job: headers of other jobs are stale.
+    pub fn job(&self) -> u64 {
+        match self {
+            Source::Builtin(b) => b.job(),
+            Source::Stratum(s) => s.job(),
+        }
+    }
+
+    /// The next header of the current job, if the source has work now.
+    pub fn next_header(&mut self, id: HeaderId) -> Option<WorkHeader> {
+        match self {
+            Source::Builtin(b) => Some(b.next_header(id)),
+            Source::Stratum(s) => s.next_header(id),
+        }
+    }
+
+    /// The highest share difficulty worth giving a device: above it a share would be
+    /// worth more than the work it is for (a block, or a pool share) and be missed.
+    pub fn share_cap(&self) -> f64 {
+        match self {
+            Source::Builtin(b) => b.network_target().difficulty(),
+            Source::Stratum(s) => s.difficulty(),
+        }
+    }
+
+    /// The network difficulty the work is for (0 while a pool has sent no job).
+    pub fn network_difficulty(&self) -> f64 {
+        match self {
+            Source::Builtin(b) => b.network_target().difficulty(),
+            Source::Stratum(s) => s.network_difficulty().unwrap_or(0.0),
+        }
+    }
+
+    /// The builtin source, if it is one.
+    pub fn builtin_mut(&mut self) -> Option<&mut BuiltinSource> {
+        match self {
+            Source::Builtin(b) => Some(b),
+            Source::Stratum(_) => None,
+        }
+    }
+
+    /// The pool work, if it is one.
+    pub fn stratum(&self) -> Option<&crate::stratum::work::StratumWork> {
+        match self {
+            Source::Stratum(s) => Some(s),
+            Source::Builtin(_) => None,
+        }
+    }
+
+    /// The pool work, if it is one.
+    pub fn stratum_mut(&mut self) -> Option<&mut crate::stratum::work::StratumWork> {
+        match self {
+            Source::Stratum(s) => Some(s),
+            Source::Builtin(_) => None,
+        }
     }
 }
 

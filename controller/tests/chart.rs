@@ -897,6 +897,9 @@ fn rules_file() -> String {
 const METRICS: &[&str] = &[
     "micromine_shares_total",
     "micromine_blocks_found_total",
+    "micromine_pool_shares_total",
+    "micromine_pool_connected",
+    "micromine_pool_difficulty",
     "micromine_hashrate_hashes_per_second",
     "micromine_site_hashrate_hashes_per_second",
     "micromine_devices",

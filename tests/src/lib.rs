@@ -9,7 +9,9 @@
 //! (hand-made gRPC clients for hostile-agent tests); `fake_api` (an in-memory Kubernetes
 //! API server for `run --kubernetes`); `prometheus` (a real Prometheus scraping loopback
 //! targets, for PromQL queries and rule files); `observability` (the chart's dashboard
-//! queries and alerting rules' PromQL, ready to evaluate against a real Prometheus).
+//! queries and alerting rules' PromQL, ready to evaluate against a real Prometheus);
+//! `stratum_pool` (a Stratum V1 pool, written independently of the controller's client,
+//! that judges every share as a real pool would).
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpListener, TcpStream};
@@ -24,6 +26,7 @@ pub mod fake_api;
 pub mod observability;
 pub mod prometheus;
 pub mod raw;
+pub mod stratum_pool;
 
 /// Path of a workspace binary next to the test executable.
 pub fn bin(name: &str) -> PathBuf {

@@ -12,6 +12,7 @@ mod honesty;
 pub mod persist;
 pub mod state;
 pub mod status;
+mod upstream;
 
 use std::collections::HashMap;
 use std::future::Future;
@@ -71,6 +72,10 @@ pub struct Fleet {
     revocations: Mutex<Arc<Revocations>>,
     /// Where latencies and outcomes are recorded, once metrics are set up.
     metrics: Mutex<Option<Arc<crate::telemetry::Metrics>>>,
+    /// Pool connections of MicroMiners with a `stratum` work source.
+    upstreams: Mutex<upstream::Upstreams>,
+    /// Itself, for the pool connections' callbacks (which must not keep it alive).
+    me: std::sync::Weak<Fleet>,
 }
 
 /// Current wall-clock time in Unix milliseconds.
@@ -91,13 +96,19 @@ fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
 pub enum Judged {
     /// Refused, with the reason and the MicroMiner when known.
     Rejected(pb::Share, RejectReason, Option<String>),
-    /// Meets its target: the ledger record, the header, and the hash if it is a block.
-    Accepted(
-        pb::Share,
-        AcceptedShare,
-        Arc<crate::worksource::WorkHeader>,
-        Option<[u8; 32]>,
-    ),
+    /// Meets its target.
+    Accepted {
+        /// The share as the device sent it.
+        share: pb::Share,
+        /// The ledger record.
+        record: AcceptedShare,
+        /// The header it was found on.
+        header: Arc<crate::worksource::WorkHeader>,
+        /// Its hash, when it is a block.
+        block_hash: Option<[u8; 32]>,
+        /// It also meets the pool's difficulty: it goes upstream once recorded.
+        for_pool: bool,
+    },
 }
 
 impl Fleet {
@@ -118,7 +129,7 @@ impl Fleet {
         );
         let (dispatch, mut queue) = mpsc::unbounded_channel::<Dispatch>();
         let links: Arc<Mutex<HashMap<String, Link>>> = Arc::default();
-        let fleet = Arc::new(Fleet {
+        let fleet = Arc::new_cyclic(|me| Fleet {
             state: Mutex::new(FleetState::new(restored)),
             links: links.clone(),
             store,
@@ -126,6 +137,8 @@ impl Fleet {
             dispatch,
             revocations: Mutex::new(Arc::default()),
             metrics: Mutex::new(None),
+            upstreams: Mutex::default(),
+            me: me.clone(),
         });
         tokio::spawn(async move {
             while let Some(item) = queue.recv().await {
@@ -164,9 +177,13 @@ impl Fleet {
 
     /// Makes a set of MicroMiners current.
     pub fn apply_miners(&self, miners: &MinerSet) {
-        let mut state = lock(&self.state);
-        let fx = state.apply_miners(miners, now_ms());
-        self.queue(fx);
+        {
+            let mut state = lock(&self.state);
+            let fx = state.apply_miners(miners, now_ms());
+            self.queue(fx);
+        }
+        // After the state knows the MicroMiners, so the first events find them.
+        self.reconcile_upstreams(miners);
     }
 
     /// Cordons (`true`) or uncordons a device; see `EdgeDevice.spec.unschedulable`.
@@ -352,7 +369,7 @@ impl Fleet {
         let mut rejected = Vec::new();
         for j in &judged {
             match j {
-                Judged::Accepted(_, share, _, _) => accepted.push(share.clone()),
+                Judged::Accepted { record, .. } => accepted.push(record.clone()),
                 Judged::Rejected(_, reason, miner) => rejected.push(Rejection {
                     device: device.to_string(),
                     miner: miner.clone(),
@@ -369,42 +386,53 @@ impl Fleet {
         let mut outcomes = outcomes.into_iter();
         let mut results = Vec::with_capacity(judged.len());
         let mut recorded = Vec::new();
+        let mut upstream = Vec::new();
         for j in judged {
             match j {
                 Judged::Rejected(share, reason, _) => results.push(rejected_result(&share, reason)),
-                Judged::Accepted(share, record, header, block_hash) => {
-                    match outcomes.next().unwrap_or(ShareOutcome::Duplicate) {
-                        ShareOutcome::Recorded => {
-                            recorded.push(RecordedShare {
-                                miner: record.miner.clone(),
-                                difficulty: record.difficulty,
-                                header,
-                                block_hash,
-                            });
-                            results.push(accepted_result(
-                                &share,
-                                record.difficulty,
-                                block_hash.is_some(),
-                            ));
+                Judged::Accepted {
+                    share,
+                    record,
+                    header,
+                    block_hash,
+                    for_pool,
+                } => match outcomes.next().unwrap_or(ShareOutcome::Duplicate) {
+                    ShareOutcome::Recorded => {
+                        if for_pool {
+                            upstream.push((record.clone(), header.clone()));
                         }
-                        ShareOutcome::AlreadyRecorded => {
-                            results.push(accepted_result(
-                                &share,
-                                record.difficulty,
-                                block_hash.is_some(),
-                            ));
-                        }
-                        ShareOutcome::Duplicate => {
-                            results.push(rejected_result(&share, RejectReason::Duplicate));
-                        }
+                        recorded.push(RecordedShare {
+                            miner: record.miner.clone(),
+                            difficulty: record.difficulty,
+                            header,
+                            block_hash,
+                        });
+                        results.push(accepted_result(
+                            &share,
+                            record.difficulty,
+                            block_hash.is_some(),
+                        ));
                     }
-                }
+                    ShareOutcome::AlreadyRecorded => {
+                        results.push(accepted_result(
+                            &share,
+                            record.difficulty,
+                            block_hash.is_some(),
+                        ));
+                    }
+                    ShareOutcome::Duplicate => {
+                        results.push(rejected_result(&share, RejectReason::Duplicate));
+                    }
+                },
             }
         }
         if !recorded.is_empty() {
             let mut state = lock(&self.state);
             let fx = state.shares_recorded(device, &recorded, now_ms());
             self.queue(fx);
+        }
+        for (record, header) in upstream {
+            self.submit_upstream(record, &header);
         }
         Ok(pb::ShareResults { results })
     }
@@ -459,8 +487,17 @@ impl Fleet {
         };
         let revocations = lock(&self.revocations).clone();
         let mut state = lock(&self.state);
-        let (miners, mut devices) = state.view(now_ms(), &totals);
+        let (mut miners, mut devices) = state.view(now_ms(), &totals);
+        for miner in &mut miners {
+            if let Some(pool) = miner.status.pool.as_mut() {
+                let answers = ledger.miner_pool_totals(&miner.key);
+                pool.accepted = answers.accepted;
+                pool.rejected = answers.rejected_total();
+                pool.rejected_by_reason = answers.rejected;
+            }
+        }
         for device in &mut devices {
+            device.pool = ledger.device_pool_totals(&device.name);
             if revocations.is_blocked(&device.name) {
                 device.state = "revoked".into();
             }
@@ -541,6 +578,7 @@ pub fn judge(device: &str, check: ShareCheck, now: i64) -> Judged {
             target,
             difficulty,
             miner,
+            pool_target,
         } => {
             let nonce = u64::from(share.nonce);
             if nonce < range.0 || nonce >= range.1 {
@@ -563,7 +601,14 @@ pub fn judge(device: &str, check: ShareCheck, now: i64) -> Judged {
                 block,
                 resubmitted: share.resubmitted,
             };
-            Judged::Accepted(share, record, header, block.then_some(hash))
+            let for_pool = pool_target.is_some_and(|t| t.is_met_by(&hash));
+            Judged::Accepted {
+                share,
+                record,
+                header,
+                block_hash: block.then_some(hash),
+                for_pool,
+            }
         }
     }
 }

@@ -18,12 +18,14 @@ use crate::economics;
 use crate::ledger::Totals;
 use crate::manifest::{
     DeviceCounts, Economics, EconomicsStatus, Hashrate, Limits, MicroMiner, MicroMinerStatus,
-    MinerSet, ShareCounts,
+    MinerSet, PoolStatus, ShareCounts,
 };
 use crate::scheduler::{AssignmentId, HeaderId, Lease, NONCE_SPACE, Scheduler};
 use crate::selector;
+use crate::stratum::client::UpstreamEvent;
+use crate::stratum::work::{Change, StratumWork};
 use crate::vardiff::Vardiff;
-use crate::worksource::{BuiltinSource, ChainTip, WorkHeader};
+use crate::worksource::{BuiltinSource, ChainTip, Source, WorkHeader};
 
 /// Leases a connected device holds at once: one to work on, one queued so it never idles
 /// while the controller answers.
@@ -85,7 +87,7 @@ struct EndedLease {
 #[derive(Debug)]
 struct MinerRuntime {
     spec: MicroMiner,
-    source: BuiltinSource,
+    source: Source,
     headers: BTreeSet<HeaderId>,
     current_header: Option<HeaderId>,
     effective: RateWindow,
@@ -184,6 +186,9 @@ pub enum ShareCheck {
         difficulty: f64,
         /// The MicroMiner it is for.
         miner: String,
+        /// The pool's target, when the header is pool work: a share meeting it goes
+        /// upstream.
+        pool_target: Option<Target>,
     },
 }
 
@@ -375,7 +380,7 @@ impl FleetState {
             };
             let difficulty = economics
                 .network_difficulty
-                .unwrap_or_else(|| runtime.source.network_target().difficulty());
+                .unwrap_or_else(|| runtime.source.network_difficulty());
             *self.energy_joules.entry(key.clone()).or_default() +=
                 economy.working_watts * step_ms as f64 / 1000.0;
             let revenue =
@@ -424,26 +429,44 @@ impl FleetState {
             self.miners.remove(&key);
         }
         for (key, miner) in desired {
-            let difficulty = miner
-                .spec
-                .work_source
-                .builtin
-                .as_ref()
-                .map_or(1.0, |b| b.network_difficulty);
+            let wants_pool = miner.spec.work_source.stratum.is_some();
             match self.miners.get_mut(key) {
                 Some(runtime)
                     if runtime.spec.spec == miner.spec
                         && runtime.spec.metadata == miner.metadata => {}
+                Some(runtime) if runtime.source.stratum().is_some() != wants_pool => {
+                    runtime.spec = miner.clone();
+                    tracing::info!(miner = %key, "MicroMiner changed its kind of work source");
+                    // Everything outstanding was built by the old source.
+                    self.retire_miner_headers(key, "work source changed", &mut fx);
+                    let source = self.new_source(key, miner, now_ms, &mut fx);
+                    if let Some(runtime) = self.miners.get_mut(key) {
+                        runtime.source = source;
+                        runtime.current_header = None;
+                    }
+                }
                 Some(runtime) => {
                     let old = std::mem::replace(&mut runtime.spec, miner.clone());
-                    let new_job = runtime.source.difficulty_changes(difficulty);
+                    let difficulty = miner
+                        .spec
+                        .work_source
+                        .builtin
+                        .as_ref()
+                        .map(|b| b.network_difficulty);
+                    let new_job = match (runtime.source.builtin_mut(), difficulty) {
+                        (Some(builtin), Some(d)) => builtin.difficulty_changes(d),
+                        _ => false,
+                    };
                     if new_job {
                         let job = self.ids.take_job();
-                        if let Some(runtime) = self.miners.get_mut(key) {
-                            runtime.source.set_difficulty(difficulty, job);
+                        if let Some(runtime) = self.miners.get_mut(key)
+                            && let (Some(builtin), Some(d)) =
+                                (runtime.source.builtin_mut(), difficulty)
+                        {
+                            builtin.set_difficulty(d, job);
                             runtime.current_header = None;
                             fx.persist
-                                .push(PersistOp::Tip(key.clone(), runtime.source.tip().clone()));
+                                .push(PersistOp::Tip(key.clone(), builtin.tip().clone()));
                         }
                         fx.persist.push(PersistOp::Ids(self.ids.clone()));
                         self.retire_stale_headers(key, "network difficulty changed", &mut fx);
@@ -457,21 +480,7 @@ impl FleetState {
                     tracing::info!(miner = %key, new_job, "MicroMiner updated");
                 }
                 None => {
-                    let tip = self.tips.get(key).cloned();
-                    let job = if tip.is_none() {
-                        self.ids.take_job()
-                    } else {
-                        0
-                    };
-                    let mut source =
-                        BuiltinSource::new(key, difficulty, tip, job, now_unix_seconds(now_ms));
-                    if source.difficulty_changes(difficulty) {
-                        source.set_difficulty(difficulty, self.ids.take_job());
-                    }
-                    fx.persist
-                        .push(PersistOp::Tip(key.clone(), source.tip().clone()));
-                    fx.persist.push(PersistOp::Ids(self.ids.clone()));
-                    tracing::info!(miner = %key, network_difficulty = difficulty, "MicroMiner added");
+                    let source = self.new_source(key, miner, now_ms, &mut fx);
                     let mut effective = RateWindow::default();
                     effective.observe_from(now_ms);
                     self.miners.insert(
@@ -493,6 +502,110 @@ impl FleetState {
         let names: Vec<String> = self.devices.keys().cloned().collect();
         for name in names {
             self.rematch_device(&name, now_ms, &mut fx);
+        }
+        fx
+    }
+
+    /// The work source a MicroMiner starts with: a builtin chain continues from its
+    /// persisted tip; a pool starts with no work until its upstream connects.
+    fn new_source(
+        &mut self,
+        key: &str,
+        miner: &MicroMiner,
+        now_ms: i64,
+        fx: &mut Effects,
+    ) -> Source {
+        let source = match &miner.spec.work_source.builtin {
+            Some(builtin) => {
+                let difficulty = builtin.network_difficulty;
+                let tip = self.tips.get(key).cloned();
+                let job = if tip.is_none() {
+                    self.ids.take_job()
+                } else {
+                    0
+                };
+                let mut source =
+                    BuiltinSource::new(key, difficulty, tip, job, now_unix_seconds(now_ms));
+                if source.difficulty_changes(difficulty) {
+                    source.set_difficulty(difficulty, self.ids.take_job());
+                }
+                fx.persist
+                    .push(PersistOp::Tip(key.to_string(), source.tip().clone()));
+                tracing::info!(miner = %key, network_difficulty = difficulty, "MicroMiner added (builtin work)");
+                Source::Builtin(source)
+            }
+            None => {
+                let url = miner
+                    .spec
+                    .work_source
+                    .stratum
+                    .as_ref()
+                    .map(|s| s.url.clone())
+                    .unwrap_or_default();
+                tracing::info!(miner = %key, pool = url, "MicroMiner added (pool work)");
+                Source::Stratum(StratumWork::new(key, self.ids.take_job()))
+            }
+        };
+        fx.persist.push(PersistOp::Ids(self.ids.clone()));
+        source
+    }
+
+    /// Applies what a MicroMiner's pool connection reported: new jobs, difficulty,
+    /// sessions. Stale work is cancelled at once and devices get work from the new job.
+    pub fn upstream_event(&mut self, miner: &str, event: UpstreamEvent, now_ms: i64) -> Effects {
+        let mut fx = Effects::default();
+        let Some(runtime) = self.miners.get_mut(miner) else {
+            return fx;
+        };
+        let Some(work) = runtime.source.stratum_mut() else {
+            return fx;
+        };
+        let ids = &mut self.ids;
+        let mut took_job = false;
+        let change = work.apply(event, || {
+            took_job = true;
+            ids.take_job()
+        });
+        if took_job {
+            fx.persist.push(PersistOp::Ids(self.ids.clone()));
+        }
+        match change {
+            Change::Nothing => return fx,
+            Change::NewEpoch(reason) => {
+                if let Some(runtime) = self.miners.get_mut(miner) {
+                    runtime.current_header = None;
+                }
+                self.retire_stale_headers(miner, reason, &mut fx);
+            }
+            Change::NewWork => {
+                if let Some(runtime) = self.miners.get_mut(miner) {
+                    runtime.current_header = None;
+                }
+            }
+            Change::Difficulty => {
+                if let Some(runtime) = self.miners.get_mut(miner) {
+                    runtime.current_header = None;
+                }
+                let names: Vec<String> = self
+                    .devices
+                    .iter()
+                    .filter(|(_, d)| d.miner.as_deref() == Some(miner))
+                    .map(|(n, _)| n.clone())
+                    .collect();
+                for name in names {
+                    self.rematch_device(&name, now_ms, &mut fx);
+                }
+                return fx;
+            }
+        }
+        let names: Vec<String> = self
+            .devices
+            .iter()
+            .filter(|(_, d)| d.miner.as_deref() == Some(miner) && d.session.is_some())
+            .map(|(n, _)| n.clone())
+            .collect();
+        for name in names {
+            self.top_up(&name, now_ms, &mut fx);
         }
         fx
     }
@@ -525,7 +638,7 @@ impl FleetState {
             && let Some(miner) = self.miners.get(key)
         {
             let spm = miner.spec.spec.shares_per_minute;
-            let max = miner.source.network_target().difficulty();
+            let max = miner.source.share_cap();
             let nominal = device.nominal_hashrate() * miner.spec.spec.limits.duty_cycle;
             match device.vardiff.as_mut() {
                 Some(v) => v.set_goal(spm, max, now_ms),
@@ -955,7 +1068,11 @@ impl FleetState {
             }
             let header = match self.miners.get(&key).and_then(|m| m.current_header) {
                 Some(h) => h,
-                None => self.new_header(&key, fx),
+                None => match self.new_header(&key, fx) {
+                    Some(h) => h,
+                    // The source has no work now (a pool between jobs or connections).
+                    None => return,
+                },
             };
             let expires = now_ms + lease_ms;
             let Some(lease) = self.scheduler.assign(name, header, size, expires) else {
@@ -1024,23 +1141,22 @@ impl FleetState {
         }
     }
 
-    fn new_header(&mut self, miner: &str, fx: &mut Effects) -> HeaderId {
-        let id = self.ids.take_header();
-        let Some(runtime) = self.miners.get_mut(miner) else {
-            return id;
-        };
-        let work = runtime.source.next_header(id);
+    fn new_header(&mut self, miner: &str, fx: &mut Effects) -> Option<HeaderId> {
+        let runtime = self.miners.get_mut(miner)?;
+        let id = self.ids.next_header;
+        let work = runtime.source.next_header(id)?;
+        self.ids.take_header();
         runtime.headers.insert(id);
         runtime.current_header = Some(id);
         fx.persist.push(PersistOp::Header(work.clone()));
-        fx.persist.push(PersistOp::Tip(
-            miner.to_string(),
-            runtime.source.tip().clone(),
-        ));
+        if let Source::Builtin(builtin) = &runtime.source {
+            fx.persist
+                .push(PersistOp::Tip(miner.to_string(), builtin.tip().clone()));
+        }
         fx.persist.push(PersistOp::Ids(self.ids.clone()));
         self.scheduler.add_header(id);
         self.headers.insert(id, Arc::new(work));
-        id
+        Some(id)
     }
 
     /// Trace ids of a device's latest traced assignments.
@@ -1102,10 +1218,14 @@ impl FleetState {
                 None => return reject(RejectReason::UnknownAssignment, None),
             },
         };
-        let current_job = self.miners.get(&meta.miner).map(|m| m.source.job());
-        if current_job != Some(header.job) {
+        let source = self.miners.get(&meta.miner).map(|m| &m.source);
+        if source.map(Source::job) != Some(header.job) {
             return reject(RejectReason::Stale, Some(&meta.miner));
         }
+        let pool_target = match (source.and_then(Source::stratum), &header.upstream) {
+            (Some(work), Some(upstream)) => Some(work.submit_target(upstream.difficulty)),
+            _ => None,
+        };
         ShareCheck::Verify {
             share: *share,
             header,
@@ -1113,6 +1233,7 @@ impl FleetState {
             target: meta.target,
             difficulty: meta.difficulty,
             miner: meta.miner,
+            pool_target,
         }
     }
 
@@ -1145,20 +1266,26 @@ impl FleetState {
             let Some(runtime) = self.miners.get(&miner) else {
                 continue;
             };
+            if runtime.source.stratum().is_some() {
+                // The pool builds on it and says so with its next (clean) job.
+                tracing::info!(miner = %miner, device = name,
+                    hash = %micromine_proto::work::hash_display_hex(&hash), "block found for the pool");
+                continue;
+            }
             if runtime.source.job() != job {
                 // A second block on the same job in the same batch: the chain already moved.
                 continue;
             }
             let new_job = self.ids.take_job();
-            if let Some(runtime) = self.miners.get_mut(&miner) {
-                runtime
-                    .source
-                    .block_found(hash, new_job, now_unix_seconds(now_ms));
-                runtime.current_header = None;
-                tracing::info!(miner = %miner, device = name, height = runtime.source.tip().height - 1,
+            if let Some(runtime) = self.miners.get_mut(&miner)
+                && let Some(builtin) = runtime.source.builtin_mut()
+            {
+                builtin.block_found(hash, new_job, now_unix_seconds(now_ms));
+                tracing::info!(miner = %miner, device = name, height = builtin.tip().height - 1,
                     hash = %micromine_proto::work::hash_display_hex(&hash), "block found");
                 fx.persist
-                    .push(PersistOp::Tip(miner.clone(), runtime.source.tip().clone()));
+                    .push(PersistOp::Tip(miner.clone(), builtin.tip().clone()));
+                runtime.current_header = None;
             }
             fx.persist.push(PersistOp::Ids(self.ids.clone()));
             self.retire_stale_headers(&miner, "block found: new chain tip", &mut fx);
@@ -1273,6 +1400,8 @@ impl FleetState {
                     flags: device_flags(d),
                     last_seen_unix_ms: d.record.last_seen_unix_ms,
                     readings: d.readings,
+                    // From the ledger, filled in by the caller.
+                    pool: Default::default(),
                 }
             })
             .collect();
@@ -1298,7 +1427,7 @@ impl FleetState {
             }
             let t = totals(Scope::Miner(key));
             let effective = runtime.effective.hashrate(now_ms);
-            let network_difficulty = runtime.source.network_target().difficulty();
+            let network_difficulty = runtime.source.network_difficulty();
             let economics_status = match (runtime.spec.spec.economics.clone(), economies.get(key)) {
                 (Some(ref economics), Some(economy)) => {
                     let difficulty = economics.network_difficulty.unwrap_or(network_difficulty);
@@ -1347,7 +1476,46 @@ impl FleetState {
                     .and_then(super::conditions::time_from_unix_ms),
                 devices: counts,
                 economics: economics_status,
+                pool: None,
             };
+            let mut status = status;
+            if let Some(work) = runtime.source.stratum() {
+                let connection = work.status();
+                let connected = connection.state == "Connected";
+                let message = match (&connection.url, &connection.last_error) {
+                    (Some(url), _) if connected => format!("mining for {url}"),
+                    (_, Some(error)) => error.clone(),
+                    _ => "connecting to the pool".to_string(),
+                };
+                super::conditions::set(
+                    &mut runtime.conditions,
+                    "PoolConnected",
+                    connected,
+                    if connected {
+                        "Connected"
+                    } else {
+                        "PoolUnreachable"
+                    },
+                    &message,
+                    runtime.spec.metadata.generation,
+                    now_ms,
+                );
+                status.conditions = runtime.conditions.clone();
+                status.pool = Some(PoolStatus {
+                    state: connection.state.to_string(),
+                    url: connection.url,
+                    failover: connection.pool_index > 0,
+                    difficulty: connection.difficulty,
+                    job: connection.job,
+                    last_error: connection.last_error,
+                    // From the ledger, filled in by the caller.
+                    accepted: 0,
+                    rejected: 0,
+                    rejected_by_reason: BTreeMap::new(),
+                });
+            } else {
+                runtime.conditions.retain(|c| c.type_ != "PoolConnected");
+            }
             miners.push(MinerView {
                 key: key.clone(),
                 status,
@@ -1523,6 +1691,113 @@ mod tests {
             })
             .flatten()
             .collect()
+    }
+
+    fn pool_job(id: &str, clean: bool) -> crate::stratum::job::PoolJob {
+        crate::stratum::job::PoolJob {
+            id: id.into(),
+            prev_hash: [3; 32],
+            coinb1: vec![1, 2],
+            coinb2: vec![3],
+            branch: Vec::new(),
+            version: 0x2000_0000,
+            bits: 0x1d00_ffff,
+            time: 1_700_000_000,
+            clean,
+        }
+    }
+
+    #[test]
+    fn pool_jobs_drive_the_work_and_clean_jobs_make_older_work_stale() {
+        let text = "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {site: x}}\n  workSource: {stratum: {url: 'stratum+tcp://pool:3333', user: a.b}}\n  sharesPerMinute: 60\n  assignmentSeconds: 10\n";
+        let miner = crate::manifest::parse_str("p.yaml", text)
+            .expect("valid")
+            .remove(0);
+        let key = miner.key();
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[miner]), NOW);
+        let (_, fx) = s.connect("d", &hello("x", vec![]), NOW);
+        assert!(
+            assignments(&fx, "d").is_empty(),
+            "no work before the pool has a job"
+        );
+        let connected = UpstreamEvent::Connected {
+            session: 7,
+            pool: "stratum+tcp://pool:3333".into(),
+            pool_index: 0,
+            extranonce1: vec![0xab],
+            extranonce2_size: 4,
+            version_mask: None,
+        };
+        assert!(assignments(&s.upstream_event(&key, connected, NOW), "d").is_empty());
+        let fx = s.upstream_event(&key, UpstreamEvent::Difficulty(1e-6), NOW);
+        assert!(assignments(&fx, "d").is_empty());
+        let fx = s.upstream_event(&key, UpstreamEvent::Job(pool_job("j1", true)), NOW + 1);
+        let first = assignments(&fx, "d");
+        assert_eq!(first.len(), LEASES_PER_DEVICE);
+        let share = |a: &pb::Assignment| pb::Share {
+            assignment_id: a.id,
+            nonce: a.nonce_start as u32,
+            ..Default::default()
+        };
+        match &s.check_shares("d", &[share(&first[0])])[0] {
+            ShareCheck::Verify {
+                pool_target: Some(target),
+                header,
+                ..
+            } => {
+                assert_eq!(*target, Target::from_difficulty(1e-6).expect("target"));
+                assert_eq!(header.upstream.as_ref().expect("pool work").job_id, "j1");
+            }
+            other => panic!("{other:?}"),
+        }
+        // A job that does not clean keeps the devices' work; one that cleans takes it back
+        // and hands out the new job at once.
+        let fx = s.upstream_event(&key, UpstreamEvent::Job(pool_job("j2", false)), NOW + 2);
+        assert!(cancels(&fx, "d").is_empty());
+        let fx = s.upstream_event(&key, UpstreamEvent::Job(pool_job("j3", true)), NOW + 3);
+        let mut cancelled = cancels(&fx, "d");
+        cancelled.sort_unstable();
+        let mut held: Vec<u64> = first.iter().map(|a| a.id).collect();
+        held.sort_unstable();
+        assert_eq!(cancelled, held);
+        let fresh = assignments(&fx, "d");
+        assert_eq!(fresh.len(), LEASES_PER_DEVICE);
+        // A share of the cancelled work, arriving late, is stale.
+        match &s.check_shares("d", &[share(&first[1])])[0] {
+            ShareCheck::Reject { reason, .. } => assert_eq!(*reason, RejectReason::Stale),
+            other => panic!("{other:?}"),
+        }
+        // While the pool is away devices keep what they hold, and get nothing new.
+        s.upstream_event(
+            &key,
+            UpstreamEvent::Disconnected {
+                error: "gone".into(),
+            },
+            NOW + 4,
+        );
+        let fx = s.tick(NOW + 5);
+        assert!(cancels(&fx, "d").is_empty() && assignments(&fx, "d").is_empty());
+        assert!(matches!(
+            &s.check_shares("d", &[share(&fresh[0])])[0],
+            ShareCheck::Verify { .. }
+        ));
+        let (miners, _) = s.view(NOW + 5, &|_| Totals::default());
+        let pool = miners[0].status.pool.clone().expect("pool status");
+        assert_eq!(
+            (pool.state.as_str(), pool.last_error.as_deref()),
+            ("Disconnected", Some("gone"))
+        );
+        let condition = miners[0]
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "PoolConnected")
+            .expect("condition");
+        assert_eq!(
+            (condition.status.as_str(), condition.reason.as_str()),
+            ("False", "PoolUnreachable")
+        );
     }
 
     #[test]

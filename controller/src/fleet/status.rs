@@ -132,6 +132,9 @@ pub struct DeviceView {
     pub flags: Vec<DeviceFlag>,
     /// What the device last said about its temperature, battery, power and load.
     pub readings: DeviceReadings,
+    /// What pools made of the shares it found that went upstream (pool work only).
+    #[serde(skip_serializing_if = "crate::ledger::pool::PoolTotals::is_empty")]
+    pub pool: crate::ledger::pool::PoolTotals,
 }
 
 /// A device's own readings, as its agent last reported them. Each is absent when the

@@ -718,6 +718,7 @@ mod tests {
                 temperature_c: Some(48.5),
                 ..Default::default()
             },
+            pool: Default::default(),
         }
     }
 

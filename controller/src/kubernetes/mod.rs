@@ -8,6 +8,7 @@
 pub mod devices;
 pub mod leader;
 pub mod miners;
+pub mod pool_secrets;
 pub mod rbac;
 pub mod run;
 #[cfg(test)]

@@ -83,6 +83,14 @@ pub const RULES: &[Rule] = &[
         resource: "secrets",
         verbs: &["delete", "get", "update"],
     },
+    // Pool passwords (`workSource.stratum.passwordSecretRef`) live next to their
+    // MicroMiner, in any namespace; only read, and only the named Secret.
+    Rule {
+        scope: Scope::Cluster,
+        api_group: "",
+        resource: "secrets",
+        verbs: &["get"],
+    },
     // The gRPC Service has no selector: the leader points it at itself with one
     // EndpointSlice (server-side apply), so agents reach the replica that serves.
     Rule {
@@ -170,8 +178,9 @@ mod tests {
         }
         for (i, a) in RULES.iter().enumerate() {
             for b in &RULES[i + 1..] {
+                // One rule per resource in each of the two roles.
                 assert!(
-                    (a.api_group, a.resource) != (b.api_group, b.resource),
+                    (a.scope, a.api_group, a.resource) != (b.scope, b.api_group, b.resource),
                     "{a:?} and {b:?}"
                 );
             }

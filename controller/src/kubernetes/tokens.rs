@@ -82,6 +82,11 @@ impl SecretTokens {
         }
     }
 
+    /// The API client, for other lookups with the same credentials.
+    pub fn client(&self) -> kube::Client {
+        self.api.clone().into_client()
+    }
+
     /// Mints a token for the CA with `ca_fingerprint` and stores it as a new Secret.
     pub async fn create(
         &self,
