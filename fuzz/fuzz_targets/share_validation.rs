@@ -76,7 +76,7 @@ fuzz_target!(|data: &[u8]| {
             }
             ShareCheck::Reject { .. } => None,
         };
-        if let Judged::Accepted(share, _, header, _) = judge("me", check, NOW) {
+        if let Judged::Accepted { share, header, .. } = judge("me", check, NOW) {
             let lease = leases
                 .iter()
                 .find(|l| l.id == share.assignment_id)

@@ -496,3 +496,54 @@ fn stratum_over_tls_checks_the_pools_certificate() {
     let status = settle(&proxy, &[&pool]);
     assert_eq!(number(&status, "/accepted") as usize, pool.accepted());
 }
+
+#[test]
+fn the_pool_changes_the_extranonce_and_moves_the_controller_elsewhere() {
+    let first = pool(0.001);
+    let second = pool(0.001);
+    let mut proxy = Proxy::start(&manifest(&[first.url()], 60, 60), &[]);
+    proxy.agents(&["gw-r"]);
+    wait_until("shares at the first pool", Duration::from_secs(60), || {
+        (first.accepted() >= 2).then_some(())
+    });
+    let old_extranonce1 = first.submissions()[0].extranonce1.clone();
+
+    // A new extranonce1 on the same connection: work built with the old one is void, and
+    // new work uses the new one.
+    first.set_extranonce();
+    wait_until(
+        "shares with the new extranonce1",
+        Duration::from_secs(60),
+        || {
+            (first
+                .submissions()
+                .iter()
+                .filter(|s| s.extranonce1 != old_extranonce1 && s.verdict.is_ok())
+                .count()
+                >= 2)
+                .then_some(())
+        },
+    );
+
+    // client.reconnect: the pool sends the controller to another address.
+    first.reconnect("127.0.0.1", second.addr().port(), 0);
+    wait_until(
+        "the controller at the new address",
+        Duration::from_secs(30),
+        || {
+            let status = proxy.pool_status();
+            (status["state"] == "Connected" && status["url"] == second.url()).then_some(())
+        },
+    );
+    wait_until("shares at the new address", Duration::from_secs(60), || {
+        (second.accepted() >= 2).then_some(())
+    });
+    proxy.stop_agents();
+    // The pools' counts and the controller's books agree (a share in flight while the
+    // extranonce changed may be refused; it is then counted as refused).
+    let status = settle(&proxy, &[&first, &second]);
+    assert_eq!(
+        number(&status, "/accepted") as usize,
+        first.accepted() + second.accepted()
+    );
+}

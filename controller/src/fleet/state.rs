@@ -471,6 +471,17 @@ impl FleetState {
                         fx.persist.push(PersistOp::Ids(self.ids.clone()));
                         self.retire_stale_headers(key, "network difficulty changed", &mut fx);
                     }
+                    if wants_pool && old.spec.work_source != miner.spec.work_source {
+                        // The upstream restarts with the new settings: the old pool
+                        // session's work can no longer be submitted anywhere.
+                        let epoch = self.ids.take_job();
+                        fx.persist.push(PersistOp::Ids(self.ids.clone()));
+                        if let Some(runtime) = self.miners.get_mut(key) {
+                            runtime.source = Source::Stratum(StratumWork::new(key, epoch));
+                            runtime.current_header = None;
+                        }
+                        self.retire_miner_headers(key, "pool settings changed", &mut fx);
+                    }
                     if miner.spec.paused && !old.spec.paused {
                         self.end_miner_leases(key, "MicroMiner paused", &mut fx);
                     }
