@@ -1235,6 +1235,8 @@ fn alert_rules_are_well_formed() {
         ("MicromineDevicesOffline", "warning"),
         ("MicromineEffectiveHashrateGap", "warning"),
         ("MicromineNoAcceptedShares", "warning"),
+        ("MicrominePoolDisconnected", "critical"),
+        ("MicrominePoolRejectingShares", "warning"),
         ("MicromineReconcileErrors", "warning"),
         ("MicromineRejectedShareRatioHigh", "warning"),
         ("MicromineUnprofitable", "warning"),

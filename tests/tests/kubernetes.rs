@@ -643,3 +643,73 @@ fn a_malformed_micro_miner_is_reported_and_the_valid_one_served() {
     );
     cluster.assert_controller_stayed_within_rbac();
 }
+
+#[test]
+fn a_pool_password_comes_from_a_secret_and_the_pool_status_reaches_the_micro_miner() {
+    use micromine_e2e::stratum_pool::{PoolConfig, TestPool};
+    // The pool only takes the password kept in the Secret.
+    let pool = TestPool::start(PoolConfig {
+        difficulty: 0.001,
+        workers: vec![("plant.gateways".into(), "from-a-secret".into())],
+        ..PoolConfig::default()
+    });
+    let cluster = Cluster::start();
+    cluster.api.apply(
+        "/api/v1/namespaces/plant/secrets/pool-credentials",
+        json!({
+            "apiVersion": "v1",
+            "kind": "Secret",
+            "metadata": {"name": "pool-credentials", "namespace": "plant"},
+            // "from-a-secret\n": the line break is not part of the password.
+            "data": {"password": "ZnJvbS1hLXNlY3JldAo="},
+        }),
+    );
+    cluster.api.apply(
+        &miner_path("plant", "pool"),
+        json!({
+            "apiVersion": "micromine.dev/v1alpha1",
+            "kind": "MicroMiner",
+            "metadata": {"name": "pool", "namespace": "plant"},
+            "spec": {
+                "selector": site_e2e(),
+                "workSource": {"stratum": {
+                    "url": pool.url(),
+                    "user": "plant.gateways",
+                    "passwordSecretRef": {"name": "pool-credentials", "key": "password"},
+                }},
+                "sharesPerMinute": 60,
+                "assignmentSeconds": 10,
+            },
+        }),
+    );
+    let leader = cluster.leader("a");
+    let mut agent = cluster.agent(&leader, "gw-pool");
+    wait_until("shares at the pool", Duration::from_secs(60), || {
+        (pool.accepted() >= 2).then_some(())
+    });
+    let miner = wait_until(
+        "the pool's status on the MicroMiner",
+        Duration::from_secs(60),
+        || {
+            let miner = cluster.miner("plant", "pool")?;
+            (miner["status"]["pool"]["state"] == "Connected"
+                && number(&miner, "/status/pool/accepted") > 0)
+                .then_some(miner)
+        },
+    );
+    assert!(condition_is(&miner, "PoolConnected", "True"), "{miner}");
+    assert_eq!(miner["status"]["pool"]["url"], pool.url());
+    assert_eq!(miner["status"]["pool"]["difficulty"], 0.001);
+    let events = cluster
+        .api
+        .list("/apis/events.k8s.io/v1/namespaces/plant/events");
+    assert!(
+        events
+            .iter()
+            .any(|e| e["reason"] == "PoolConnected"
+                && e["note"] == format!("mining for {}", pool.url())),
+        "{events:#?}"
+    );
+    cluster.assert_controller_stayed_within_rbac();
+    agent.kill();
+}

@@ -231,11 +231,18 @@ fn prometheus_scrapes_a_quickstart_sized_fleet_and_the_key_series_move() {
         let promql = observability::substitute_grafana_variables(&expr);
         let data = prometheus.query(&promql);
         let has_data = data["result"].as_array().is_none_or(|r| !r.is_empty());
-        // Kubernetes-only series (reconciles) have nothing to say in standalone mode, and
-        // with every device mining no device is offline, throttled or paused.
-        let nothing_to_show = ["micromine_reconcile", "offline", "throttled", "paused"]
-            .iter()
-            .any(|word| promql.contains(word));
+        // Kubernetes-only series (reconciles) have nothing to say in standalone mode, with
+        // every device mining no device is offline, throttled or paused, and pool series
+        // exist only for stratum work (their panels are checked in tests/tests/stratum.rs).
+        let nothing_to_show = [
+            "micromine_reconcile",
+            "offline",
+            "throttled",
+            "paused",
+            "micromine_pool",
+        ]
+        .iter()
+        .any(|word| promql.contains(word));
         if !has_data && !nothing_to_show {
             empty.push(promql);
         }

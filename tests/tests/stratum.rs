@@ -547,3 +547,75 @@ fn the_pool_changes_the_extranonce_and_moves_the_controller_elsewhere() {
         first.accepted() + second.accepted()
     );
 }
+
+/// The chart's pool panels and alerts, evaluated by a real Prometheus scraping a proxy.
+#[test]
+fn pool_series_feed_the_dashboard_and_the_alerts() {
+    use micromine_e2e::observability;
+    use micromine_e2e::prometheus::Prometheus;
+
+    let chart = Path::new(env!("CARGO_MANIFEST_DIR")).join("../charts/micromine");
+    let pool = pool(0.001);
+    let mut proxy = Proxy::start(&manifest(&[pool.url()], 60, 60), &[]);
+    let prometheus = Prometheus::start(&[proxy.controller.http], "/metrics");
+    proxy.agents(&["gw-prom"]);
+    wait_until("pool shares", Duration::from_secs(60), || {
+        (pool.accepted() >= 3).then_some(())
+    });
+
+    let dashboard: Value = serde_json::from_str(
+        &std::fs::read_to_string(chart.join("dashboards/micromine.json")).expect("dashboard"),
+    )
+    .expect("dashboard JSON");
+    let queries: Vec<String> = observability::dashboard_exprs(&dashboard)
+        .into_iter()
+        .filter(|e| e.contains("micromine_pool"))
+        .map(|e| observability::substitute_grafana_variables(&e))
+        .collect();
+    assert!(queries.len() >= 3, "the dashboard has pool panels");
+    for promql in &queries {
+        wait_until(
+            &format!("data for {promql}"),
+            Duration::from_secs(30),
+            || (!prometheus.query_vector(promql).is_empty()).then_some(()),
+        );
+    }
+
+    let rules = observability::rule_exprs(
+        &std::fs::read_to_string(chart.join("alerts/micromine-rules.yaml")).expect("rules"),
+    );
+    let rule = |name: &str| {
+        rules
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, e)| e.clone())
+            .unwrap_or_else(|| panic!("no rule {name}"))
+    };
+    let disconnected = rule("MicrominePoolDisconnected");
+    let rejecting = rule("MicrominePoolRejectingShares");
+    assert!(
+        prometheus.query_vector(&disconnected).is_empty(),
+        "connected"
+    );
+    assert!(
+        prometheus.query_vector(&rejecting).is_empty(),
+        "nothing rejected"
+    );
+
+    // The pool goes away for good: the alert's condition holds for this MicroMiner.
+    pool.set_accepting(false);
+    pool.drop_connections();
+    let firing = wait_until(
+        "the pool-disconnected condition",
+        Duration::from_secs(30),
+        || {
+            let result = prometheus.query_vector(&disconnected);
+            (!result.is_empty()).then_some(result)
+        },
+    );
+    assert_eq!(
+        firing[0].0.get("miner").map(String::as_str),
+        Some("default/pool")
+    );
+    proxy.stop_agents();
+}

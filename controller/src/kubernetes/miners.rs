@@ -312,7 +312,12 @@ async fn apply(
                 _ => None,
             };
             let profitability = profitability_event(miner.status.as_ref(), &status);
-            let events = readiness.into_iter().chain(profitability).collect();
+            let pool = pool_event(miner.status.as_ref(), &status);
+            let events = readiness
+                .into_iter()
+                .chain(profitability)
+                .chain(pool)
+                .collect();
             (status, events, Action::requeue(STATUS_PERIOD))
         }
         Err(problems) => {
@@ -462,17 +467,60 @@ fn significant(status: &MicroMinerStatus) -> Significant {
         .iter()
         .map(|c| (c.type_.clone(), c.status.clone(), c.reason.clone()))
         .collect();
-    // The first accepted share ("is it working?") and every block found are news too.
+    // The first accepted share ("is it working?") and every block found are news too, and
+    // so are the pool in use and the first share it accepted.
+    let pool = status
+        .pool
+        .as_ref()
+        .map(|p| (p.state.as_str(), p.url.as_deref(), p.accepted > 0));
     (
         status.observed_generation,
         conditions,
         format!(
-            "{:?};shares:{};blocks:{}",
+            "{:?};shares:{};blocks:{};pool:{pool:?}",
             status.devices,
             status.shares.accepted > 0,
             status.blocks_found
         ),
     )
+}
+
+/// An Event when the pool connection is lost, made, or moves to another pool (failover,
+/// and back to the primary), so `kubectl describe mm` tells the story.
+fn pool_event(
+    before: Option<&MicroMinerStatus>,
+    now: &MicroMinerStatus,
+) -> Option<(EventType, &'static str, String)> {
+    let pool = now.pool.as_ref()?;
+    let was = before.and_then(|b| b.pool.as_ref());
+    let was_connected = was.is_some_and(|p| p.state == "Connected");
+    let url = pool.url.clone().unwrap_or_default();
+    let moved = was.and_then(|p| p.url.as_deref()) != pool.url.as_deref();
+    match (was_connected, pool.state == "Connected") {
+        (true, false) => Some((
+            EventType::Warning,
+            "PoolUnreachable",
+            pool.last_error
+                .clone()
+                .unwrap_or_else(|| format!("the connection to {url} ended")),
+        )),
+        (false, true) | (true, true) if pool.failover && (moved || !was_connected) => Some((
+            EventType::Warning,
+            "PoolFailover",
+            format!("mining for failover pool {url}"),
+        )),
+        (true, true) if moved => Some((
+            EventType::Normal,
+            "PoolRestored",
+            format!("back on the primary pool {url}"),
+        )),
+        (false, true) => Some((
+            EventType::Normal,
+            "PoolConnected",
+            format!("mining for {url}"),
+        )),
+        _ => None,
+    }
 }
 
 /// An Event when `Profitable` flips: a Warning when mining stops paying (saying whether
@@ -601,6 +649,59 @@ mod tests {
         assert_eq!((type_, reason), (EventType::Normal, "Profitable"));
         // The first status with economics says how it stands.
         assert!(profitability_event(None, &losing).is_some());
+    }
+
+    #[test]
+    fn pool_events_tell_connection_failover_and_return() {
+        let status = |state: &str, url: &str, failover: bool| MicroMinerStatus {
+            pool: Some(crate::manifest::PoolStatus {
+                state: state.into(),
+                url: Some(url.into()),
+                failover,
+                last_error: (state != "Connected").then(|| "connecting to a: refused".to_string()),
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        let up = status("Connected", "a", false);
+        let down = status("Disconnected", "a", false);
+        let backup = status("Connected", "b", true);
+        let event = pool_event;
+        assert_eq!(
+            event(None, &up),
+            Some((EventType::Normal, "PoolConnected", "mining for a".into()))
+        );
+        assert_eq!(event(Some(&up), &up), None);
+        assert_eq!(
+            event(Some(&up), &down),
+            Some((
+                EventType::Warning,
+                "PoolUnreachable",
+                "connecting to a: refused".into()
+            ))
+        );
+        assert_eq!(event(Some(&down), &down), None);
+        assert_eq!(
+            event(Some(&down), &backup),
+            Some((
+                EventType::Warning,
+                "PoolFailover",
+                "mining for failover pool b".into()
+            ))
+        );
+        assert_eq!(
+            event(Some(&backup), &up),
+            Some((
+                EventType::Normal,
+                "PoolRestored",
+                "back on the primary pool a".into()
+            ))
+        );
+        assert_eq!(
+            event(None, &MicroMinerStatus::default()),
+            None,
+            "builtin work"
+        );
     }
 
     const PATH: &str = "/apis/micromine.dev/v1alpha1/namespaces/plant/microminers/night-shift";
