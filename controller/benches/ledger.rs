@@ -88,6 +88,7 @@ async fn device(ledger: Ledger, index: usize, deadline: Instant) -> anyhow::Resu
                 time_unix_ms: 1_700_000_000_000 + batches as i64,
                 block: false,
                 resubmitted: false,
+                for_pool: false,
             });
         }
         batches += 1;

@@ -98,6 +98,10 @@ pub struct AcceptedShare {
     pub block: bool,
     /// The device says it sent this share before and never saw the result.
     pub resubmitted: bool,
+    /// It also meets a pool's difficulty and goes upstream: a pending pool verdict is
+    /// recorded with it, in the same transaction, so a share acknowledged to the device is
+    /// never forgotten before the pool has answered (see [`pool`]).
+    pub for_pool: bool,
 }
 
 /// A share the caller rejected before it reached the ledger; only counted.
@@ -627,6 +631,9 @@ fn apply_batch(
                 }
             };
             let (device, miner) = (share.device.as_str(), Some(share.miner.as_str()));
+            if outcome == ShareOutcome::Recorded && share.for_pool {
+                pool::mark_pending(txn, share)?;
+            }
             match outcome {
                 ShareOutcome::Recorded => bump(&mut deltas, device, miner, |t| {
                     t.accepted += 1;
@@ -743,6 +750,7 @@ mod tests {
             time_unix_ms: 1_000 + i64::from(nonce),
             block: false,
             resubmitted,
+            for_pool: false,
         }
     }
 
@@ -1277,6 +1285,7 @@ mod tests {
                                 time_unix_ms: i64::from(nonce),
                                 block: false,
                                 resubmitted,
+                                for_pool: false,
                             })
                         })
                         .collect::<Result<_, TestCaseError>>()?;

@@ -106,8 +106,6 @@ pub enum Judged {
         header: Arc<crate::worksource::WorkHeader>,
         /// Its hash, when it is a block.
         block_hash: Option<[u8; 32]>,
-        /// It also meets the pool's difficulty: it goes upstream once recorded.
-        for_pool: bool,
     },
 }
 
@@ -115,6 +113,9 @@ impl Fleet {
     /// Restores the fleet from the store and starts its dispatcher. Must be called inside
     /// a tokio runtime.
     pub async fn open(store: Store, ledger: Ledger) -> Result<Arc<Fleet>, FleetError> {
+        // Shares still waiting for a pool's verdict belong to pool sessions that ended
+        // with the previous process.
+        ledger.settle_pending_pool_shares().await?;
         let restored = persist::load(&store.read()?)?;
         let unreferenced = restored.unreferenced_headers.clone();
         let cleaned = unreferenced.len();
@@ -395,10 +396,9 @@ impl Fleet {
                     record,
                     header,
                     block_hash,
-                    for_pool,
                 } => match outcomes.next().unwrap_or(ShareOutcome::Duplicate) {
                     ShareOutcome::Recorded => {
-                        if for_pool {
+                        if record.for_pool {
                             upstream.push((record.clone(), header.clone()));
                         }
                         recorded.push(RecordedShare {
@@ -600,14 +600,13 @@ pub fn judge(device: &str, check: ShareCheck, now: i64) -> Judged {
                 time_unix_ms: now,
                 block,
                 resubmitted: share.resubmitted,
+                for_pool: pool_target.is_some_and(|t| t.is_met_by(&hash)),
             };
-            let for_pool = pool_target.is_some_and(|t| t.is_met_by(&hash));
             Judged::Accepted {
                 share,
                 record,
                 header,
                 block_hash: block.then_some(hash),
-                for_pool,
             }
         }
     }

@@ -7,6 +7,12 @@
 //! the reason. `ledger_pool_verdicts` maps the share key to (accepted, reason), so an
 //! answer seen twice counts once; `ledger_pool_totals` maps the same scope keys as the
 //! share totals to a small JSON record (pool answers are rare next to shares).
+//!
+//! A share that goes upstream is marked pending in `ledger_pool_pending` in the same
+//! transaction that records it for the device, and the mark goes in the transaction that
+//! records the pool's verdict. So every such share ends with exactly one verdict: one the
+//! controller never got (it stopped first) is found pending at the next start and settled
+//! as `session-lost` ([`Ledger::settle_pending_pool_shares`]), never silently dropped.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
@@ -20,6 +26,9 @@ use crate::store::{self, Store, StoreError};
 const VERDICTS: TableDefinition<&[u8; SHARE_KEY_LEN], (bool, &str)> =
     TableDefinition::new("ledger_pool_verdicts");
 const POOL_TOTALS: TableDefinition<&str, &str> = TableDefinition::new("ledger_pool_totals");
+/// Share key → (device, miner, difficulty) of shares awaiting the pool's verdict.
+const PENDING: TableDefinition<&[u8; SHARE_KEY_LEN], (&str, &str, f64)> =
+    TableDefinition::new("ledger_pool_pending");
 
 /// What a pool said about one recorded share.
 #[derive(Clone, Debug, PartialEq)]
@@ -128,6 +137,57 @@ impl Ledger {
         Ok(counted)
     }
 
+    /// Settles every share still pending from before this start as `session-lost`: the
+    /// pool session it was built for ended with the previous process. Returns how many.
+    pub async fn settle_pending_pool_shares(&self) -> Result<usize, LedgerError> {
+        let txn = self.store.read().map_err(|source| LedgerError::Store {
+            action: "reading pending pool shares",
+            source,
+        })?;
+        let pending: Vec<PoolVerdict> = match store::open_read_table(&txn, PENDING) {
+            Ok(Some(table)) => table
+                .iter()
+                .and_then(|entries| {
+                    entries
+                        .map(|entry| {
+                            entry.map(|(key, value)| {
+                                let (device, miner, difficulty) = value.value();
+                                PoolVerdict {
+                                    key: ShareKey::from_bytes(key.value()),
+                                    device: device.to_owned(),
+                                    miner: miner.to_owned(),
+                                    accepted: false,
+                                    reason: Some("session-lost"),
+                                    difficulty,
+                                }
+                            })
+                        })
+                        .collect()
+                })
+                .map_err(|e| LedgerError::Store {
+                    action: "reading pending pool shares",
+                    source: StoreError::storage("ledger_pool_pending")(e),
+                })?,
+            Ok(None) => Vec::new(),
+            Err(source) => {
+                return Err(LedgerError::Store {
+                    action: "reading pending pool shares",
+                    source,
+                });
+            }
+        };
+        drop(txn);
+        let settled = pending.len();
+        if settled > 0 {
+            tracing::warn!(
+                shares = settled,
+                "shares were still waiting for the pool when the controller stopped; counted as session-lost"
+            );
+        }
+        self.record_pool_verdicts(pending).await?;
+        Ok(settled)
+    }
+
     /// Pool answers for one device.
     pub fn device_pool_totals(&self, device: &str) -> PoolTotals {
         self.pool_totals(&scope_key(Kind::Device, device))
@@ -160,8 +220,12 @@ fn apply(
     let mut counted = 0;
     {
         let mut table = store::open_table(txn, VERDICTS)?;
+        let mut pending = store::open_table(txn, PENDING)?;
         for verdict in verdicts {
             let key = verdict.key.to_bytes();
+            pending
+                .remove(&key)
+                .map_err(StoreError::storage("ledger_pool_pending"))?;
             if table
                 .get(&key)
                 .map_err(StoreError::storage("ledger_pool_verdicts"))?
@@ -204,6 +268,28 @@ fn apply(
         updated.push((key, totals));
     }
     Ok((counted, updated))
+}
+
+/// Marks a share recorded for its device as awaiting the pool's verdict; called inside
+/// the transaction that records it.
+pub(super) fn mark_pending(
+    txn: &WriteTransaction,
+    share: &super::AcceptedShare,
+) -> Result<(), StoreError> {
+    let mut table = store::open_table(txn, PENDING)?;
+    // The difficulty only counts for an accepted verdict, which a pending share that is
+    // settled at start never gets.
+    table
+        .insert(
+            &share.key.to_bytes(),
+            (
+                share.device.as_str(),
+                share.miner.as_str(),
+                share.difficulty,
+            ),
+        )
+        .map_err(StoreError::storage("ledger_pool_pending"))?;
+    Ok(())
 }
 
 fn decode(key: &str, text: &str) -> Result<PoolTotals, StoreError> {
@@ -277,6 +363,67 @@ mod tests {
             reason,
             difficulty: 0.5,
         }
+    }
+
+    fn pool_share(nonce: u32) -> super::super::AcceptedShare {
+        super::super::AcceptedShare {
+            key: ShareKey {
+                header_id: 9,
+                nonce,
+            },
+            device: "a".into(),
+            miner: "ns/m".into(),
+            difficulty: 0.25,
+            time_unix_ms: 1,
+            block: false,
+            resubmitted: false,
+            for_pool: true,
+        }
+    }
+
+    #[tokio::test]
+    async fn a_share_the_pool_never_answered_is_settled_at_the_next_start() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("store.redb");
+        {
+            let ledger = Ledger::open(Store::open(&path).expect("store")).expect("ledger");
+            let mut builtin = pool_share(3);
+            builtin.for_pool = false;
+            ledger
+                .record(vec![pool_share(1), pool_share(2), builtin], Vec::new())
+                .await
+                .expect("recorded");
+            // The pool answered one before the controller stopped.
+            ledger
+                .record_pool_verdicts(vec![PoolVerdict {
+                    key: pool_share(1).key,
+                    device: "a".into(),
+                    miner: "ns/m".into(),
+                    accepted: true,
+                    reason: None,
+                    difficulty: 0.5,
+                }])
+                .await
+                .expect("verdict");
+        }
+        let ledger = Ledger::open(Store::open(&path).expect("store")).expect("ledger");
+        assert_eq!(
+            ledger.settle_pending_pool_shares().await.expect("settled"),
+            1
+        );
+        let totals = ledger.device_pool_totals("a");
+        assert_eq!(totals.accepted, 1);
+        assert_eq!(totals.rejected.get("session-lost"), Some(&1));
+        assert_eq!(
+            totals.rejected_total(),
+            1,
+            "the builtin share was never pending"
+        );
+        // Settled once: a second start finds nothing.
+        assert_eq!(
+            ledger.settle_pending_pool_shares().await.expect("settled"),
+            0
+        );
     }
 
     #[tokio::test]
