@@ -158,6 +158,8 @@ pub struct WorkSource {
 }
 
 /// The pool to mine for, and the pools to fail over to.
+// The first four fields repeat `StratumPool`'s rather than flattening it: serde cannot deny
+// unknown fields around a flattened struct, and a misspelt field must be an error.
 #[derive(Deserialize, Serialize, Clone, Debug, PartialEq, JsonSchema)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
 pub struct StratumSource {

@@ -273,6 +273,33 @@ fn site_temperatures(view: &FleetView) -> std::collections::BTreeMap<String, (f6
         .collect()
 }
 
+/// A MicroMiner's counts by `result` (`accepted`, with reason "") and, for `rejected`,
+/// by `reason`.
+fn observe_by_result(
+    observer: &dyn opentelemetry::metrics::AsyncInstrument<u64>,
+    miner: &str,
+    accepted: u64,
+    rejected: impl IntoIterator<Item = (&'static str, u64)>,
+) {
+    let [m, ns] = miner_labels(miner);
+    let series = std::iter::once(("accepted", "", accepted)).chain(
+        rejected
+            .into_iter()
+            .map(|(reason, n)| ("rejected", reason, n)),
+    );
+    for (result, reason, count) in series {
+        observer.observe(
+            count,
+            &[
+                m.clone(),
+                ns.clone(),
+                KeyValue::new("result", result),
+                KeyValue::new("reason", reason),
+            ],
+        );
+    }
+}
+
 /// The series read from the fleet at scrape time.
 fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions) {
     let v = views.clone();
@@ -285,34 +312,19 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
             let Some(view) = v.get() else { return };
             for miner in &view.miners {
                 let t = &miner.totals;
-                let [m, ns] = miner_labels(&miner.key);
-                observer.observe(
+                let r = &t.rejected;
+                observe_by_result(
+                    observer,
+                    &miner.key,
                     t.accepted,
-                    &[
-                        m.clone(),
-                        ns.clone(),
-                        KeyValue::new("result", "accepted"),
-                        KeyValue::new("reason", ""),
+                    [
+                        ("low-difficulty", r.low_difficulty),
+                        ("duplicate", r.duplicate),
+                        ("stale", r.stale),
+                        ("out-of-range", r.out_of_range),
+                        ("unknown-assignment", r.unknown_assignment),
                     ],
                 );
-                let r = &t.rejected;
-                for (reason, count) in [
-                    ("low-difficulty", r.low_difficulty),
-                    ("duplicate", r.duplicate),
-                    ("stale", r.stale),
-                    ("out-of-range", r.out_of_range),
-                    ("unknown-assignment", r.unknown_assignment),
-                ] {
-                    observer.observe(
-                        count,
-                        &[
-                            m.clone(),
-                            ns.clone(),
-                            KeyValue::new("result", "rejected"),
-                            KeyValue::new("reason", reason),
-                        ],
-                    );
-                }
             }
         })
         .build();
@@ -327,19 +339,12 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
             let Some(view) = v.get() else { return };
             for miner in &view.miners {
                 let Some(pool) = &miner.status.pool else { continue };
-                let [m, ns] = miner_labels(&miner.key);
-                observer.observe(
-                    pool.accepted,
-                    &[m.clone(), ns.clone(), KeyValue::new("result", "accepted"), KeyValue::new("reason", "")],
-                );
                 // Every reason always, so a rate over a first rejection is not lost.
-                for reason in crate::stratum::message::RejectReason::ALL {
-                    let count = pool.rejected_by_reason.get(reason.as_str()).copied().unwrap_or(0);
-                    observer.observe(
-                        count,
-                        &[m.clone(), ns.clone(), KeyValue::new("result", "rejected"), KeyValue::new("reason", reason.as_str())],
-                    );
-                }
+                let rejected = crate::stratum::message::RejectReason::ALL.map(|reason| {
+                    let count = pool.rejected_by_reason.get(reason.as_str()).copied();
+                    (reason.as_str(), count.unwrap_or(0))
+                });
+                observe_by_result(observer, &miner.key, pool.accepted, rejected);
             }
         })
         .build();

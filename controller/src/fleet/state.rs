@@ -597,28 +597,26 @@ impl FleetState {
                 if let Some(runtime) = self.miners.get_mut(miner) {
                     runtime.current_header = None;
                 }
-                let names: Vec<String> = self
-                    .devices
-                    .iter()
-                    .filter(|(_, d)| d.miner.as_deref() == Some(miner))
-                    .map(|(n, _)| n.clone())
-                    .collect();
-                for name in names {
+                for name in self.devices_of(miner) {
                     self.rematch_device(&name, now_ms, &mut fx);
                 }
                 return fx;
             }
         }
-        let names: Vec<String> = self
-            .devices
-            .iter()
-            .filter(|(_, d)| d.miner.as_deref() == Some(miner) && d.session.is_some())
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in names {
+        // Devices without a session are skipped by top_up itself.
+        for name in self.devices_of(miner) {
             self.top_up(&name, now_ms, &mut fx);
         }
         fx
+    }
+
+    /// The devices a MicroMiner's selector holds now.
+    fn devices_of(&self, miner: &str) -> Vec<String> {
+        self.devices
+            .iter()
+            .filter(|(_, d)| d.miner.as_deref() == Some(miner))
+            .map(|(n, _)| n.clone())
+            .collect()
     }
 
     fn matching_miner(&self, labels: &BTreeMap<String, String>) -> Option<String> {
@@ -943,13 +941,7 @@ impl FleetState {
     }
 
     fn end_miner_leases(&mut self, miner: &str, reason: &str, fx: &mut Effects) {
-        let names: Vec<String> = self
-            .devices
-            .iter()
-            .filter(|(_, d)| d.miner.as_deref() == Some(miner))
-            .map(|(n, _)| n.clone())
-            .collect();
-        for name in names {
+        for name in self.devices_of(miner) {
             self.end_device_leases(&name, reason, fx);
         }
     }
@@ -1300,13 +1292,7 @@ impl FleetState {
             }
             fx.persist.push(PersistOp::Ids(self.ids.clone()));
             self.retire_stale_headers(&miner, "block found: new chain tip", &mut fx);
-            let devices: Vec<String> = self
-                .devices
-                .iter()
-                .filter(|(_, d)| d.miner.as_deref() == Some(miner.as_str()))
-                .map(|(n, _)| n.clone())
-                .collect();
-            for device in devices {
+            for device in self.devices_of(&miner) {
                 self.top_up(&device, now_ms, &mut fx);
             }
         }

@@ -210,6 +210,16 @@ mod tests {
             .expect("vectors are JSON")
     }
 
+    fn block_100000(vectors: &serde_json::Value) -> serde_json::Value {
+        vectors["blocks"]
+            .as_array()
+            .expect("blocks")
+            .iter()
+            .find(|b| b["height"] == 100000)
+            .expect("block 100000")
+            .clone()
+    }
+
     fn internal(display_hex: &str) -> [u8; 32] {
         let mut bytes: [u8; 32] = hex::decode(display_hex)
             .expect("hex")
@@ -223,13 +233,7 @@ mod tests {
     /// bytes `4c86041b` as extranonce1 and `0206` as extranonce2.
     fn notify_of_block_100000() -> (serde_json::Value, Vec<u8>, Vec<u8>) {
         let v = vectors();
-        let block = v["blocks"]
-            .as_array()
-            .expect("blocks")
-            .iter()
-            .find(|b| b["height"] == 100000)
-            .expect("block 100000")
-            .clone();
+        let block = block_100000(&v);
         let txids: Vec<[u8; 32]> = v["merkle_example"]["txids"]
             .as_array()
             .expect("txids")
@@ -268,13 +272,7 @@ mod tests {
     #[test]
     fn block_100000_is_rebuilt_from_its_coinbase_and_branch() {
         let v = vectors();
-        let block = v["blocks"]
-            .as_array()
-            .expect("blocks")
-            .iter()
-            .find(|b| b["height"] == 100000)
-            .expect("block 100000")
-            .clone();
+        let block = block_100000(&v);
         let (params, en1, en2) = notify_of_block_100000();
         let job = PoolJob::from_params(&params).expect("a valid notify");
         assert!(job.clean);

@@ -12,13 +12,7 @@ pub fn merkle_root(txids: &[[u8; 32]]) -> Option<[u8; 32]> {
         return None;
     }
     while level.len() > 1 {
-        level = level
-            .chunks(2)
-            .map(|pair| {
-                let right = pair.get(1).unwrap_or(&pair[0]);
-                hash_pair(&pair[0], right)
-            })
-            .collect();
+        level = next_level(&level);
     }
     Some(level[0])
 }
@@ -33,13 +27,7 @@ pub fn merkle_branch(txids: &[[u8; 32]]) -> Vec<[u8; 32]> {
     let mut level: Vec<[u8; 32]> = txids.to_vec();
     while level.len() > 1 {
         branch.push(level[1]);
-        level = level
-            .chunks(2)
-            .map(|pair| {
-                let right = pair.get(1).unwrap_or(&pair[0]);
-                hash_pair(&pair[0], right)
-            })
-            .collect();
+        level = next_level(&level);
     }
     branch
 }
@@ -49,6 +37,17 @@ pub fn merkle_root_from_branch(coinbase_txid: [u8; 32], branch: &[[u8; 32]]) -> 
     branch
         .iter()
         .fold(coinbase_txid, |root, sibling| hash_pair(&root, sibling))
+}
+
+/// Pairs hashed with sha256d; an odd level repeats its last hash, as Bitcoin does.
+fn next_level(level: &[[u8; 32]]) -> Vec<[u8; 32]> {
+    level
+        .chunks(2)
+        .map(|pair| {
+            let right = pair.get(1).unwrap_or(&pair[0]);
+            hash_pair(&pair[0], right)
+        })
+        .collect()
 }
 
 fn hash_pair(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
