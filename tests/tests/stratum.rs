@@ -619,3 +619,63 @@ fn pool_series_feed_the_dashboard_and_the_alerts() {
     );
     proxy.stop_agents();
 }
+
+#[test]
+fn a_crashed_controller_resumes_its_pool_session_and_the_work_devices_hold() {
+    let pool = pool(0.001);
+    // Long assignments: the device holds work across the restart.
+    let text =
+        manifest(&[pool.url()], 60, 60).replace("assignmentSeconds: 5", "assignmentSeconds: 20");
+    let mut proxy = Proxy::start(&text, &[]);
+    proxy.agents(&["gw-crash"]);
+    wait_until("shares at the pool", Duration::from_secs(60), || {
+        (pool.accepted() >= 2).then_some(())
+    });
+    let before = pool.submissions().len();
+    let (grpc, http) = (proxy.controller.grpc, proxy.controller.http);
+    proxy.controller.process.kill();
+    proxy.controller = ControllerProcess::start_with_env(
+        &proxy.dir.path().join("manifests"),
+        &proxy.data,
+        grpc,
+        http,
+        &[],
+        &[],
+    );
+    wait_until("the pool session resumed", Duration::from_secs(30), || {
+        pool.events()
+            .iter()
+            .any(|e| matches!(e, PoolEvent::Subscribed { resumed: true, .. }))
+            .then_some(())
+    });
+    // A share of a header built before the crash reaches the pool after it, and counts.
+    let header = |s: &micromine_e2e::stratum_pool::Submission| {
+        (
+            s.job_id.clone(),
+            s.extranonce1.clone(),
+            s.extranonce2.clone(),
+            s.version_bits.clone(),
+        )
+    };
+    wait_until(
+        "a share of pre-crash work accepted after the crash",
+        Duration::from_secs(60),
+        || {
+            let all = pool.submissions();
+            let old: Vec<_> = all[..before].iter().map(header).collect();
+            all[before..]
+                .iter()
+                .any(|s| s.verdict.is_ok() && old.contains(&header(s)))
+                .then_some(())
+        },
+    );
+    proxy.stop_agents();
+    let status = settle(&proxy, &[&pool]);
+    assert_eq!(pool.rejected("stale") + pool.rejected("job-not-found"), 0);
+    assert_eq!(number(&status, "/accepted") as usize, pool.accepted());
+    assert_eq!(
+        number(&proxy.miner(), "/status/shares/stale"),
+        0,
+        "no device work was voided"
+    );
+}

@@ -11,6 +11,7 @@ use serde::{Deserialize, Serialize};
 use super::state::Restored;
 use crate::scheduler::Lease;
 use crate::store::{JsonTable, StoreError, get_json, list_json, put_json, remove_json};
+use crate::stratum::work::PoolSessionRecord;
 use crate::worksource::{ChainTip, WorkHeader};
 
 const META: JsonTable = TableDefinition::new("fleet_meta");
@@ -20,6 +21,7 @@ const DEVICES: JsonTable = TableDefinition::new("fleet_devices");
 
 const IDS_KEY: &str = "ids";
 const TIP_PREFIX: &str = "tip/";
+const POOL_PREFIX: &str = "pool/";
 const ENERGY_KEY: &str = "energy";
 
 /// Id counters; each is the next value to hand out.
@@ -146,6 +148,8 @@ pub enum PersistOp {
     Device(DeviceRecord),
     /// Energy drawn per MicroMiner, joules.
     Energy(BTreeMap<String, f64>),
+    /// A MicroMiner's pool session, or that it has none any more.
+    PoolSession(String, Option<Box<PoolSessionRecord>>),
 }
 
 fn id_key(id: u64) -> String {
@@ -159,8 +163,12 @@ pub fn apply(txn: &WriteTransaction, ops: &[PersistOp]) -> Result<(), StoreError
     let mut ids = None;
     let mut energy = None;
     let mut tips: BTreeMap<&str, &ChainTip> = BTreeMap::new();
+    let mut pools: BTreeMap<&str, Option<&PoolSessionRecord>> = BTreeMap::new();
     for op in ops {
         match op {
+            PersistOp::PoolSession(miner, record) => {
+                pools.insert(miner, record.as_deref());
+            }
             PersistOp::Energy(joules) => energy = Some(joules),
             PersistOp::Ids(value) => ids = Some(value),
             PersistOp::Tip(miner, tip) => {
@@ -186,6 +194,15 @@ pub fn apply(txn: &WriteTransaction, ops: &[PersistOp]) -> Result<(), StoreError
     for (miner, tip) in tips {
         put_json(txn, META, &format!("{TIP_PREFIX}{miner}"), tip)?;
     }
+    for (miner, record) in pools {
+        let key = format!("{POOL_PREFIX}{miner}");
+        match record {
+            Some(record) => put_json(txn, META, &key, record)?,
+            None => {
+                remove_json(txn, META, &key)?;
+            }
+        }
+    }
     Ok(())
 }
 
@@ -195,7 +212,21 @@ pub fn load(txn: &ReadTransaction) -> Result<Restored, StoreError> {
     let ids: FleetIds = get_json(txn, META, IDS_KEY)?.unwrap_or_default();
     let energy_joules: BTreeMap<String, f64> = get_json(txn, META, ENERGY_KEY)?.unwrap_or_default();
     let mut tips = BTreeMap::new();
-    for (key, tip) in list_json::<serde_json::Value>(txn, META)? {
+    let mut pool_sessions = BTreeMap::new();
+    for (key, value) in list_json::<serde_json::Value>(txn, META)? {
+        if let Some(miner) = key.strip_prefix(POOL_PREFIX) {
+            // One that does not read back only costs a new pool session.
+            match serde_json::from_value::<PoolSessionRecord>(value) {
+                Ok(record) => {
+                    pool_sessions.insert(miner.to_string(), record);
+                }
+                Err(e) => {
+                    tracing::warn!(miner, error = %e, "stored pool session unreadable; starting a new one")
+                }
+            }
+            continue;
+        }
+        let tip = value;
         if let Some(miner) = key.strip_prefix(TIP_PREFIX) {
             let tip: ChainTip = serde_json::from_value(tip).map_err(|source| StoreError::Json {
                 table: "fleet_meta".to_string(),
@@ -231,6 +262,9 @@ pub fn load(txn: &ReadTransaction) -> Result<Restored, StoreError> {
     for tip in tips.values() {
         ids.next_job = ids.next_job.max(tip.job + 1);
     }
+    for record in pool_sessions.values() {
+        ids.next_job = ids.next_job.max(record.epoch + 1);
+    }
     Ok(Restored {
         ids,
         headers,
@@ -239,6 +273,7 @@ pub fn load(txn: &ReadTransaction) -> Result<Restored, StoreError> {
         devices,
         unreferenced_headers: unreferenced.into_iter().map(|h| h.id).collect(),
         energy_joules,
+        pool_sessions,
     })
 }
 

@@ -22,8 +22,9 @@ use crate::manifest::{
 };
 use crate::scheduler::{AssignmentId, HeaderId, Lease, NONCE_SPACE, Scheduler};
 use crate::selector;
+use crate::stratum::client::ResumeHint;
 use crate::stratum::client::UpstreamEvent;
-use crate::stratum::work::{Change, StratumWork};
+use crate::stratum::work::{Change, PoolSessionRecord, StratumWork};
 use crate::vardiff::Vardiff;
 use crate::worksource::{BuiltinSource, ChainTip, Source, WorkHeader};
 
@@ -222,6 +223,8 @@ pub struct Restored {
     pub unreferenced_headers: Vec<HeaderId>,
     /// Energy drawn for each MicroMiner, joules.
     pub energy_joules: BTreeMap<String, f64>,
+    /// Pool sessions of MicroMiners with pool work, to resume.
+    pub pool_sessions: BTreeMap<String, PoolSessionRecord>,
 }
 
 /// The fleet: devices, MicroMiners, headers and leases.
@@ -248,6 +251,8 @@ pub struct FleetState {
     energy_tick_ms: Option<i64>,
     /// When energy was last written to the store.
     energy_saved_ms: i64,
+    /// Pool sessions the previous process left, until their MicroMiners are applied.
+    pool_sessions: BTreeMap<String, PoolSessionRecord>,
 }
 
 /// Energy totals are written at most this often; a crash loses at most this much.
@@ -318,6 +323,7 @@ impl FleetState {
             energy_joules: restored.energy_joules,
             energy_tick_ms: None,
             energy_saved_ms: 0,
+            pool_sessions: restored.pool_sessions,
         }
     }
 
@@ -427,6 +433,7 @@ impl FleetState {
             tracing::info!(miner = %key, "MicroMiner removed; cancelling its work");
             self.retire_miner_headers(&key, "MicroMiner removed", &mut fx);
             self.miners.remove(&key);
+            fx.persist.push(PersistOp::PoolSession(key.clone(), None));
         }
         for (key, miner) in desired {
             let wants_pool = miner.spec.work_source.stratum.is_some();
@@ -439,6 +446,7 @@ impl FleetState {
                     tracing::info!(miner = %key, "MicroMiner changed its kind of work source");
                     // Everything outstanding was built by the old source.
                     self.retire_miner_headers(key, "work source changed", &mut fx);
+                    fx.persist.push(PersistOp::PoolSession(key.clone(), None));
                     let source = self.new_source(key, miner, now_ms, &mut fx);
                     if let Some(runtime) = self.miners.get_mut(key) {
                         runtime.source = source;
@@ -480,6 +488,7 @@ impl FleetState {
                             runtime.source = Source::Stratum(StratumWork::new(key, epoch));
                             runtime.current_header = None;
                         }
+                        fx.persist.push(PersistOp::PoolSession(key.clone(), None));
                         self.retire_miner_headers(key, "pool settings changed", &mut fx);
                     }
                     if miner.spec.paused && !old.spec.paused {
@@ -546,15 +555,33 @@ impl FleetState {
                 Source::Builtin(source)
             }
             None => {
-                let url = miner
+                let pools: Vec<String> = miner
                     .spec
                     .work_source
                     .stratum
-                    .as_ref()
-                    .map(|s| s.url.clone())
-                    .unwrap_or_default();
-                tracing::info!(miner = %key, pool = url, "MicroMiner added (pool work)");
-                Source::Stratum(StratumWork::new(key, self.ids.take_job()))
+                    .iter()
+                    .flat_map(|s| s.pools())
+                    .map(|p| p.url)
+                    .collect();
+                // The previous process's session, if it was with one of these pools (a
+                // redirect by client.reconnect is not resumed: the address is the pool's).
+                let restored = self
+                    .pool_sessions
+                    .remove(key)
+                    .filter(|r| pools.get(r.pool_index) == Some(&r.pool))
+                    .and_then(|r| StratumWork::restore(key, &r));
+                match restored {
+                    Some(work) => {
+                        tracing::info!(miner = %key, pool = ?pools.first(), "MicroMiner added (pool work); resuming the previous pool session");
+                        Source::Stratum(work)
+                    }
+                    None => {
+                        tracing::info!(miner = %key, pool = ?pools.first(), "MicroMiner added (pool work)");
+                        fx.persist
+                            .push(PersistOp::PoolSession(key.to_string(), None));
+                        Source::Stratum(StratumWork::new(key, self.ids.take_job()))
+                    }
+                }
             }
         };
         fx.persist.push(PersistOp::Ids(self.ids.clone()));
@@ -573,10 +600,17 @@ impl FleetState {
         };
         let ids = &mut self.ids;
         let mut took_job = false;
+        let disconnected = matches!(event, UpstreamEvent::Disconnected { .. });
         let change = work.apply(event, || {
             took_job = true;
             ids.take_job()
         });
+        if !disconnected {
+            fx.persist.push(PersistOp::PoolSession(
+                miner.to_string(),
+                work.record().map(Box::new),
+            ));
+        }
         if took_job {
             fx.persist.push(PersistOp::Ids(self.ids.clone()));
         }
@@ -637,7 +671,16 @@ impl FleetState {
             if let Some(old) = &device.miner {
                 tracing::info!(device = name, from = %old, to = ?wanted, "device changes MicroMiner");
             }
-            self.end_device_leases(name, "device moved to another MicroMiner", fx);
+            // After a restart the device's MicroMiner is not known until now, and the
+            // leases restored for that same MicroMiner are still good: only leases for
+            // another one go.
+            let foreign: Vec<AssignmentId> = self
+                .scheduler
+                .leases_of(name)
+                .into_iter()
+                .filter(|id| self.lease_meta.get(id).map(|m| m.miner.as_str()) != wanted.as_deref())
+                .collect();
+            self.end_leases_of(name, foreign, "device moved to another MicroMiner", fx);
             if let Some(device) = self.devices.get_mut(name) {
                 device.miner = wanted.clone();
                 device.vardiff = None;
@@ -921,6 +964,17 @@ impl FleetState {
 
     fn end_device_leases(&mut self, name: &str, reason: &str, fx: &mut Effects) {
         let ids = self.scheduler.leases_of(name);
+        self.end_leases_of(name, ids, reason, fx);
+    }
+
+    /// Ends leases `ids` of device `name` and tells it, if it is connected.
+    fn end_leases_of(
+        &mut self,
+        name: &str,
+        ids: Vec<AssignmentId>,
+        reason: &str,
+        fx: &mut Effects,
+    ) {
         if ids.is_empty() {
             return;
         }
@@ -1152,9 +1206,15 @@ impl FleetState {
         runtime.headers.insert(id);
         runtime.current_header = Some(id);
         fx.persist.push(PersistOp::Header(work.clone()));
-        if let Source::Builtin(builtin) = &runtime.source {
-            fx.persist
-                .push(PersistOp::Tip(miner.to_string(), builtin.tip().clone()));
+        match &runtime.source {
+            Source::Builtin(builtin) => fx
+                .persist
+                .push(PersistOp::Tip(miner.to_string(), builtin.tip().clone())),
+            // Its allocation counters moved: a resumed session must not repeat them.
+            Source::Stratum(work) => fx.persist.push(PersistOp::PoolSession(
+                miner.to_string(),
+                work.record().map(Box::new),
+            )),
         }
         fx.persist.push(PersistOp::Ids(self.ids.clone()));
         self.scheduler.add_header(id);
@@ -1534,6 +1594,11 @@ impl FleetState {
             .unwrap_or(self.ids.next_header)
     }
 
+    /// The pool session a MicroMiner's upstream should ask to resume.
+    pub fn resume_hint(&self, miner: &str) -> Option<ResumeHint> {
+        self.miners.get(miner)?.source.stratum()?.resume_hint()
+    }
+
     /// Sessions open now.
     pub fn sessions(&self) -> usize {
         self.devices
@@ -1720,6 +1785,7 @@ mod tests {
         );
         let connected = UpstreamEvent::Connected {
             session: 7,
+            session_id: None,
             pool: "stratum+tcp://pool:3333".into(),
             pool_index: 0,
             extranonce1: vec![0xab],
@@ -1795,6 +1861,56 @@ mod tests {
             (condition.status.as_str(), condition.reason.as_str()),
             ("False", "PoolUnreachable")
         );
+    }
+
+    #[test]
+    fn after_a_restart_a_device_keeps_the_leases_it_resumes() {
+        let m = miner("a", "x", 1e12, false);
+        let mut s = FleetState::new(Restored::default());
+        let mut ops = s.apply_miners(&set(std::slice::from_ref(&m)), NOW).persist;
+        let (_, fx) = s.connect("d", &hello("x", vec![]), NOW);
+        let held = assignments(&fx, "d");
+        assert_eq!(held.len(), LEASES_PER_DEVICE);
+        ops.extend(fx.persist);
+        // What the store gives back to the next process.
+        let mut restored = Restored::default();
+        for op in ops {
+            match op {
+                PersistOp::Ids(ids) => restored.ids = ids,
+                PersistOp::Tip(key, tip) => {
+                    restored.tips.insert(key, tip);
+                }
+                PersistOp::Header(header) => restored.headers.push(header),
+                PersistOp::Lease(lease) => restored.leases.push(lease),
+                PersistOp::Device(device) => {
+                    restored.devices.retain(|d| d.name != device.name);
+                    restored.devices.push(device);
+                }
+                _ => {}
+            }
+        }
+        let mut s = FleetState::new(restored);
+        let fx = s.apply_miners(&set(&[m]), NOW + 1_000);
+        assert!(cancels(&fx, "d").is_empty());
+        let resume = held
+            .iter()
+            .map(|a| pb::ResumedAssignment {
+                assignment_id: a.id,
+                scanned_until: a.nonce_start + 10,
+            })
+            .collect();
+        let (_, fx) = s.connect("d", &hello("x", resume), NOW + 2_000);
+        let kept: Vec<u64> = fx
+            .messages
+            .iter()
+            .find_map(|(_, m)| match &m.kind {
+                Some(Kind::Welcome(w)) => Some(w.resumed_assignment_ids.clone()),
+                _ => None,
+            })
+            .expect("a welcome");
+        assert_eq!(kept, held.iter().map(|a| a.id).collect::<Vec<_>>());
+        assert!(cancels(&fx, "d").is_empty());
+        assert!(assignments(&fx, "d").is_empty(), "it holds enough already");
     }
 
     #[test]

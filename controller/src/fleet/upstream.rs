@@ -100,6 +100,7 @@ impl Fleet {
                 pools: settings.pools(),
                 failback: Duration::from_secs(u64::from(settings.failback_seconds)),
                 timeouts: upstreams.timeouts,
+                resume: lock(&self.state).resume_hint(key),
             };
             let upstream = Upstream::spawn(
                 config,

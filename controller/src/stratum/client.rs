@@ -45,12 +45,32 @@ const FAILURES_BEFORE_FAILOVER: u32 = 2;
 /// Consecutive malformed messages after which the connection is reopened.
 const MALFORMED_LIMIT: u32 = 50;
 
-/// Session numbers are unique in the process, so a restarted upstream (new settings)
-/// never passes for a resumed session of the old one.
-static NEXT_SESSION: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+/// The number of a pool session: which pool and which extranonce1, because work built
+/// for one can be submitted exactly when both are the same, whether the session was
+/// resumed after a dropped connection, after a failover, or by the next controller
+/// process (the number is stored with the headers built for it).
+pub fn session_key(pool: &str, extranonce1: &[u8]) -> u64 {
+    use sha2::Digest;
+    let mut hasher = sha2::Sha256::new();
+    hasher.update(pool.as_bytes());
+    hasher.update([0]);
+    hasher.update(extranonce1);
+    let digest = hasher.finalize();
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    u64::from_le_bytes(first)
+}
 
-fn next_session() -> u64 {
-    NEXT_SESSION.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+/// A pool session to ask for again (`mining.subscribe` with its id), e.g. the one the
+/// previous controller process had.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ResumeHint {
+    /// Which pool (0: primary).
+    pub pool_index: usize,
+    /// The pool's subscription id.
+    pub session_id: String,
+    /// Its [`session_key`].
+    pub session: u64,
 }
 
 /// How long each step may take.
@@ -100,6 +120,8 @@ pub struct UpstreamConfig {
     pub failback: Duration,
     /// Step timeouts.
     pub timeouts: Timeouts,
+    /// A session to resume first.
+    pub resume: Option<ResumeHint>,
 }
 
 /// A share to submit: what `mining.submit` needs, and whose it is.
@@ -144,8 +166,10 @@ pub enum UpstreamEvent {
     /// A handshake completed. A new `session` means work built for earlier sessions can
     /// no longer be submitted; a resumed one keeps its number.
     Connected {
-        /// Session number (new extranonce1 → new number).
+        /// The session's [`session_key`].
         session: u64,
+        /// The pool's subscription id, to resume the session with later.
+        session_id: Option<String>,
         /// The pool's URL.
         pool: String,
         /// 0 for the primary, then the failover pools in order.
@@ -163,7 +187,7 @@ pub enum UpstreamEvent {
     Difficulty(f64),
     /// `mining.set_extranonce`: a new session on the same connection.
     Extranonce {
-        /// The new session number.
+        /// The new session's [`session_key`].
         session: u64,
         /// The new extranonce1.
         extranonce1: Vec<u8>,
@@ -203,6 +227,13 @@ impl Upstream {
     ) -> Upstream {
         let (tx, rx) = mpsc::channel(SUBMISSION_QUEUE);
         let cancel = CancellationToken::new();
+        let (session, resume) = match &config.resume {
+            Some(hint) => (
+                hint.session,
+                HashMap::from([(hint.pool_index, hint.session_id.clone())]),
+            ),
+            None => (0, HashMap::new()),
+        };
         let task = Task {
             config,
             passwords,
@@ -210,9 +241,8 @@ impl Upstream {
             submissions: rx,
             cancel: cancel.clone(),
             tls: None,
-            session: 0,
-            last: None,
-            resume: HashMap::new(),
+            session,
+            resume,
             retry: VecDeque::new(),
         };
         tokio::spawn(task.run());
@@ -273,8 +303,6 @@ struct Task {
     tls: Option<Arc<rustls::ClientConfig>>,
     /// The current session number.
     session: u64,
-    /// The pool and extranonce1 of the current session, to tell a resumed session.
-    last: Option<(usize, Vec<u8>)>,
     /// Session ids to resume, by pool index.
     resume: HashMap<usize, String>,
     /// Submissions sent on a connection that died before answering.
@@ -404,15 +432,9 @@ impl Task {
         let pool = connection.url.to_string();
         let index = connection.pool_index;
         let extranonce1 = connection.subscription.extranonce1.clone();
-        let resumed = self
-            .last
-            .as_ref()
-            .is_some_and(|(i, en1)| *i == index && *en1 == extranonce1)
-            && self.resume.contains_key(&index);
-        if !resumed {
-            self.session = next_session();
-        }
-        self.last = Some((index, extranonce1.clone()));
+        let session = session_key(&pool, &extranonce1);
+        let resumed = session == self.session;
+        self.session = session;
         match &connection.subscription.session_id {
             Some(id) => {
                 self.resume.insert(index, id.clone());
@@ -434,6 +456,7 @@ impl Task {
             &self.config.miner,
             UpstreamEvent::Connected {
                 session: self.session,
+                session_id: connection.subscription.session_id.clone(),
                 pool: pool.clone(),
                 pool_index: index,
                 extranonce1,
@@ -657,8 +680,7 @@ impl Task {
                 extranonce1,
                 extranonce2_size,
             } => {
-                self.session = next_session();
-                self.last = Some((connection.pool_index, extranonce1.clone()));
+                self.session = session_key(&connection.url.to_string(), &extranonce1);
                 tracing::info!(
                     miner,
                     extranonce1 = hex::encode(&extranonce1),
@@ -1008,6 +1030,7 @@ mod tests {
                 .collect(),
             failback: Duration::from_secs(3600),
             timeouts: quick(),
+            resume: None,
         }
     }
 

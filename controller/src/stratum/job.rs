@@ -132,6 +132,27 @@ impl PoolJob {
         })
     }
 
+    /// The job as `mining.notify` params again ([`PoolJob::from_params`] reads them back).
+    pub fn to_params(&self) -> serde_json::Value {
+        let swapped: Vec<u8> = self
+            .prev_hash
+            .chunks_exact(4)
+            .flat_map(|w| [w[3], w[2], w[1], w[0]])
+            .collect();
+        let branch: Vec<String> = self.branch.iter().map(hex::encode).collect();
+        serde_json::json!([
+            self.id,
+            hex::encode(swapped),
+            hex::encode(&self.coinb1),
+            hex::encode(&self.coinb2),
+            branch,
+            format!("{:08x}", self.version),
+            format!("{:08x}", self.bits),
+            format!("{:08x}", self.time),
+            self.clean,
+        ])
+    }
+
     /// The coinbase transaction for one pair of extranonces.
     pub fn coinbase(&self, extranonce1: &[u8], extranonce2: &[u8]) -> Vec<u8> {
         let mut tx = Vec::with_capacity(
@@ -277,6 +298,7 @@ mod tests {
         let job = PoolJob::from_params(&params).expect("a valid notify");
         assert!(job.clean);
         assert_eq!(job.branch.len(), 2);
+        assert_eq!(PoolJob::from_params(&job.to_params()), Ok(job.clone()));
         let coinbase = job.coinbase(&en1, &en2);
         assert_eq!(hex::encode(&coinbase), COINBASE_100000);
         assert_eq!(

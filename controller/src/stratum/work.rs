@@ -13,8 +13,9 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 
 use micromine_proto::work::{HEADER_PREFIX_LEN, Target};
+use serde::{Deserialize, Serialize};
 
-use super::client::UpstreamEvent;
+use super::client::{ResumeHint, UpstreamEvent};
 use super::job::{PoolJob, rolled_version, version_bits};
 use crate::scheduler::HeaderId;
 use crate::worksource::{UpstreamWork, WorkHeader};
@@ -35,6 +36,38 @@ struct Session {
     extranonce1: Vec<u8>,
     extranonce2_size: usize,
     version_mask: Option<u32>,
+    /// The pool's subscription id, to resume the session with.
+    subscription: Option<String>,
+}
+
+/// A MicroMiner's pool work as the store keeps it, so the next controller process (after
+/// a restart or a leader change) can resume the same pool session: devices keep the work
+/// they hold, and its shares can still be submitted.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PoolSessionRecord {
+    /// The pool's URL.
+    pub pool: String,
+    /// Its place in the MicroMiner's list (0: primary).
+    pub pool_index: usize,
+    /// The session's number ([`super::client::session_key`]).
+    pub session: u64,
+    /// The pool's subscription id.
+    pub subscription: Option<String>,
+    /// Hex.
+    pub extranonce1: String,
+    /// Bytes of extranonce2.
+    pub extranonce2_size: usize,
+    /// Version bits that may be rolled.
+    pub version_mask: Option<u32>,
+    /// The fleet job number headers of this work carry.
+    pub epoch: u64,
+    /// The pool's share difficulty.
+    pub difficulty: f64,
+    /// The job headers are built from, as `mining.notify` params.
+    pub job: Option<serde_json::Value>,
+    /// Headers built per (pool, extranonce1 hex, job id).
+    pub allocated: Vec<(String, String, String, u64)>,
 }
 
 /// How the work changed after an upstream event, so the fleet knows what to do.
@@ -155,6 +188,7 @@ impl StratumWork {
         match event {
             UpstreamEvent::Connected {
                 session,
+                session_id,
                 pool,
                 pool_index,
                 extranonce1,
@@ -172,6 +206,7 @@ impl StratumWork {
                     extranonce1,
                     extranonce2_size,
                     version_mask,
+                    subscription: session_id,
                 });
                 if resumed {
                     return Change::NewWork;
@@ -234,6 +269,72 @@ impl StratumWork {
                 Change::Nothing
             }
         }
+    }
+
+    /// What the store keeps, once there has been a session.
+    pub fn record(&self) -> Option<PoolSessionRecord> {
+        let session = self.session.as_ref()?;
+        Some(PoolSessionRecord {
+            pool: self.pool.clone().unwrap_or_default(),
+            pool_index: self.pool_index,
+            session: session.number,
+            subscription: session.subscription.clone(),
+            extranonce1: hex::encode(&session.extranonce1),
+            extranonce2_size: session.extranonce2_size,
+            version_mask: session.version_mask,
+            epoch: self.epoch,
+            difficulty: self.difficulty,
+            job: self.template.as_ref().map(|job| job.to_params()),
+            allocated: self
+                .allocated_order
+                .iter()
+                .filter_map(|key| {
+                    let n = self.allocated.get(key)?;
+                    Some((key.0.clone(), hex::encode(&key.1), key.2.clone(), *n))
+                })
+                .collect(),
+        })
+    }
+
+    /// The work the previous process kept, waiting to be resumed: nothing new is handed
+    /// out until the pool connects, and work on its headers stays current if the pool
+    /// resumes the session. A record that does not read back gives fresh work.
+    pub fn restore(miner: &str, record: &PoolSessionRecord) -> Option<StratumWork> {
+        let extranonce1 = hex::decode(&record.extranonce1).ok()?;
+        let template = match &record.job {
+            Some(params) => Some(Arc::new(PoolJob::from_params(params).ok()?)),
+            None => None,
+        };
+        let mut work = StratumWork::new(miner, record.epoch);
+        work.session = Some(Session {
+            number: record.session,
+            extranonce1,
+            extranonce2_size: record.extranonce2_size,
+            version_mask: record.version_mask,
+            subscription: record.subscription.clone(),
+        });
+        work.template = template;
+        work.difficulty = record.difficulty;
+        work.pool = Some(record.pool.clone());
+        work.pool_index = record.pool_index;
+        work.ever_connected = true;
+        work.last_error = Some("controller restarted; resuming the pool session".into());
+        for (pool, extranonce1, job, n) in &record.allocated {
+            let key: JobKey = (pool.clone(), hex::decode(extranonce1).ok()?, job.clone());
+            work.allocated_order.push_back(key.clone());
+            work.allocated.insert(key, *n);
+        }
+        Some(work)
+    }
+
+    /// The session to ask the pool to resume, if there is one.
+    pub fn resume_hint(&self) -> Option<ResumeHint> {
+        let session = self.session.as_ref()?;
+        Some(ResumeHint {
+            pool_index: self.pool_index,
+            session_id: session.subscription.clone()?,
+            session: session.number,
+        })
     }
 
     /// The next header, or `None` while there is no connection or job, or when the job's
@@ -323,6 +424,7 @@ mod tests {
     fn connected(session: u64, size: usize, mask: Option<u32>) -> UpstreamEvent {
         UpstreamEvent::Connected {
             session,
+            session_id: Some(format!("sub-{session}")),
             pool: "stratum+tcp://pool:3333".into(),
             pool_index: 0,
             extranonce1: vec![0xaa, 0xbb],
@@ -430,6 +532,52 @@ mod tests {
         for id in 20..30 {
             assert!(seen.insert(work.next_header(id).expect("header").prefix));
         }
+    }
+
+    #[test]
+    fn a_stored_session_restores_and_resumes_where_it_stopped() {
+        let mut next_epoch = epochs();
+        let mut work = StratumWork::new("ns/a", 1);
+        assert_eq!(work.record(), None, "nothing to keep before a session");
+        work.apply(connected(5, 4, Some(0x6000)), &mut next_epoch);
+        work.apply(UpstreamEvent::Job(job("j", true)), &mut next_epoch);
+        work.apply(UpstreamEvent::Difficulty(3.0), &mut next_epoch);
+        for id in 0..5 {
+            work.next_header(id).expect("header");
+        }
+        let record = work.record().expect("a session");
+        let json = serde_json::to_string(&record).expect("serialises");
+        let back: PoolSessionRecord = serde_json::from_str(&json).expect("parses");
+        let mut restored = StratumWork::restore("ns/a", &back).expect("restores");
+        assert_eq!(restored.job(), work.job());
+        assert_eq!(restored.difficulty(), 3.0);
+        assert_eq!(restored.status().state, "Disconnected");
+        assert!(
+            restored.next_header(9).is_none(),
+            "nothing new before the pool answers"
+        );
+        assert_eq!(
+            restored.resume_hint(),
+            Some(ResumeHint {
+                pool_index: 0,
+                session_id: "sub-5".into(),
+                session: 5
+            })
+        );
+        // The pool resumes the session: the same work, continuing where it stopped.
+        assert_eq!(
+            restored.apply(connected(5, 4, Some(0x6000)), &mut next_epoch),
+            Change::NewWork
+        );
+        assert_eq!(restored.job(), work.job());
+        assert_eq!(
+            restored.next_header(6).map(|h| h.prefix),
+            work.next_header(6).map(|h| h.prefix)
+        );
+        // A record that does not read back is refused, not half-restored.
+        let mut broken = back;
+        broken.extranonce1 = "zz".into();
+        assert!(StratumWork::restore("ns/a", &broken).is_none());
     }
 
     #[test]
