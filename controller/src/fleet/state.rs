@@ -1006,12 +1006,19 @@ impl FleetState {
             return;
         };
         let job = runtime.source.job();
-        let stale: Vec<HeaderId> = runtime
+        let mut stale: Vec<HeaderId> = runtime
             .headers
             .iter()
             .copied()
             .filter(|h| self.headers.get(h).is_none_or(|w| w.job != job))
             .collect();
+        // Leases restored after a restart are on headers the runtime never tracked.
+        stale.extend(
+            self.headers
+                .values()
+                .filter(|w| w.miner == miner && w.job != job && !runtime.headers.contains(&w.id))
+                .map(|w| w.id),
+        );
         self.retire_headers(miner, &stale, reason, fx);
     }
 
@@ -1872,24 +1879,7 @@ mod tests {
         let held = assignments(&fx, "d");
         assert_eq!(held.len(), LEASES_PER_DEVICE);
         ops.extend(fx.persist);
-        // What the store gives back to the next process.
-        let mut restored = Restored::default();
-        for op in ops {
-            match op {
-                PersistOp::Ids(ids) => restored.ids = ids,
-                PersistOp::Tip(key, tip) => {
-                    restored.tips.insert(key, tip);
-                }
-                PersistOp::Header(header) => restored.headers.push(header),
-                PersistOp::Lease(lease) => restored.leases.push(lease),
-                PersistOp::Device(device) => {
-                    restored.devices.retain(|d| d.name != device.name);
-                    restored.devices.push(device);
-                }
-                _ => {}
-            }
-        }
-        let mut s = FleetState::new(restored);
+        let mut s = FleetState::new(restored_from(ops));
         let fx = s.apply_miners(&set(&[m]), NOW + 1_000);
         assert!(cancels(&fx, "d").is_empty());
         let resume = held
@@ -1911,6 +1901,108 @@ mod tests {
         assert_eq!(kept, held.iter().map(|a| a.id).collect::<Vec<_>>());
         assert!(cancels(&fx, "d").is_empty());
         assert!(assignments(&fx, "d").is_empty(), "it holds enough already");
+    }
+
+    /// What the store gives the next process after `ops` were made durable.
+    fn restored_from(ops: Vec<PersistOp>) -> Restored {
+        let mut restored = Restored::default();
+        for op in ops {
+            match op {
+                PersistOp::Ids(ids) => restored.ids = ids,
+                PersistOp::Tip(key, tip) => {
+                    restored.tips.insert(key, tip);
+                }
+                PersistOp::Header(header) => restored.headers.push(header),
+                PersistOp::Lease(lease) => restored.leases.push(lease),
+                PersistOp::DeleteLease(id) => restored.leases.retain(|l| l.lease.id != id),
+                PersistOp::Device(device) => {
+                    restored.devices.retain(|d| d.name != device.name);
+                    restored.devices.push(device);
+                }
+                PersistOp::PoolSession(key, record) => match record {
+                    Some(record) => {
+                        restored.pool_sessions.insert(key, *record);
+                    }
+                    None => {
+                        restored.pool_sessions.remove(&key);
+                    }
+                },
+                _ => {}
+            }
+        }
+        restored
+    }
+
+    #[test]
+    fn after_a_restart_pool_work_stays_if_the_pool_resumes_the_session_and_goes_if_not() {
+        let text = "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {site: x}}\n  workSource: {stratum: {url: 'stratum+tcp://pool:3333', user: a.b}}\n  sharesPerMinute: 60\n  assignmentSeconds: 10\n";
+        let miner = crate::manifest::parse_str("p.yaml", text)
+            .expect("valid")
+            .remove(0);
+        let key = miner.key();
+        let connected = |session: u64| UpstreamEvent::Connected {
+            session,
+            session_id: Some("sub".into()),
+            pool: "stratum+tcp://pool:3333".into(),
+            pool_index: 0,
+            extranonce1: vec![1],
+            extranonce2_size: 4,
+            version_mask: None,
+        };
+        let mut s = FleetState::new(Restored::default());
+        let mut ops = s
+            .apply_miners(&set(std::slice::from_ref(&miner)), NOW)
+            .persist;
+        ops.extend(s.connect("d", &hello("x", vec![]), NOW).1.persist);
+        ops.extend(s.upstream_event(&key, connected(7), NOW).persist);
+        let fx = s.upstream_event(&key, UpstreamEvent::Job(pool_job("j", true)), NOW);
+        let held = assignments(&fx, "d");
+        assert_eq!(held.len(), LEASES_PER_DEVICE);
+        ops.extend(fx.persist);
+        let resume: Vec<pb::ResumedAssignment> = held
+            .iter()
+            .map(|a| pb::ResumedAssignment {
+                assignment_id: a.id,
+                scanned_until: a.nonce_start,
+            })
+            .collect();
+        for (session, voided) in [(7, false), (8, true)] {
+            let mut s = FleetState::new(restored_from(ops.clone()));
+            s.apply_miners(&set(std::slice::from_ref(&miner)), NOW + 1_000);
+            assert_eq!(
+                s.resume_hint(&key).map(|h| (h.session, h.session_id)),
+                Some((7, "sub".into()))
+            );
+            let (_, fx) = s.connect("d", &hello("x", resume.clone()), NOW + 2_000);
+            assert!(
+                assignments(&fx, "d").is_empty(),
+                "no new work before the pool is back"
+            );
+            let fx = s.upstream_event(&key, connected(session), NOW + 3_000);
+            let mut cancelled = cancels(&fx, "d");
+            cancelled.sort_unstable();
+            if voided {
+                assert_eq!(
+                    cancelled,
+                    held.iter().map(|a| a.id).collect::<Vec<_>>(),
+                    "a new session voids the old work"
+                );
+            } else {
+                assert!(cancelled.is_empty(), "the resumed session keeps it");
+                let share = pb::Share {
+                    assignment_id: held[0].id,
+                    nonce: held[0].nonce_start as u32,
+                    ..Default::default()
+                };
+                assert!(matches!(
+                    &s.check_shares("d", &[share])[0],
+                    ShareCheck::Verify {
+                        pool_target: Some(_),
+                        ..
+                    }
+                ));
+            }
+        }
     }
 
     #[test]

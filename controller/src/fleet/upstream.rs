@@ -27,7 +27,6 @@ pub(super) struct Running {
 pub(super) struct Upstreams {
     running: HashMap<String, Running>,
     passwords: Arc<dyn Passwords>,
-    timeouts: Timeouts,
 }
 
 impl Default for Upstreams {
@@ -36,7 +35,6 @@ impl Default for Upstreams {
             running: HashMap::new(),
             // Until a mode says otherwise: files relative to the working directory.
             passwords: Arc::new(FilePasswords::new(".")),
-            timeouts: Timeouts::default(),
         }
     }
 }
@@ -63,11 +61,6 @@ impl Fleet {
     /// mode); set before the MicroMiners are applied.
     pub fn set_passwords(&self, passwords: Arc<dyn Passwords>) {
         lock(&self.upstreams).passwords = passwords;
-    }
-
-    /// Step timeouts of pool connections started from now on (tests shorten them).
-    pub fn set_pool_timeouts(&self, timeouts: Timeouts) {
-        lock(&self.upstreams).timeouts = timeouts;
     }
 
     /// Starts, restarts and stops pool connections to match `miners`.
@@ -99,7 +92,7 @@ impl Fleet {
                     .unwrap_or_else(|| "default".into()),
                 pools: settings.pools(),
                 failback: Duration::from_secs(u64::from(settings.failback_seconds)),
-                timeouts: upstreams.timeouts,
+                timeouts: Timeouts::default(),
                 resume: lock(&self.state).resume_hint(key),
             };
             let upstream = Upstream::spawn(

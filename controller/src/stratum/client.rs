@@ -311,6 +311,35 @@ struct Task {
 
 impl Task {
     async fn run(mut self) {
+        self.serve().await;
+        self.abandon();
+    }
+
+    /// What is still queued when the upstream stops (its MicroMiner changed or went) can
+    /// never be submitted: each gets that verdict, so none is left waiting.
+    fn abandon(&mut self) {
+        let mut left: Vec<Submission> = self.retry.drain(..).collect();
+        while let Ok(submission) = self.submissions.try_recv() {
+            left.push(submission);
+        }
+        if left.is_empty() {
+            return;
+        }
+        let answers = left
+            .into_iter()
+            .map(|submission| PoolAnswer {
+                submission,
+                pool: String::new(),
+                verdict: Err(RejectReason::SessionLost),
+                message: "the pool connection was stopped (its MicroMiner changed or was removed)"
+                    .to_string(),
+            })
+            .collect();
+        self.sink.answers(&self.config.miner, answers);
+    }
+
+    /// Connects, serves and reconnects until cancelled.
+    async fn serve(&mut self) {
         let mut pool_index = 0usize;
         let mut failures = 0u32;
         let mut backoff = self.config.timeouts.backoff_initial;
@@ -1238,6 +1267,30 @@ mod tests {
             .filter(|e| matches!(e, UpstreamEvent::Disconnected { error } if error.contains("refused mining.authorize for u.w: Unauthorized worker")))
             .count();
         assert_eq!(refusals, FAILURES_BEFORE_FAILOVER as usize, "{events:?}");
+    }
+
+    #[tokio::test]
+    async fn shares_queued_when_the_upstream_stops_are_answered_not_dropped() {
+        // A pool that takes the connection and never answers the handshake.
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let port = listener.local_addr().expect("addr").port();
+        let recorder = Arc::new(Recorder::default());
+        let upstream = Upstream::spawn(
+            config(&[port]),
+            Arc::new(FilePasswords::new(".")),
+            Arc::clone(&recorder) as Arc<dyn UpstreamSink>,
+        );
+        let (_silent, _) = listener.accept().await.expect("a connection");
+        upstream.submit(submission(1, 5)).expect("queued");
+        drop(upstream);
+        let answers = until("the abandoned share's verdict", || {
+            let answers = recorder.answers.lock().expect("answers");
+            (!answers.is_empty()).then(|| answers.clone())
+        })
+        .await;
+        assert_eq!(answers.len(), 1);
+        assert_eq!(answers[0].verdict, Err(RejectReason::SessionLost));
+        assert_eq!(answers[0].submission.nonce, 5);
     }
 
     #[test]
