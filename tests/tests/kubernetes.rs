@@ -700,16 +700,17 @@ fn a_pool_password_comes_from_a_secret_and_the_pool_status_reaches_the_micro_min
     assert!(condition_is(&miner, "PoolConnected", "True"), "{miner}");
     assert_eq!(miner["status"]["pool"]["url"], pool.url());
     assert_eq!(miner["status"]["pool"]["difficulty"], 0.001);
-    let events = cluster
-        .api
-        .list("/apis/events.k8s.io/v1/namespaces/plant/events");
-    assert!(
-        events
+    // The Event is published after the status write that carries the news.
+    wait_until("a PoolConnected Event", Duration::from_secs(10), || {
+        cluster
+            .api
+            .list("/apis/events.k8s.io/v1/namespaces/plant/events")
             .iter()
-            .any(|e| e["reason"] == "PoolConnected"
-                && e["note"] == format!("mining for {}", pool.url())),
-        "{events:#?}"
-    );
+            .any(|e| {
+                e["reason"] == "PoolConnected" && e["note"] == format!("mining for {}", pool.url())
+            })
+            .then_some(())
+    });
     cluster.assert_controller_stayed_within_rbac();
     agent.kill();
 }

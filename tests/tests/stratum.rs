@@ -248,6 +248,7 @@ fn clean_jobs_cancel_work_within_a_second_and_a_difficulty_change_is_followed() 
         },
     );
     let took = sent.elapsed();
+    eprintln!("clean_jobs: every lease on the new job {took:?} after the notify");
     assert!(
         took < Duration::from_secs(1),
         "old work was cancelled after {took:?}"
