@@ -42,6 +42,9 @@ pub const SUBMISSION_QUEUE: usize = 4096;
 const VERSION_ROLLING_MASK: u32 = 0x1fff_e000;
 /// Consecutive failures on one pool before the next one is tried.
 const FAILURES_BEFORE_FAILOVER: u32 = 2;
+/// A session that ends sooner counts as a failure: a pool that accepts connections and
+/// drops them at once is as useless as one that refuses them.
+const HEALTHY_SESSION: Duration = Duration::from_secs(30);
 /// Consecutive malformed messages after which the connection is reopened.
 const MALFORMED_LIMIT: u32 = 50;
 
@@ -361,18 +364,29 @@ impl Task {
             };
             match connection {
                 Ok(connection) => {
-                    failures = 0;
-                    backoff = self.config.timeouts.backoff_initial;
                     pool_index = connection.pool_index;
                     let pool = connection.url.to_string();
-                    match self.session(connection).await {
+                    let started = Instant::now();
+                    let end = self.session(connection).await;
+                    if started.elapsed() >= HEALTHY_SESSION {
+                        failures = 0;
+                        backoff = self.config.timeouts.backoff_initial;
+                    }
+                    match end {
                         SessionEnd::Cancelled => return,
                         SessionEnd::Lost(error) => {
                             tracing::warn!(miner = %self.config.miner, pool, error, "pool connection lost; reconnecting");
                             self.sink
                                 .event(&self.config.miner, UpstreamEvent::Disconnected { error });
+                            if started.elapsed() < HEALTHY_SESSION {
+                                failures += 1;
+                                self.fail_over_after(&mut failures, &mut pool_index);
+                            }
                         }
                         SessionEnd::Reconnect { url, wait } => {
+                            // The pool's own request, not a failure.
+                            failures = 0;
+                            backoff = self.config.timeouts.backoff_initial;
                             tracing::info!(miner = %self.config.miner, pool, to = %url, wait_seconds = wait.as_secs(), "pool asked to reconnect");
                             self.sink.event(
                                 &self.config.miner,
@@ -389,6 +403,8 @@ impl Task {
                         }
                         SessionEnd::Failback(primary) => {
                             tracing::info!(miner = %self.config.miner, from = pool, to = %primary.url, "primary pool answers again; going back to it");
+                            failures = 0;
+                            backoff = self.config.timeouts.backoff_initial;
                             ready = Some(primary);
                             continue;
                         }
@@ -400,11 +416,7 @@ impl Task {
                     tracing::warn!(miner = %self.config.miner, pool, error, retry_in_ms = backoff.as_millis() as u64, "cannot connect to the pool");
                     self.sink
                         .event(&self.config.miner, UpstreamEvent::Disconnected { error });
-                    if failures >= FAILURES_BEFORE_FAILOVER && self.config.pools.len() > 1 {
-                        failures = 0;
-                        pool_index = (pool_index + 1) % self.config.pools.len();
-                        tracing::warn!(miner = %self.config.miner, from = pool, to = self.pool_url(pool_index), "failing over to the next pool");
-                    }
+                    self.fail_over_after(&mut failures, &mut pool_index);
                 }
             }
             let wait = jittered(backoff);
@@ -414,6 +426,17 @@ impl Task {
                 () = tokio::time::sleep(wait) => {}
             }
         }
+    }
+
+    /// Moves on to the next pool once the current one has failed often enough.
+    fn fail_over_after(&self, failures: &mut u32, pool_index: &mut usize) {
+        if *failures < FAILURES_BEFORE_FAILOVER || self.config.pools.len() < 2 {
+            return;
+        }
+        let from = self.pool_url(*pool_index);
+        *failures = 0;
+        *pool_index = (*pool_index + 1) % self.config.pools.len();
+        tracing::warn!(miner = %self.config.miner, from, to = self.pool_url(*pool_index), "failing over to the next pool");
     }
 
     fn pool_url(&self, index: usize) -> String {
@@ -1291,6 +1314,42 @@ mod tests {
         assert_eq!(answers.len(), 1);
         assert_eq!(answers[0].verdict, Err(RejectReason::SessionLost));
         assert_eq!(answers[0].submission.nonce, 5);
+    }
+
+    #[tokio::test]
+    async fn a_pool_that_drops_every_session_at_once_gives_way_to_the_next() {
+        let flapping = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let working = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let ports = [
+            flapping.local_addr().expect("addr").port(),
+            working.local_addr().expect("addr").port(),
+        ];
+        let recorder = Arc::new(Recorder::default());
+        let _upstream = Upstream::spawn(
+            config(&ports),
+            Arc::new(FilePasswords::new(".")),
+            Arc::clone(&recorder) as Arc<dyn UpstreamSink>,
+        );
+        // Every connection gets a complete handshake and a job, then is dropped.
+        let flapper = tokio::spawn(async move {
+            loop {
+                drop(handshake(&flapping, true).await);
+            }
+        });
+        let _connection = tokio::time::timeout(Duration::from_secs(10), handshake(&working, true))
+            .await
+            .expect("failed over to the second pool");
+        until("connected to the second pool", || {
+            recorder
+                .events
+                .lock()
+                .expect("events")
+                .iter()
+                .any(|e| matches!(e, UpstreamEvent::Connected { pool_index: 1, .. }))
+                .then_some(())
+        })
+        .await;
+        flapper.abort();
     }
 
     #[test]
