@@ -508,7 +508,14 @@ impl FleetState {
                         MinerRuntime {
                             spec: miner.clone(),
                             source,
-                            headers: BTreeSet::new(),
+                            // Leases restored after a restart are on headers of an
+                            // earlier process: they are this MicroMiner's too.
+                            headers: self
+                                .headers
+                                .values()
+                                .filter(|h| h.miner == *key)
+                                .map(|h| h.id)
+                                .collect(),
                             current_header: None,
                             effective,
                             conditions: Vec::new(),
@@ -1006,19 +1013,12 @@ impl FleetState {
             return;
         };
         let job = runtime.source.job();
-        let mut stale: Vec<HeaderId> = runtime
+        let stale: Vec<HeaderId> = runtime
             .headers
             .iter()
             .copied()
             .filter(|h| self.headers.get(h).is_none_or(|w| w.job != job))
             .collect();
-        // Leases restored after a restart are on headers the runtime never tracked.
-        stale.extend(
-            self.headers
-                .values()
-                .filter(|w| w.miner == miner && w.job != job && !runtime.headers.contains(&w.id))
-                .map(|w| w.id),
-        );
         self.retire_headers(miner, &stale, reason, fx);
     }
 
@@ -1029,14 +1029,6 @@ impl FleetState {
             .map(|m| m.headers.iter().copied().collect())
             .unwrap_or_default();
         self.retire_headers(miner, &all, reason, fx);
-        // Leases restored after a restart may be on headers the runtime never tracked.
-        let restored: Vec<HeaderId> = self
-            .headers
-            .values()
-            .filter(|h| h.miner == miner)
-            .map(|h| h.id)
-            .collect();
-        self.retire_headers(miner, &restored, reason, fx);
     }
 
     fn retire_headers(
