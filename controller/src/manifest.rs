@@ -452,7 +452,8 @@ pub struct PoolStatus {
     pub rejected: u64,
     /// Those by reason: `stale`, `job-not-found`, `duplicate`, `low-difficulty`,
     /// `unauthorized`, `not-subscribed`, `other`, `timeout` (no answer), `session-lost`
-    /// (the pool session ended before the share could be submitted).
+    /// (the pool session ended before the share could be submitted), `job-replaced` (the
+    /// pool replaced the job first; not sent).
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub rejected_by_reason: BTreeMap<String, u64>,
 }

@@ -45,6 +45,8 @@ const FAILURES_BEFORE_FAILOVER: u32 = 2;
 /// A session that ends sooner counts as a failure: a pool that accepts connections and
 /// drops them at once is as useless as one that refuses them.
 const HEALTHY_SESSION: Duration = Duration::from_secs(30);
+/// Replaced jobs remembered to answer their late shares locally.
+const VOID_JOBS: usize = 256;
 /// Consecutive malformed messages after which the connection is reopened.
 const MALFORMED_LIMIT: u32 = 50;
 
@@ -247,6 +249,8 @@ impl Upstream {
             session,
             resume,
             retry: VecDeque::new(),
+            jobs: Vec::new(),
+            void_jobs: VecDeque::new(),
         };
         tokio::spawn(task.run());
         Upstream {
@@ -310,6 +314,11 @@ struct Task {
     resume: HashMap<usize, String>,
     /// Submissions sent on a connection that died before answering.
     retry: VecDeque<Submission>,
+    /// Jobs of this session since its last `clean_jobs`.
+    jobs: Vec<String>,
+    /// Jobs a `clean_jobs` replaced: shares of them are stale, and sending them would
+    /// only add to the pool's count of bad shares (which some pools ban for).
+    void_jobs: VecDeque<String>,
 }
 
 impl Task {
@@ -487,6 +496,11 @@ impl Task {
         let session = session_key(&pool, &extranonce1);
         let resumed = session == self.session;
         self.session = session;
+        if !resumed {
+            // Another session's job ids mean nothing here.
+            self.jobs.clear();
+            self.void_jobs.clear();
+        }
         match &connection.subscription.session_id {
             Some(id) => {
                 self.resume.insert(index, id.clone());
@@ -656,6 +670,20 @@ impl Task {
             );
             return Ok(());
         }
+        if self.void_jobs.contains(&submission.job_id) {
+            self.sink.answers(
+                &self.config.miner,
+                vec![PoolAnswer {
+                    submission,
+                    pool: connection.url.to_string(),
+                    verdict: Err(RejectReason::JobReplaced),
+                    message:
+                        "the pool replaced its job (clean_jobs) before the share could be submitted"
+                            .into(),
+                }],
+            );
+            return Ok(());
+        }
         let pool = self
             .config
             .pools
@@ -721,6 +749,17 @@ impl Task {
             }
             Incoming::Notify(job) => {
                 tracing::debug!(miner, job = %job.id, clean = job.clean, "pool job");
+                if job.clean {
+                    for old in self.jobs.drain(..).filter(|id| *id != job.id) {
+                        if self.void_jobs.len() >= VOID_JOBS {
+                            self.void_jobs.pop_front();
+                        }
+                        self.void_jobs.push_back(old);
+                    }
+                }
+                if !self.jobs.contains(&job.id) && self.jobs.len() < VOID_JOBS {
+                    self.jobs.push(job.id.clone());
+                }
                 self.sink.event(&miner, UpstreamEvent::Job(job));
             }
             Incoming::SetDifficulty(difficulty) => {
@@ -1235,6 +1274,32 @@ mod tests {
                 (9, Err(RejectReason::SessionLost)),
             ]
         );
+
+        // The pool replaces its job: a late share of the old one is stale and not sent
+        // (this pool answers nothing, so a sent one would end as a timeout).
+        let job = json!({"id": null, "method": "mining.notify", "params": ["j2", "11".repeat(32), "01", "02", [], "20000000", "1d00ffff", "5f5e1001", true]});
+        write
+            .write_all(format!("{job}\n").as_bytes())
+            .await
+            .expect("write");
+        until("the new job", || {
+            let events = recorder.events.lock().expect("events");
+            events
+                .iter()
+                .any(|e| matches!(e, UpstreamEvent::Job(j) if j.id == "j2"))
+                .then_some(())
+        })
+        .await;
+        upstream.submit(submission(session, 10)).expect("queued");
+        let late = until("the late share's verdict", || {
+            let answers = recorder.answers.lock().expect("answers");
+            answers
+                .iter()
+                .find(|a| a.submission.nonce == 10)
+                .map(|a| a.verdict)
+        })
+        .await;
+        assert_eq!(late, Err(RejectReason::JobReplaced));
 
         // Silence beyond the idle timeout: the connection is given up and made again,
         // resuming the session.

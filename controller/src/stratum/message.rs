@@ -150,11 +150,14 @@ pub enum RejectReason {
     /// The share's pool session ended before it could be submitted (the pool changed, or
     /// did not resume the session after a reconnect), so it could not be submitted.
     SessionLost,
+    /// The pool replaced the share's job (`clean_jobs`) before it could be sent; not sent,
+    /// as the pool would only count it stale.
+    JobReplaced,
 }
 
 impl RejectReason {
     /// Every reason, in the order status lists them.
-    pub const ALL: [RejectReason; 9] = [
+    pub const ALL: [RejectReason; 10] = [
         RejectReason::Stale,
         RejectReason::JobNotFound,
         RejectReason::Duplicate,
@@ -164,6 +167,7 @@ impl RejectReason {
         RejectReason::Other,
         RejectReason::Timeout,
         RejectReason::SessionLost,
+        RejectReason::JobReplaced,
     ];
 
     /// The label value in status and metrics.
@@ -178,6 +182,7 @@ impl RejectReason {
             RejectReason::Other => "other",
             RejectReason::Timeout => "timeout",
             RejectReason::SessionLost => "session-lost",
+            RejectReason::JobReplaced => "job-replaced",
         }
     }
 
