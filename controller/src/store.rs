@@ -12,10 +12,14 @@
 //! A failing job must not take its neighbours' writes down with it. The obvious tool, an
 //! ephemeral savepoint before each job inside one transaction, does not exist in redb 4: a
 //! savepoint can only be taken while the transaction is still clean, and the first
-//! `open_table` makes it dirty (`SavepointError::InvalidSavepoint`). So the writer gives every
-//! job its own write transaction with [`Durability::None`]: a job that fails (or panics) is
-//! aborted alone; a job that succeeds is committed to memory only. One final empty transaction
-//! with [`Durability::Immediate`] then fsyncs the whole batch at once (redb persists earlier
+//! `open_table` makes it dirty (`SavepointError::InvalidSavepoint`). So the writer first
+//! runs the whole batch in ONE write transaction with [`Durability::None`], which is what
+//! makes a busy store cheap (a redb commit costs far more than a typical job). Only if a
+//! job fails (or panics) there is that transaction aborted and the batch run again, every
+//! job in its own transaction: the failing job is aborted alone, each job that succeeds is
+//! committed to memory only. Jobs are therefore `FnMut` and may run twice; only their last
+//! run's writes and result count. Either way, one final empty transaction with
+//! [`Durability::Immediate`] then fsyncs the whole batch at once (redb persists earlier
 //! non-durable commits with the next durable one). Nothing is answered before that fsync.
 //!
 //! If the final durable commit fails, every job of the batch gets the error, and the batch is
@@ -296,6 +300,9 @@ impl Store {
     /// [`StoreError::GroupCommit`], and the group's writes are then either all on disk or all
     /// lost: treat that error as "outcome unknown", never as "certainly not written".
     ///
+    /// The job may run twice (see the module docs: once with its batch, and alone if a
+    /// neighbour failed); only the last run's writes and result count.
+    ///
     /// The job is queued when `write` is called, not when the future is first polled, and
     /// dropping the future does not cancel it: it still runs and commits, unanswered.
     pub fn write<R, F>(
@@ -303,11 +310,15 @@ impl Store {
         f: F,
     ) -> impl Future<Output = Result<R, StoreError>> + Send + 'static + use<R, F>
     where
-        F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
+        F: FnMut(&WriteTransaction) -> Result<R, StoreError> + Send + 'static,
         R: Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let queued = self.enqueue(Box::new(TypedJob { f, reply }));
+        let queued = self.enqueue(Box::new(TypedJob {
+            f,
+            result: None,
+            reply,
+        }));
         async move {
             queued?;
             // The writer drops an unanswered job only if it died; report that as closed.
@@ -386,63 +397,50 @@ impl Drop for Shared {
 
 /// A job with its result type erased, so jobs of every type share one queue.
 trait Job: Send {
-    /// Runs the closure in `txn`; returns whether it succeeded and how to answer its caller.
-    fn run(self: Box<Self>, txn: &WriteTransaction) -> Ran;
+    /// Runs the closure in `txn` and keeps its result; returns whether it succeeded. May
+    /// run more than once (see [`run_batch`]); only the last result is answered.
+    fn run(&mut self, txn: &WriteTransaction) -> bool;
+    /// Answers the caller with the kept result, or with `Err(durability)` if its writes
+    /// did not become durable.
+    fn answer(self: Box<Self>, durability: Result<(), StoreError>);
     /// Answers the caller with `error` without running the closure.
     fn refuse(self: Box<Self>, error: StoreError);
 }
 
-/// A job that has run: whether its writes should be committed, and its pending answer.
-struct Ran {
-    succeeded: bool,
-    reply: Box<dyn Reply>,
-}
-
-/// An answer waiting for the batch's outcome.
-trait Reply: Send {
-    /// Sends the job's own result, or `Err(durability)` if its writes did not become durable.
-    fn send(self: Box<Self>, durability: Result<(), StoreError>);
-}
-
 struct TypedJob<F, R> {
     f: F,
-    reply: oneshot::Sender<Result<R, StoreError>>,
-}
-
-struct TypedReply<R> {
-    result: Result<R, StoreError>,
+    result: Option<Result<R, StoreError>>,
     reply: oneshot::Sender<Result<R, StoreError>>,
 }
 
 impl<F, R> Job for TypedJob<F, R>
 where
-    F: FnOnce(&WriteTransaction) -> Result<R, StoreError> + Send,
+    F: FnMut(&WriteTransaction) -> Result<R, StoreError> + Send,
     R: Send + 'static,
 {
-    fn run(self: Box<Self>, txn: &WriteTransaction) -> Ran {
-        let TypedJob { f, reply } = *self;
+    fn run(&mut self, txn: &WriteTransaction) -> bool {
+        let f = &mut self.f;
         let result = catch_unwind(AssertUnwindSafe(|| f(txn)))
             .unwrap_or_else(|payload| Err(StoreError::JobPanicked(panic_message(&*payload))));
-        Ran {
-            succeeded: result.is_ok(),
-            reply: Box::new(TypedReply { result, reply }),
-        }
+        let succeeded = result.is_ok();
+        self.result = Some(result);
+        succeeded
+    }
+
+    fn answer(self: Box<Self>, durability: Result<(), StoreError>) {
+        let result = match durability {
+            Ok(()) => self
+                .result
+                .unwrap_or_else(|| Err(StoreError::Aborted("the job never ran".into()))),
+            Err(error) => Err(error),
+        };
+        // A caller that went away needs no answer.
+        let _ = self.reply.send(result);
     }
 
     fn refuse(self: Box<Self>, error: StoreError) {
         // A caller that went away needs no answer.
         let _ = self.reply.send(Err(error));
-    }
-}
-
-impl<R: Send> Reply for TypedReply<R> {
-    fn send(self: Box<Self>, durability: Result<(), StoreError>) {
-        let result = match durability {
-            Ok(()) => self.result,
-            Err(error) => Err(error),
-        };
-        // A caller that went away needs no answer.
-        let _ = self.reply.send(result);
     }
 }
 
@@ -460,7 +458,7 @@ fn writer_loop(db: &Database, queue: &mpsc::Receiver<Box<dyn Job>>, counters: &C
     // Set when a failed group commit could not be rolled back: from then on the in-memory
     // state may hold writes whose callers were told they failed, and nothing may commit it.
     let mut broken: Option<String> = None;
-    let mut batch: Vec<Box<dyn Job>> = Vec::with_capacity(MAX_BATCH_JOBS);
+    let mut batch: Vec<Box<dyn Job>> = Vec::new();
     while let Ok(first) = queue.recv() {
         batch.push(first);
         while batch.len() < MAX_BATCH_JOBS {
@@ -472,15 +470,14 @@ fn writer_loop(db: &Database, queue: &mpsc::Receiver<Box<dyn Job>>, counters: &C
         let jobs = batch.len();
         // Counted before any answer goes out, so a caller that has its answer sees its job counted.
         counters.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
-        run_batch(db, batch.drain(..), jobs, counters, &mut broken);
+        run_batch(db, std::mem::take(&mut batch), counters, &mut broken);
     }
     tracing::debug!("store writer stopped");
 }
 
 fn run_batch(
     db: &Database,
-    jobs: impl Iterator<Item = Box<dyn Job>>,
-    count: usize,
+    jobs: Vec<Box<dyn Job>>,
     counters: &Counters,
     broken: &mut Option<String>,
 ) {
@@ -492,9 +489,100 @@ fn run_batch(
         }
         return;
     }
+    let (pending, savepoint) = match run_together(db, jobs) {
+        Together::Committed(jobs, savepoint) => (jobs, savepoint),
+        Together::Failed(jobs) => run_separately(db, jobs, counters),
+    };
+    if pending.is_empty() {
+        return;
+    }
+    match durable_commit(db) {
+        Ok(()) => {
+            counters.commits.fetch_add(1, Ordering::Relaxed);
+            counters
+                .largest_batch
+                .fetch_max(pending.len() as u64, Ordering::Relaxed);
+            for job in pending {
+                job.answer(Ok(()));
+            }
+        }
+        Err(error) => {
+            tracing::error!(error = %error, jobs = pending.len(), "group commit failed");
+            let rolled_back = match savepoint.as_ref() {
+                Some(savepoint) => roll_back(db, savepoint),
+                None => Err(StoreError::Savepoint(SavepointError::InvalidSavepoint)),
+            };
+            if let Err(rollback) = rolled_back {
+                tracing::error!(error = %rollback, "rolling back the failed group commit failed; the store refuses writes until reopened");
+                *broken = Some(error.to_string());
+            }
+            let error = Arc::new(error);
+            let jobs = pending.len();
+            for job in pending {
+                job.answer(Err(StoreError::GroupCommit {
+                    jobs,
+                    source: Arc::clone(&error),
+                }));
+            }
+        }
+    }
+}
+
+/// The outcome of running a whole batch in one transaction.
+enum Together {
+    /// Every job succeeded and the transaction is committed (not yet durably), with the
+    /// savepoint taken before the first job.
+    Committed(Vec<Box<dyn Job>>, Option<Savepoint>),
+    /// A job failed or panicked (or the transaction did): nothing was committed.
+    Failed(Vec<Box<dyn Job>>),
+}
+
+/// The common case, cheaply: every job of the batch in ONE transaction. A redb commit,
+/// even a non-durable one, costs far more than a typical job's few table writes, so with
+/// thousands of devices submitting shares a transaction per job kept the writer thread
+/// busy with commits alone.
+fn run_together(db: &Database, mut jobs: Vec<Box<dyn Job>>) -> Together {
+    let Ok(mut txn) = db.begin_write() else {
+        return Together::Failed(jobs);
+    };
+    // Only possible while the transaction is still clean, before a job opens a table.
+    let savepoint = match txn.ephemeral_savepoint() {
+        Ok(taken) => Some(taken),
+        Err(e) => {
+            tracing::warn!(error = %e, "no savepoint for this batch; a failed fsync will stop the store");
+            None
+        }
+    };
+    if txn.set_durability(Durability::None).is_err() {
+        abort(txn);
+        return Together::Failed(jobs);
+    }
+    for job in &mut jobs {
+        if !job.run(&txn) {
+            abort(txn);
+            return Together::Failed(jobs);
+        }
+    }
+    match txn.commit() {
+        Ok(()) => Together::Committed(jobs, savepoint),
+        Err(e) => {
+            tracing::warn!(error = %e, "committing a batch failed; committing its jobs one by one");
+            Together::Failed(jobs)
+        }
+    }
+}
+
+/// After a job failed in [`run_together`]: every job again, each in its own transaction,
+/// so the failing one is aborted alone. Returns the jobs whose writes were committed (not
+/// yet durably) and the savepoint taken before the first.
+fn run_separately(
+    db: &Database,
+    jobs: Vec<Box<dyn Job>>,
+    counters: &Counters,
+) -> (Vec<Box<dyn Job>>, Option<Savepoint>) {
     let mut savepoint: Option<Savepoint> = None;
-    let mut pending: Vec<Box<dyn Reply>> = Vec::with_capacity(count);
-    for (index, job) in jobs.enumerate() {
+    let mut pending: Vec<Box<dyn Job>> = Vec::with_capacity(jobs.len());
+    for (index, mut job) in jobs.into_iter().enumerate() {
         let mut txn = match db.begin_write() {
             Ok(txn) => txn,
             Err(e) => {
@@ -518,54 +606,21 @@ fn run_batch(
             job.refuse(StoreError::Durability(e));
             continue;
         }
-        let ran = job.run(&txn);
-        if ran.succeeded {
+        if job.run(&txn) {
             match txn.commit() {
-                Ok(()) => pending.push(ran.reply),
+                Ok(()) => pending.push(job),
                 Err(e) => {
                     counters.failed_jobs.fetch_add(1, Ordering::Relaxed);
-                    ran.reply.send(Err(StoreError::JobCommit(e)));
+                    job.answer(Err(StoreError::JobCommit(e)));
                 }
             }
         } else {
             counters.failed_jobs.fetch_add(1, Ordering::Relaxed);
             abort(txn);
-            ran.reply.send(Ok(()));
+            job.answer(Ok(()));
         }
     }
-    if pending.is_empty() {
-        return;
-    }
-    match durable_commit(db) {
-        Ok(()) => {
-            counters.commits.fetch_add(1, Ordering::Relaxed);
-            counters
-                .largest_batch
-                .fetch_max(pending.len() as u64, Ordering::Relaxed);
-            for reply in pending {
-                reply.send(Ok(()));
-            }
-        }
-        Err(error) => {
-            tracing::error!(error = %error, jobs = pending.len(), "group commit failed");
-            let rolled_back = match savepoint.as_ref() {
-                Some(savepoint) => roll_back(db, savepoint),
-                None => Err(StoreError::Savepoint(SavepointError::InvalidSavepoint)),
-            };
-            if let Err(rollback) = rolled_back {
-                tracing::error!(error = %rollback, "rolling back the failed group commit failed; the store refuses writes until reopened");
-                *broken = Some(error.to_string());
-            }
-            let error = Arc::new(error);
-            let jobs = pending.len();
-            for reply in pending {
-                reply.send(Err(StoreError::GroupCommit {
-                    jobs,
-                    source: Arc::clone(&error),
-                }));
-            }
-        }
-    }
+    (pending, savepoint)
 }
 
 fn abort(txn: WriteTransaction) {
@@ -863,6 +918,51 @@ mod tests {
         let store = Store::open(&path).expect("reopen");
         let expected: BTreeSet<String> = ["a", "c", "e"].iter().map(|k| k.to_string()).collect();
         assert_eq!(keys(&store), expected);
+    }
+
+    #[tokio::test]
+    async fn a_batch_runs_together_and_again_one_by_one_only_after_a_failure() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let store = Store::open(&dir.path().join("s.redb")).expect("open");
+        let runs = Arc::new(AtomicU64::new(0));
+        let counted = |key: &'static str| {
+            let runs = Arc::clone(&runs);
+            move |txn: &WriteTransaction| {
+                let n = runs.fetch_add(1, Ordering::SeqCst);
+                put(txn, key, n).map(|()| n)
+            }
+        };
+        let (release, held) = hold_writer(&store);
+        let a = store.write(counted("a"));
+        let b = store.write(counted("b"));
+        wait_submitted(&store, 3).await;
+        drop(release);
+        held.await.expect("gate job");
+        assert_eq!(a.await.expect("a"), 0);
+        assert_eq!(b.await.expect("b"), 1);
+        assert_eq!(runs.load(Ordering::SeqCst), 2, "each ran once, together");
+
+        let (release, held) = hold_writer(&store);
+        let c = store.write(counted("c"));
+        let bad = store.write(|txn| -> Result<(), StoreError> {
+            put(txn, "bad", 0)?;
+            Err(StoreError::Aborted("no".into()))
+        });
+        let d = store.write(counted("d"));
+        wait_submitted(&store, 7).await;
+        drop(release);
+        held.await.expect("gate job");
+        // Together c ran as run 2, then the failure sent the batch round again alone:
+        // c is run 3 and d (which never ran together) run 4. The answers are the last runs'.
+        assert_eq!(c.await.expect("c"), 3);
+        assert!(bad.await.is_err());
+        assert_eq!(d.await.expect("d"), 4);
+        let read = store.read().expect("read");
+        let table = read.open_table(NUMBERS).expect("table");
+        let value = |key: &str| table.get(key).expect("get").map(|v| v.value());
+        assert_eq!(value("c"), Some(3), "only the last run's writes");
+        assert_eq!(value("d"), Some(4));
+        assert_eq!(value("bad"), None);
     }
 
     #[tokio::test]
