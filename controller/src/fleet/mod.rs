@@ -402,6 +402,8 @@ impl Fleet {
                             upstream.push((record.clone(), header.clone()));
                         }
                         recorded.push(RecordedShare {
+                            assignment_id: share.assignment_id,
+                            nonce: share.nonce,
                             miner: record.miner.clone(),
                             difficulty: record.difficulty,
                             header,

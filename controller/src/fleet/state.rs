@@ -36,8 +36,21 @@ const MIN_RANGE: u64 = 1 << 16;
 /// Shares against a lease that ended are still checked for this long (a batch may
 /// overtake a lease's end on the wire, and a reconnecting device resubmits).
 const ENDED_LEASE_MEMORY_MS: i64 = 600_000;
-/// How often agents report.
+/// How often agents report, in a small fleet.
 pub const REPORT_INTERVAL_MS: u32 = 2_000;
+/// The longest report interval a large fleet is given.
+pub const MAX_REPORT_INTERVAL_MS: u32 = 15_000;
+
+/// How often each agent reports in a fleet of `devices`: every 2 s up to 2,000 devices,
+/// then a millisecond per device (10 s at 10,000), at most 15 s. A report and a progress
+/// message per held lease arrive from every device each interval, so this keeps a large
+/// fleet's steady message rate near 1,000 reports a second instead of growing with it;
+/// status and hash rate figures are a little less fresh there.
+pub fn report_interval_ms(devices: usize) -> u32 {
+    u32::try_from(devices)
+        .unwrap_or(u32::MAX)
+        .clamp(REPORT_INTERVAL_MS, MAX_REPORT_INTERVAL_MS)
+}
 
 /// Records to persist and messages to send, produced by one operation.
 #[derive(Debug, Default)]
@@ -196,6 +209,10 @@ pub enum ShareCheck {
 /// A share that was recorded, as the state needs to know about it afterwards.
 #[derive(Debug, Clone)]
 pub struct RecordedShare {
+    /// The lease it was found in.
+    pub assignment_id: u64,
+    /// Its nonce.
+    pub nonce: u32,
     /// The MicroMiner.
     pub miner: String,
     /// Difficulty credited.
@@ -264,10 +281,28 @@ fn now_unix_seconds(now_ms: i64) -> u32 {
     (now_ms / 1000).clamp(0, i64::from(u32::MAX)) as u32
 }
 
-fn lease_ms(miner: &MicroMiner) -> i64 {
-    // Room for the queued lease to be worked after the current one, plus slack for a
-    // slow link.
-    i64::from(miner.spec.assignment_seconds) * 3_000 + 5_000
+/// How much later than the device's lease the controller's runs out. The device counts
+/// its lease from when the assignment reached it, so it stops this much before the
+/// controller takes the range back, unless the assignment spent longer on the way: the
+/// remainder is never mined by two devices at once.
+const LINK_SLACK_MS: i64 = 5_000;
+/// The longest lease (the wire carries milliseconds in a u32).
+const MAX_LEASE_MS: i64 = 86_400_000;
+
+/// The device's lease on a range of `size` nonces at `rate` H/s: room for the queued
+/// range to be worked after the current one, three times the range's work. That is
+/// `assignmentSeconds` of hashing, or longer when even the smallest range takes a slow
+/// device longer (a range that outlasts its lease would be taken back, and its
+/// remainder handed out, while the device still mines it). The controller's own lease
+/// is [`LINK_SLACK_MS`] longer.
+fn device_lease_ms(miner: &MicroMiner, size: u64, rate: f64) -> i64 {
+    let planned = f64::from(miner.spec.assignment_seconds) * 1000.0;
+    let needed = if rate > 0.0 {
+        size as f64 / rate * 1000.0
+    } else {
+        planned
+    };
+    ((planned.max(needed) * 3.0) as i64).clamp(1_000, MAX_LEASE_MS - LINK_SLACK_MS)
 }
 
 impl FleetState {
@@ -803,7 +838,7 @@ impl FleetState {
             Kind::Welcome(pb::Welcome {
                 device_name: name.to_string(),
                 resumed_assignment_ids: kept,
-                report_interval_ms: REPORT_INTERVAL_MS,
+                report_interval_ms: report_interval_ms(self.devices.len()),
                 limits: Some(limits),
             }),
         );
@@ -1109,13 +1144,14 @@ impl FleetState {
         }
         let spec = miner.spec.spec.clone();
         let nominal = device.nominal_hashrate();
-        let size = ((nominal * spec.limits.duty_cycle * f64::from(spec.assignment_seconds)) as u64)
-            .clamp(MIN_RANGE, NONCE_SPACE);
+        let rate = nominal * spec.limits.duty_cycle;
+        let size =
+            ((rate * f64::from(spec.assignment_seconds)) as u64).clamp(MIN_RANGE, NONCE_SPACE);
         let (difficulty, target) = match &device.vardiff {
             Some(v) => (v.difficulty(), v.target()),
             None => return,
         };
-        let lease_ms = lease_ms(&miner.spec);
+        let device_lease = device_lease_ms(&miner.spec, size, rate);
         // Each pass either leases a range or opens a fresh header (which always has room),
         // so a few passes suffice; the bound only guards against a logic error spinning.
         for _ in 0..4 * LEASES_PER_DEVICE {
@@ -1130,7 +1166,7 @@ impl FleetState {
                     None => return,
                 },
             };
-            let expires = now_ms + lease_ms;
+            let expires = now_ms + device_lease + LINK_SLACK_MS;
             let Some(lease) = self.scheduler.assign(name, header, size, expires) else {
                 if let Some(runtime) = self.miners.get_mut(&key) {
                     runtime.current_header = None;
@@ -1186,7 +1222,7 @@ impl FleetState {
                     nonce_end: lease.end,
                     share_target: target.to_le_bytes().to_vec(),
                     share_difficulty: difficulty,
-                    lease_ms: lease_ms as u32,
+                    lease_ms: device_lease as u32,
                     expires_at_unix_ms: expires,
                     miner: key.clone(),
                     limits: Some(spec.limits.to_wire()),
@@ -1309,6 +1345,14 @@ impl FleetState {
         let mut fx = Effects::default();
         let mut blocks: Vec<(String, [u8; 32], u64)> = Vec::new();
         for share in recorded {
+            // A share proves its range scanned up to its nonce even before the device's
+            // next progress report says so (shares go out within 100 ms, reports every
+            // few seconds). Were the lease to end now (the device crashed or restarted),
+            // its remainder starts after the share, so the device given it never finds
+            // the same share again and has it refused as a duplicate. Nonces below it not
+            // yet scanned are given up: lost work, never work done twice.
+            self.scheduler
+                .progress(share.assignment_id, u64::from(share.nonce) + 1);
             if let Some(device) = self.devices.get_mut(name) {
                 device.effective.add(now_ms, share.difficulty);
                 device.honesty.share(share.difficulty);
@@ -1766,6 +1810,34 @@ mod tests {
             time: 1_700_000_000,
             clean,
         }
+    }
+
+    #[test]
+    fn a_lease_outlasts_its_range_even_on_a_slow_device() {
+        let spec = miner("a", "x", 1e12, false);
+        let planned = i64::from(spec.spec.assignment_seconds) * 1000;
+        // A fast device: its range is assignmentSeconds of work.
+        assert_eq!(
+            device_lease_ms(&spec, planned as u64 * 1000, 1e6),
+            3 * planned
+        );
+        // A 2 kH/s device with the smallest range (65,536 nonces, 32.8 s of work).
+        assert_eq!(device_lease_ms(&spec, MIN_RANGE, 2_000.0), 98_304);
+        // No rate known: the plan; an absurdly slow one: a day at most.
+        assert_eq!(device_lease_ms(&spec, MIN_RANGE, 0.0), 3 * planned);
+        assert_eq!(
+            device_lease_ms(&spec, NONCE_SPACE, 1e-9),
+            MAX_LEASE_MS - LINK_SLACK_MS
+        );
+    }
+
+    #[test]
+    fn large_fleets_report_less_often_within_bounds() {
+        assert_eq!(report_interval_ms(0), 2_000);
+        assert_eq!(report_interval_ms(1_500), 2_000);
+        assert_eq!(report_interval_ms(10_000), 10_000);
+        assert_eq!(report_interval_ms(1_000_000), 15_000);
+        assert_eq!(report_interval_ms(usize::MAX), 15_000);
     }
 
     #[test]
@@ -2293,6 +2365,8 @@ mod tests {
         let fx = s.shares_recorded(
             "d1",
             &[RecordedShare {
+                assignment_id: share.assignment_id,
+                nonce: share.nonce,
                 miner: "default/a".into(),
                 difficulty: 1e-9,
                 header: header.clone(),
@@ -2444,7 +2518,7 @@ mod tests {
         for a in assignments(&fx, "d2") {
             assert!(a.nonce_start >= given[1].nonce_end);
         }
-        let fx = s.tick(NOW + i64::from(given[0].lease_ms) + 10);
+        let fx = s.tick(NOW + i64::from(given[0].lease_ms) + LINK_SLACK_MS + 10);
         let deletes = fx
             .persist
             .iter()
@@ -2460,6 +2534,55 @@ mod tests {
         assert_eq!(next.len(), 2);
         assert_eq!(next[0].nonce_start, given[0].nonce_start + 1000);
         assert_eq!(next[0].header_prefix, given[0].header_prefix);
+    }
+
+    #[test]
+    fn a_recorded_share_moves_the_reclaimed_remainder_past_it() {
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[miner("a", "x", 1e12, false)]), NOW);
+        let (session, fx) = s.connect("d1", &hello("x", vec![]), NOW);
+        let given = assignments(&fx, "d1");
+        let start = given[0].nonce_start;
+        // Reported: 1,000 nonces. A share at 5,000 arrives before the next report.
+        s.progress(
+            "d1",
+            &pb::Progress {
+                assignment_id: given[0].id,
+                scanned_until: start + 1000,
+                hashes: 1000,
+                finished: false,
+            },
+            NOW + 1,
+        );
+        let share = pb::Share {
+            assignment_id: given[0].id,
+            nonce: (start + 5000) as u32,
+            resubmitted: false,
+        };
+        let ShareCheck::Verify { header, .. } =
+            s.check_shares("d1", std::slice::from_ref(&share)).remove(0)
+        else {
+            panic!("a live lease's share is checked")
+        };
+        s.shares_recorded(
+            "d1",
+            &[RecordedShare {
+                assignment_id: share.assignment_id,
+                nonce: share.nonce,
+                miner: "default/a".into(),
+                difficulty: 1e-9,
+                header,
+                block_hash: None,
+            }],
+            NOW + 2,
+        );
+        // The device vanishes; whoever gets the remainder starts after the share.
+        s.disconnect("d1", session, NOW + 3);
+        s.connect("d2", &hello("x", vec![]), NOW + 4);
+        let fx = s.tick(NOW + i64::from(given[0].lease_ms) + LINK_SLACK_MS + 10);
+        let next = assignments(&fx, "d2");
+        assert_eq!(next[0].header_prefix, given[0].header_prefix);
+        assert_eq!(next[0].nonce_start, start + 5001);
     }
 
     #[test]
@@ -2492,6 +2615,8 @@ mod tests {
         s.shares_recorded(
             "d1",
             &[RecordedShare {
+                assignment_id: first.id,
+                nonce: first.nonce_start as u32,
                 miner: "default/a".into(),
                 difficulty: 1.0,
                 header: header.clone(),
