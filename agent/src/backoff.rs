@@ -14,6 +14,8 @@ pub struct Backoff {
     base: Duration,
     max: Duration,
     attempt: u32,
+    /// The first window after [`Backoff::reset_within`]; `base` otherwise.
+    first: Duration,
 }
 
 impl Backoff {
@@ -23,6 +25,7 @@ impl Backoff {
             base,
             max: max.max(base),
             attempt: 0,
+            first: base,
         }
     }
 
@@ -38,12 +41,22 @@ impl Backoff {
     /// The upper bound the next delay is drawn from.
     pub fn cap(&self) -> Duration {
         let factor = 2u32.saturating_pow(self.attempt.min(20));
-        self.base.saturating_mul(factor).min(self.max)
+        self.first.saturating_mul(factor).min(self.max)
     }
 
     /// Back to the first delay, after a session that worked.
     pub fn reset(&mut self) {
+        self.reset_within(self.base);
+    }
+
+    /// Back to the start, with the first delay drawn from `window` (at least the base,
+    /// at most the longest delay). After losing a session that worked, an agent spreads
+    /// its first attempt over the window the controller set for its reports, which grows
+    /// with the fleet: when a controller with 10,000 sessions restarts, they come back
+    /// over ten seconds instead of all in the first half second.
+    pub fn reset_within(&mut self, window: Duration) {
         self.attempt = 0;
+        self.first = window.clamp(self.base, self.max);
     }
 }
 
@@ -64,6 +77,34 @@ mod tests {
         assert_eq!(caps[0], Duration::from_millis(100));
         assert_eq!(caps[3], Duration::from_millis(800));
         assert_eq!(caps[11], Duration::from_secs(30));
+        backoff.reset();
+        assert_eq!(backoff.cap(), Duration::from_millis(100));
+    }
+
+    #[test]
+    fn a_reset_within_a_window_spreads_the_first_attempt_over_it() {
+        let mut backoff = Backoff::new(Duration::from_millis(100), Duration::from_secs(30));
+        backoff.reset_within(Duration::from_secs(10));
+        assert_eq!(backoff.cap(), Duration::from_secs(10));
+        let delays: Vec<Duration> = (0..200)
+            .map(|_| {
+                let mut b = backoff.clone();
+                b.next_delay()
+            })
+            .collect();
+        assert!(delays.iter().all(|d| *d <= Duration::from_secs(10)));
+        // Uniform over 10 s: 200 draws all below 5 s would be a broken spread.
+        assert!(delays.iter().any(|d| *d > Duration::from_secs(5)));
+        backoff.next_delay();
+        assert_eq!(backoff.cap(), Duration::from_secs(20), "then doubling");
+        backoff.next_delay();
+        assert_eq!(backoff.cap(), Duration::from_secs(30), "up to the longest");
+        // Windows outside the bounds are clamped to them.
+        backoff.reset_within(Duration::from_secs(3600));
+        assert_eq!(backoff.cap(), Duration::from_secs(30));
+        backoff.reset_within(Duration::ZERO);
+        assert_eq!(backoff.cap(), Duration::from_millis(100));
+        backoff.reset_within(Duration::from_secs(5));
         backoff.reset();
         assert_eq!(backoff.cap(), Duration::from_millis(100));
     }

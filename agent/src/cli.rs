@@ -48,6 +48,30 @@ pub fn parse_labels(text: Option<&str>) -> Result<BTreeMap<String, String>, Labe
     Ok(labels)
 }
 
+/// Raises this process's open-file limit to the most it may have: a controller holding
+/// thousands of device connections (or a simulator holding as many) needs a descriptor
+/// each, and the usual soft limit of 1,024 would refuse them long before memory or CPU run
+/// out. Returns the limit now in force, if known.
+pub fn raise_open_files_limit() -> Option<u64> {
+    #[cfg(target_os = "linux")]
+    {
+        use rustix::process::{Resource, getrlimit, setrlimit};
+        let mut limit = getrlimit(Resource::Nofile);
+        if limit.current < limit.maximum {
+            limit.current = limit.maximum;
+            if let Err(e) = setrlimit(Resource::Nofile, limit) {
+                tracing::debug!(error = %e, "cannot raise the open-file limit");
+                return getrlimit(Resource::Nofile).current;
+            }
+        }
+        limit.current
+    }
+    #[cfg(not(target_os = "linux"))]
+    {
+        None
+    }
+}
+
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM, the two ways a process is asked to stop.
 pub async fn wait_for_signal() {
     #[cfg(unix)]

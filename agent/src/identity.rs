@@ -300,13 +300,55 @@ pub async fn enroll(
     ca_pem: Option<&str>,
     trace_headers: &HashMap<String, String>,
 ) -> Result<DeviceIdentity, IdentityError> {
+    let request = Enroll {
+        controller_url,
+        token,
+        device_name,
+        labels,
+        ca_pem,
+        trace_headers,
+    };
+    enroll_from(&request, None).await
+}
+
+/// What [`enroll`] needs.
+#[derive(Debug, Clone, Copy)]
+pub struct Enroll<'a> {
+    /// `https://host:port` of the controller.
+    pub controller_url: &'a str,
+    /// The bootstrap token.
+    pub token: &'a BootstrapToken,
+    /// The name to enroll under.
+    pub device_name: &'a str,
+    /// Labels to report.
+    pub labels: &'a BTreeMap<String, String>,
+    /// The CA to trust instead of the token's fingerprint.
+    pub ca_pem: Option<&'a str>,
+    /// W3C trace context for the request's metadata.
+    pub trace_headers: &'a HashMap<String, String>,
+}
+
+/// [`enroll`], connecting from the local address `local` when given (see
+/// [`tls::connect_from`]).
+pub async fn enroll_from(
+    request: &Enroll<'_>,
+    local: Option<std::net::IpAddr>,
+) -> Result<DeviceIdentity, IdentityError> {
+    let Enroll {
+        controller_url,
+        token,
+        device_name,
+        labels,
+        ca_pem,
+        trace_headers,
+    } = *request;
     let (key_pem, csr_der) = generate_key_and_csr(device_name)?;
     let trust = match ca_pem {
         Some(pem) => TrustAnchor::CaPem(pem.to_string()),
         None => TrustAnchor::Fingerprint(token.ca_fingerprint),
     };
     let config = tls::client_config(&trust, None)?;
-    let channel = tls::connect(controller_url, config).await?;
+    let channel = tls::connect_from(controller_url, config, local).await?;
     let mut client = EnrollmentClient::new(channel)
         .max_decoding_message_size(MAX_MESSAGE_BYTES)
         .max_encoding_message_size(MAX_MESSAGE_BYTES);

@@ -11,6 +11,8 @@
 //! - `governor`: the device's limits (windows, battery, host load, heat), enforced locally.
 //! - `identity`, `tls`: the device's key and certificate, enrollment, TLS to the controller.
 //! - `session`: the long-lived session with the controller, reconnects and resume.
+//! - `simulate`: a fleet of virtual devices in one process, for sizing and testing a
+//!   controller.
 //! - `telemetry`: the agent's spans, sent in-band over the session or to a collector.
 //! - `backoff`: jittered exponential backoff.
 //! - `files`: private directories and atomic file writes (device and controller alike).
@@ -27,5 +29,6 @@ pub mod identity;
 pub mod miner;
 pub mod sensors;
 pub mod session;
+pub mod simulate;
 pub mod telemetry;
 pub mod tls;

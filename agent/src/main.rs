@@ -10,7 +10,7 @@ use micromine_agent::engine::{self, EngineKind};
 use micromine_agent::sensors::{SensorPaths, Sensors};
 use micromine_agent::session::{self, AgentConfig, AgentCounters};
 use micromine_agent::telemetry::AgentTelemetry;
-use micromine_agent::{bench, capacity};
+use micromine_agent::{bench, capacity, simulate};
 use micromine_proto::token::BootstrapToken;
 use tokio_util::sync::CancellationToken;
 
@@ -64,6 +64,62 @@ enum Command {
         #[arg(long, default_value = "/proc", value_name = "DIR")]
         proc_root: PathBuf,
     },
+    /// Run a fleet of virtual devices against a controller, to size it or test it: each
+    /// device enrolls and holds its own mTLS session, hashes for real at a simulated rate,
+    /// reports synthetic telemetry, and may drop its link now and then.
+    Simulate {
+        /// The controller's gRPC address.
+        #[arg(long, value_name = "https://HOST:PORT")]
+        controller: String,
+        /// Bootstrap token with a use for every device (first run only; later runs reuse
+        /// the enrollments in --state-dir).
+        #[arg(long, env = "MICROMINE_TOKEN", value_name = "TOKEN")]
+        token: Option<String>,
+        /// How many devices.
+        #[arg(long)]
+        devices: usize,
+        /// Labels every device reports, e.g. `site=sim`.
+        #[arg(long, value_name = "k=v,...")]
+        labels: Option<String>,
+        /// Where the devices' keys and certificates live (a directory per device).
+        #[arg(long, default_value = "micromine-sim")]
+        state_dir: PathBuf,
+        /// Trust this CA bundle instead of the fingerprint in the token.
+        #[arg(long)]
+        ca_file: Option<PathBuf>,
+        /// Each device's hash rate, H/s: what it reports and what it really hashes.
+        #[arg(long, default_value_t = 1000.0, value_name = "H/s")]
+        hashrate: f64,
+        /// Link drops per device per minute (0.1: each device loses its link about every
+        /// ten minutes, and reconnects with backoff).
+        #[arg(long, default_value_t = 0.0, value_name = "RATE")]
+        churn: f64,
+        /// Device names are PREFIX-00001 and on.
+        #[arg(long, default_value = "sim")]
+        name_prefix: String,
+        /// Hashing threads shared by all devices.
+        #[arg(long, default_value_t = 1)]
+        hash_threads: usize,
+        /// Devices started per second.
+        #[arg(long, default_value_t = 500.0, value_name = "N")]
+        ramp: f64,
+        /// Stop after this many seconds (default: at Ctrl-C or SIGTERM).
+        #[arg(long, value_name = "SECS")]
+        duration: Option<f64>,
+        /// Seconds between progress lines.
+        #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+        report_every: f64,
+        /// Print progress lines as JSON.
+        #[arg(long)]
+        json: bool,
+        /// At the end, write what each device had acknowledged (JSON) to this file.
+        #[arg(long, value_name = "FILE")]
+        tally: Option<PathBuf>,
+        /// Longest reconnect delay, seconds (the first is a tenth of a second; delays
+        /// double with full jitter up to this).
+        #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+        backoff_max: f64,
+    },
     /// Measure this device's hash rate with every engine its CPU runs.
     Bench {
         /// How long to measure each engine, in seconds.
@@ -85,9 +141,10 @@ enum Command {
     },
 }
 
-fn init_logging(json: bool) {
+/// Logging to stderr; `RUST_LOG` overrides `default_filter`.
+fn init_logging(json: bool, default_filter: &str) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default_filter));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -101,6 +158,8 @@ fn init_logging(json: bool) {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Each device connection needs a descriptor; see the function.
+    micromine_agent::cli::raise_open_files_limit();
     match cli.command {
         Command::Bench {
             seconds,
@@ -142,6 +201,110 @@ fn main() -> Result<()> {
             }
             Ok(())
         }
+        Command::Simulate {
+            controller,
+            token,
+            devices,
+            labels,
+            state_dir,
+            ca_file,
+            hashrate,
+            churn,
+            name_prefix,
+            hash_threads,
+            ramp,
+            duration,
+            report_every,
+            json,
+            tally,
+            backoff_max,
+        } => {
+            // Thousands of devices each logging their sessions would drown the progress.
+            init_logging(false, "warn,micromine_agent::simulate=info");
+            let token = token
+                .map(|t| t.parse::<BootstrapToken>())
+                .transpose()
+                .context("--token")?;
+            let positive = |flag: &str, value: f64| {
+                if value.is_finite() && value > 0.0 {
+                    Ok(value)
+                } else {
+                    Err(anyhow::anyhow!(
+                        "{flag}: {value} must be a number above zero"
+                    ))
+                }
+            };
+            if devices == 0 {
+                anyhow::bail!("--devices: must be at least 1");
+            }
+            if !(churn.is_finite() && churn >= 0.0) {
+                anyhow::bail!(
+                    "--churn: {churn} must be zero or more link drops per device per minute"
+                );
+            }
+            micromine_agent::identity::validate_device_name(&format!("{name_prefix}-00001"))
+                .context("--name-prefix")?;
+            let config = simulate::SimulateConfig {
+                controller,
+                token,
+                devices,
+                name_prefix,
+                labels: micromine_agent::cli::parse_labels(labels.as_deref())?,
+                state_dir,
+                ca_file,
+                hashrate: positive("--hashrate", hashrate)?,
+                churn_per_minute: churn,
+                hash_threads: hash_threads.max(1),
+                ramp_per_second: positive("--ramp", ramp)?,
+                duration: duration
+                    .map(|d| positive("--duration", d).map(Duration::from_secs_f64))
+                    .transpose()?,
+                report_every: Duration::from_secs_f64(positive("--report-every", report_every)?),
+                backoff: (
+                    Duration::from_millis(100),
+                    Duration::from_secs_f64(positive("--backoff-max", backoff_max)?.max(0.1)),
+                ),
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .enable_all()
+                .build()?;
+            runtime.block_on(async move {
+                let shutdown = CancellationToken::new();
+                let signal = shutdown.clone();
+                tokio::spawn(async move {
+                    micromine_agent::cli::wait_for_signal().await;
+                    tracing::info!("stopping: devices hand back their work");
+                    signal.cancel();
+                });
+                let result = simulate::run(config, shutdown, |line| {
+                    if json {
+                        println!("{}", serde_json::to_string(line).unwrap_or_default());
+                    } else {
+                        println!("{line}");
+                    }
+                })
+                .await;
+                println!(
+                    "simulation stopped: {} devices, {} shares accepted, {} rejected, {} failed",
+                    result.devices.len(),
+                    result.accepted,
+                    result.rejected,
+                    result.failures.len()
+                );
+                for (device, why) in result.failures.iter().take(5) {
+                    eprintln!("{device}: {why}");
+                }
+                if let Some(path) = tally {
+                    let text = serde_json::to_string_pretty(&result)?;
+                    std::fs::write(&path, text)
+                        .with_context(|| format!("--tally: writing {}", path.display()))?;
+                }
+                if !result.failures.is_empty() && result.failures.len() == result.devices.len() {
+                    anyhow::bail!("every device failed");
+                }
+                Ok(())
+            })
+        }
         Command::Run {
             controller,
             token,
@@ -155,7 +318,7 @@ fn main() -> Result<()> {
             sysfs_root,
             proc_root,
         } => {
-            init_logging(log_json);
+            init_logging(log_json, "info");
             let token = token
                 .map(|t| t.parse::<BootstrapToken>())
                 .transpose()
@@ -185,6 +348,7 @@ fn main() -> Result<()> {
                     sysfs: sysfs_root,
                     proc: proc_root,
                 },
+                simulation: None,
             };
             runtime.block_on(async move {
                 let shutdown = CancellationToken::new();

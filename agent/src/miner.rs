@@ -171,22 +171,60 @@ struct Shared {
     busy_nanos: AtomicU64,
     events: mpsc::Sender<MinerEvent>,
     engine: EngineKind,
+    /// Nonces per chunk: [`CHUNK`] for hashing threads, a fraction of a second of the
+    /// simulated rate for a paced device.
+    chunk: u64,
 }
 
 impl Shared {
     fn finish(&self, work: &ActiveWork, reason: FinishReason) {
+        if let Some(event) = self.close(work, reason) {
+            // The receiver is gone only when the agent is shutting down.
+            let _ = self.events.blocking_send(event);
+        }
+    }
+
+    /// Marks `work` finished; the event to report, unless it already was.
+    fn close(&self, work: &ActiveWork, reason: FinishReason) -> Option<MinerEvent> {
         if work.closed.swap(true, Ordering::AcqRel) {
-            return;
+            return None;
         }
         lock(&self.live).remove(&work.order.id);
-        let event = MinerEvent::Finished {
+        Some(MinerEvent::Finished {
             assignment_id: work.order.id,
             scanned_until: work.scanned_until(),
             hashes: work.hashes.load(Ordering::Relaxed),
             reason,
-        };
-        // The receiver is gone only when the agent is shutting down.
-        let _ = self.events.blocking_send(event);
+        })
+    }
+
+    /// Scans `[start, end)` of `work`, reporting shares, and reports the assignment
+    /// finished if this was its last chunk.
+    fn scan_chunk(&self, work: &ActiveWork, start: u64, end: u64) {
+        let id = work.order.id;
+        self.engine.scan(&work.prepared, start, end, &mut |nonce| {
+            let _ = self.events.blocking_send(MinerEvent::Share {
+                assignment_id: id,
+                nonce,
+            });
+        });
+        let hashed = end - start;
+        work.hashes.fetch_add(hashed, Ordering::Relaxed);
+        self.hashes_total.fetch_add(hashed, Ordering::Relaxed);
+        if work.complete_chunk(start, end) >= work.order.end {
+            self.finish(work, FinishReason::Exhausted);
+        }
+    }
+
+    fn add_busy(&self, busy: Duration) {
+        self.busy_nanos.fetch_add(
+            busy.as_nanos().try_into().unwrap_or(u64::MAX),
+            Ordering::Relaxed,
+        );
+    }
+
+    fn duty_cycle(&self) -> f64 {
+        f64::from_bits(self.duty_cycle.load(Ordering::Relaxed))
     }
 
     /// Finishes queued work whose lease ran out; for while hashing is paused, when no
@@ -221,9 +259,9 @@ impl Shared {
                 queue = lock(&self.queue);
                 continue;
             }
-            let start = front.cursor.fetch_add(CHUNK, Ordering::AcqRel);
+            let start = front.cursor.fetch_add(self.chunk, Ordering::AcqRel);
             if start < front.order.end {
-                let end = (start + CHUNK).min(front.order.end);
+                let end = (start + self.chunk).min(front.order.end);
                 return Some((front, start, end));
             }
             // All chunks handed out; whoever completes the last one reports it.
@@ -239,9 +277,7 @@ pub struct Miner {
 }
 
 impl Miner {
-    /// Starts `threads` hashing threads.
-    /// Shares and finished assignments arrive on the returned channel.
-    pub fn start(engine: EngineKind, threads: usize) -> (Miner, mpsc::Receiver<MinerEvent>) {
+    fn shared(engine: EngineKind, chunk: u64) -> (Arc<Shared>, mpsc::Receiver<MinerEvent>) {
         let (events, receiver) = mpsc::channel(4096);
         let shared = Arc::new(Shared {
             queue: Mutex::new(VecDeque::new()),
@@ -254,7 +290,41 @@ impl Miner {
             busy_nanos: AtomicU64::new(0),
             events,
             engine,
+            chunk: chunk.max(1),
         });
+        (shared, receiver)
+    }
+
+    /// A simulated device hashing at `hashes_per_second` on `pool`'s threads, shared with
+    /// the other devices of the simulation: real hashes, real shares, at the device's pace.
+    pub fn start_paced(
+        pool: &PacedPool,
+        engine: EngineKind,
+        hashes_per_second: f64,
+    ) -> (Miner, mpsc::Receiver<MinerEvent>) {
+        let rate = if hashes_per_second.is_finite() {
+            hashes_per_second.max(1.0)
+        } else {
+            1.0
+        };
+        // A quarter of a second of the device's hashing per turn, but at least 1,024
+        // nonces: a turn costs the pool a few microseconds besides the hashing, which
+        // would outweigh the hashing of a very slow device's shorter turns.
+        let (shared, receiver) = Miner::shared(engine, (rate / 4.0).ceil().max(1024.0) as u64);
+        pool.add(&shared, rate);
+        (
+            Miner {
+                shared,
+                threads: Vec::new(),
+            },
+            receiver,
+        )
+    }
+
+    /// Starts `threads` hashing threads.
+    /// Shares and finished assignments arrive on the returned channel.
+    pub fn start(engine: EngineKind, threads: usize) -> (Miner, mpsc::Receiver<MinerEvent>) {
+        let (shared, receiver) = Miner::shared(engine, CHUNK);
         let threads = (0..threads.max(1))
             .filter_map(|i| {
                 let shared = shared.clone();
@@ -280,11 +350,14 @@ impl Miner {
     /// it had already finished.
     pub fn cancel(&self, assignment_id: u64) {
         let work = lock(&self.shared.live).get(&assignment_id).cloned();
-        if let Some(work) = work {
-            let shared = self.shared.clone();
-            // `finish` may block on a full event channel; never do that on the caller's
-            // (async) thread.
-            std::thread::spawn(move || shared.finish(&work, FinishReason::Cancelled));
+        let Some(event) = work.and_then(|w| self.shared.close(&w, FinishReason::Cancelled)) else {
+            return;
+        };
+        if let Err(mpsc::error::TrySendError::Full(event)) = self.shared.events.try_send(event) {
+            // Blocking on a full event channel must never happen on the caller's (async)
+            // thread.
+            let events = self.shared.events.clone();
+            std::thread::spawn(move || events.blocking_send(event));
         }
     }
 
@@ -325,9 +398,9 @@ impl Miner {
         Duration::from_nanos(self.shared.busy_nanos.load(Ordering::Relaxed))
     }
 
-    /// Number of hashing threads.
+    /// Number of hashing threads (one for a paced device).
     pub fn threads(&self) -> usize {
-        self.threads.len()
+        self.threads.len().max(1)
     }
 
     /// Total hashes computed since start.
@@ -352,6 +425,163 @@ impl Miner {
 impl Drop for Miner {
     fn drop(&mut self) {
         self.shutdown_threads();
+    }
+}
+
+/// Hashing threads shared by many simulated devices (`micromine-agent simulate`), each
+/// hashing at its own rate: a turn scans a quarter second of one device's nonces, and the
+/// device's next turn is due when its rate (and duty cycle) says it would have got there.
+/// Shares are real, so the controller verifies them like any other.
+pub struct PacedPool {
+    inner: Arc<PacedInner>,
+    threads: Vec<JoinHandle<()>>,
+}
+
+struct PacedInner {
+    due: Mutex<std::collections::BinaryHeap<std::cmp::Reverse<Turn>>>,
+    wakeup: Condvar,
+    shutdown: AtomicBool,
+    sequence: AtomicU64,
+}
+
+/// One device's next turn on the pool.
+struct Turn {
+    at: Instant,
+    /// Ties broken by insertion order, so equal times keep their fairness.
+    sequence: u64,
+    device: std::sync::Weak<Shared>,
+    rate: f64,
+}
+
+impl PartialEq for Turn {
+    fn eq(&self, other: &Self) -> bool {
+        (self.at, self.sequence) == (other.at, other.sequence)
+    }
+}
+impl Eq for Turn {}
+impl PartialOrd for Turn {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+impl Ord for Turn {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.at, self.sequence).cmp(&(other.at, other.sequence))
+    }
+}
+
+/// How often a device without work (or paused) looks again.
+const PACED_IDLE_POLL: Duration = Duration::from_millis(250);
+/// A device the pool could not keep up with catches up at most this much at once.
+const PACED_MAX_LAG: Duration = Duration::from_secs(1);
+
+impl PacedPool {
+    /// A pool of `threads` hashing threads.
+    pub fn new(threads: usize) -> PacedPool {
+        let inner = Arc::new(PacedInner {
+            due: Mutex::new(std::collections::BinaryHeap::new()),
+            wakeup: Condvar::new(),
+            shutdown: AtomicBool::new(false),
+            sequence: AtomicU64::new(0),
+        });
+        let threads = (0..threads.max(1))
+            .filter_map(|i| {
+                let inner = inner.clone();
+                std::thread::Builder::new()
+                    .name(format!("paced-{i}"))
+                    .spawn(move || paced_thread(&inner))
+                    .map_err(|e| tracing::error!(error = %e, "cannot start hashing thread"))
+                    .ok()
+            })
+            .collect();
+        PacedPool { inner, threads }
+    }
+
+    fn add(&self, device: &Arc<Shared>, rate: f64) {
+        self.inner
+            .schedule(Instant::now(), Arc::downgrade(device), rate);
+    }
+}
+
+impl PacedInner {
+    fn schedule(&self, at: Instant, device: std::sync::Weak<Shared>, rate: f64) {
+        let sequence = self.sequence.fetch_add(1, Ordering::Relaxed);
+        lock(&self.due).push(std::cmp::Reverse(Turn {
+            at,
+            sequence,
+            device,
+            rate,
+        }));
+        self.wakeup.notify_one();
+    }
+
+    /// The next turn that is due, waiting for it; None at shutdown.
+    fn next_turn(&self) -> Option<Turn> {
+        let mut due = lock(&self.due);
+        loop {
+            if self.shutdown.load(Ordering::Acquire) {
+                return None;
+            }
+            let now = Instant::now();
+            match due.peek() {
+                Some(std::cmp::Reverse(turn)) if turn.at <= now => {
+                    return due.pop().map(|std::cmp::Reverse(turn)| turn);
+                }
+                Some(std::cmp::Reverse(turn)) => {
+                    let wait = turn.at - now;
+                    due = self
+                        .wakeup
+                        .wait_timeout(due, wait)
+                        .map_or_else(|p| p.into_inner().0, |(guard, _)| guard);
+                }
+                None => {
+                    due = self
+                        .wakeup
+                        .wait_timeout(due, PACED_IDLE_POLL)
+                        .map_or_else(|p| p.into_inner().0, |(guard, _)| guard);
+                }
+            }
+        }
+    }
+}
+
+fn paced_thread(pool: &PacedInner) {
+    lower_priority();
+    while let Some(turn) = pool.next_turn() {
+        // A device whose miner was dropped or stopped leaves the pool.
+        let Some(device) = turn.device.upgrade() else {
+            continue;
+        };
+        if device.shutdown.load(Ordering::Acquire) {
+            continue;
+        }
+        let now = Instant::now();
+        if device.paused.load(Ordering::Acquire) {
+            device.expire_due();
+            pool.schedule(now + PACED_IDLE_POLL, turn.device, turn.rate);
+            continue;
+        }
+        let Some((work, start, end)) = device.next_chunk() else {
+            pool.schedule(now + PACED_IDLE_POLL, turn.device, turn.rate);
+            continue;
+        };
+        device.scan_chunk(&work, start, end);
+        // Device time, not pool time: this is how long the simulated device hashed.
+        let hashing = Duration::from_secs_f64((end - start) as f64 / turn.rate);
+        device.add_busy(hashing);
+        let pause = hashing.div_f64(device.duty_cycle());
+        let next = turn.at.max(now.checked_sub(PACED_MAX_LAG).unwrap_or(now)) + pause;
+        pool.schedule(next, turn.device, turn.rate);
+    }
+}
+
+impl Drop for PacedPool {
+    fn drop(&mut self) {
+        self.inner.shutdown.store(true, Ordering::Release);
+        self.inner.wakeup.notify_all();
+        for handle in self.threads.drain(..) {
+            let _ = handle.join();
+        }
     }
 }
 
@@ -392,27 +622,10 @@ fn hashing_thread(shared: &Shared) {
             continue;
         };
         let began = Instant::now();
-        let id = work.order.id;
-        shared
-            .engine
-            .scan(&work.prepared, start, end, &mut |nonce| {
-                let _ = shared.events.blocking_send(MinerEvent::Share {
-                    assignment_id: id,
-                    nonce,
-                });
-            });
-        let hashed = end - start;
-        work.hashes.fetch_add(hashed, Ordering::Relaxed);
-        shared.hashes_total.fetch_add(hashed, Ordering::Relaxed);
-        if work.complete_chunk(start, end) >= work.order.end {
-            shared.finish(&work, FinishReason::Exhausted);
-        }
+        shared.scan_chunk(&work, start, end);
         let burst = began.elapsed();
-        shared.busy_nanos.fetch_add(
-            burst.as_nanos().try_into().unwrap_or(u64::MAX),
-            Ordering::Relaxed,
-        );
-        let duty = f64::from_bits(shared.duty_cycle.load(Ordering::Relaxed));
+        shared.add_busy(burst);
+        let duty = shared.duty_cycle();
         if duty < 1.0 {
             // Sleep in proportion to the burst so the average matches the duty cycle.
             std::thread::sleep(Duration::from_secs_f64(
@@ -455,6 +668,67 @@ mod tests {
             }
         }
         (shares, finished)
+    }
+
+    #[tokio::test]
+    async fn paced_devices_share_a_pool_hash_honestly_and_no_faster_than_their_rate() {
+        let pool = PacedPool::new(1);
+        // 40,000 H/s: turns of 10,000 nonces, a quarter second apart.
+        let (fast, mut fast_events) = Miner::start_paced(&pool, EngineKind::detect(), 40_000.0);
+        let (slow, mut slow_events) = Miner::start_paced(&pool, EngineKind::detect(), 20_000.0);
+        let a = order(
+            7,
+            500,
+            500 + 40_000,
+            2f64.powi(-22),
+            Duration::from_secs(60),
+        );
+        let b = order(8, 0, 20_000, 2f64.powi(-22), Duration::from_secs(60));
+        let started = Instant::now();
+        fast.push(a.clone());
+        slow.push(b.clone());
+        let (fast_shares, fast_done) = collect_until_finished(&mut fast_events, &[7]).await;
+        let (slow_shares, slow_done) = collect_until_finished(&mut slow_events, &[8]).await;
+        // Four turns of the fast device and four of the slow one (5,000 nonces each): the
+        // last starts 0.75 s after the first, so neither can be done sooner.
+        assert!(
+            started.elapsed() >= Duration::from_millis(750),
+            "{:?}",
+            started.elapsed()
+        );
+        for (o, shares, done) in [(&a, fast_shares, fast_done), (&b, slow_shares, slow_done)] {
+            let expected: Vec<MinerEvent> = (o.start..o.end)
+                .map(|n| n as u32)
+                .filter(|&n| {
+                    o.target
+                        .is_met_by(&sha256d(&header_with_nonce(&o.prefix, n)))
+                })
+                .map(|nonce| MinerEvent::Share {
+                    assignment_id: o.id,
+                    nonce,
+                })
+                .collect();
+            assert!(!expected.is_empty());
+            assert_eq!(shares, expected, "every share of {}, in order", o.id);
+            assert_eq!(
+                done,
+                vec![MinerEvent::Finished {
+                    assignment_id: o.id,
+                    scanned_until: o.end,
+                    hashes: o.end - o.start,
+                    reason: FinishReason::Exhausted,
+                }]
+            );
+        }
+        // Busy time is the device's own: hashes over its rate.
+        assert_eq!(fast.busy_time(), Duration::from_secs(1));
+        assert_eq!(slow.threads(), 1);
+        // A dropped device leaves the pool; the other goes on.
+        drop(fast);
+        let c = order(9, 0, 5_000, 2f64.powi(-22), Duration::from_secs(60));
+        slow.push(c);
+        let (_, done) = collect_until_finished(&mut slow_events, &[9]).await;
+        assert_eq!(done.len(), 1);
     }
 
     #[tokio::test]

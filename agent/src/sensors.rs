@@ -191,6 +191,117 @@ impl Sensors {
     }
 }
 
+/// Where an agent's readings come from: the device itself, or a simulated one.
+#[derive(Debug)]
+pub enum SensorSource {
+    /// sysfs and procfs of this machine.
+    Device(Sensors),
+    /// A simulated device (`micromine-agent simulate`).
+    Synthetic(SyntheticSensors),
+}
+
+impl SensorSource {
+    /// Reads the sensors; `load` is the fraction of its time the device spends hashing
+    /// (a simulated device heats up and drains its battery with it).
+    pub fn read(&mut self, load: f32) -> Readings {
+        match self {
+            SensorSource::Device(sensors) => sensors.read(),
+            SensorSource::Synthetic(synthetic) => synthetic.read(load),
+        }
+    }
+}
+
+/// Plausible, moving readings for a simulated device: the temperature follows the load
+/// with a minute's lag, the host's own work wanders, and one device in four runs on a
+/// battery that drains while unplugged (faster while hashing) and charges when plugged
+/// in. Enough for the controller's limits, status and dashboards to see a real-looking
+/// fleet; the agent's governor acts on them as on real sensors.
+#[derive(Debug)]
+pub struct SyntheticSensors {
+    ambient_c: f32,
+    temperature_c: f32,
+    host_cpu_percent: f32,
+    battery: Option<SyntheticBattery>,
+    last: std::time::Instant,
+}
+
+#[derive(Debug)]
+struct SyntheticBattery {
+    percent: f32,
+    plugged_in: bool,
+}
+
+impl Default for SyntheticSensors {
+    fn default() -> Self {
+        SyntheticSensors::new()
+    }
+}
+
+impl SyntheticSensors {
+    /// A device with its own ambient temperature, host load and (maybe) battery.
+    pub fn new() -> SyntheticSensors {
+        use rand::RngExt as _;
+        let mut rng = rand::rng();
+        let ambient_c = rng.random_range(20.0..40.0);
+        SyntheticSensors {
+            ambient_c,
+            temperature_c: ambient_c,
+            host_cpu_percent: rng.random_range(5.0..40.0),
+            battery: rng.random_bool(0.25).then(|| SyntheticBattery {
+                percent: rng.random_range(40.0..100.0),
+                plugged_in: rng.random_bool(0.5),
+            }),
+            last: std::time::Instant::now(),
+        }
+    }
+
+    /// The readings now, after `load` (0 to 1) since the previous reading.
+    pub fn read(&mut self, load: f32) -> Readings {
+        use rand::RngExt as _;
+        let mut rng = rand::rng();
+        let load = if load.is_finite() {
+            load.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        let seconds = self.last.elapsed().as_secs_f32().min(600.0);
+        self.last = std::time::Instant::now();
+        // First-order lag towards the load's steady temperature (time constant 60 s).
+        let steady = self.ambient_c + 35.0 * load;
+        let step = 1.0 - (-seconds / 60.0).exp();
+        self.temperature_c += (steady - self.temperature_c) * step;
+        let wander = 3.0 * seconds.sqrt().min(3.0);
+        self.host_cpu_percent =
+            (self.host_cpu_percent + rng.random_range(-wander..=wander)).clamp(2.0, 95.0);
+        let power_watts = 1.5 + 3.5 * load;
+        let (battery_percent, on_battery) = match &mut self.battery {
+            Some(battery) => {
+                // A plug is pulled or put back about every ten minutes.
+                if rng.random_bool(f64::from((seconds / 600.0).min(1.0))) {
+                    battery.plugged_in = !battery.plugged_in;
+                }
+                // A 20 Wh battery: percent per second at this draw.
+                let rate = power_watts / 20.0 / 36.0;
+                let delta = if battery.plugged_in {
+                    2.0 * rate
+                } else {
+                    -rate
+                };
+                battery.percent = (battery.percent + delta * seconds).clamp(0.0, 100.0);
+                (Some(battery.percent), Some(!battery.plugged_in))
+            }
+            None => (None, None),
+        };
+        Readings {
+            temperature_c: Some(self.temperature_c + rng.random_range(-0.5..=0.5)),
+            battery_percent,
+            on_battery,
+            power_watts: Some(power_watts),
+            host_cpu_percent: Some(self.host_cpu_percent),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -286,6 +397,31 @@ mod tests {
         // The agent alone: the host is idle.
         device.cpu(2100, 9900, 800);
         assert_eq!(sensors.read().host_cpu_percent, Some(0.0));
+    }
+
+    #[test]
+    fn synthetic_readings_stay_plausible_and_heat_follows_the_load() {
+        let mut sensors = SyntheticSensors::new();
+        let ambient = sensors.ambient_c;
+        // Pretend ten minutes of full load passed between readings.
+        sensors.last -= std::time::Duration::from_secs(600);
+        let hot = sensors.read(1.0);
+        let temperature = hot.temperature_c.expect("a temperature");
+        assert!(
+            temperature > ambient + 30.0,
+            "{temperature} after ten loaded minutes"
+        );
+        assert!(PLAUSIBLE_CELSIUS.contains(&temperature));
+        assert_eq!(hot.power_watts, Some(5.0));
+        let host = hot.host_cpu_percent.expect("a host load");
+        assert!((2.0..=95.0).contains(&host));
+        if let Some(percent) = hot.battery_percent {
+            assert!((0.0..=100.0).contains(&percent));
+            assert!(hot.on_battery.is_some());
+        }
+        sensors.last -= std::time::Duration::from_secs(600);
+        let cool = sensors.read(0.0).temperature_c.expect("a temperature");
+        assert!(cool < ambient + 5.0, "{cool} after ten idle minutes");
     }
 
     #[test]

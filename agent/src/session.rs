@@ -32,7 +32,8 @@ use crate::engine::EngineKind;
 use crate::governor::Governor;
 use crate::identity::{self, DeviceIdentity, IdentityError};
 use crate::miner::{FinishReason, Miner, MinerEvent, WorkOrder};
-use crate::sensors::{Readings, SensorPaths, Sensors};
+use crate::sensors::{Readings, SensorPaths, SensorSource, Sensors, SyntheticSensors};
+use crate::simulate::SimulatedDevice;
 use crate::telemetry::{AgentTelemetry, SdkSpan};
 use crate::tls;
 use opentelemetry::KeyValue;
@@ -55,6 +56,9 @@ const RENEW_RETRY: Duration = Duration::from_secs(60);
 /// How often the local limits are checked against fresh readings: a limit takes effect
 /// within a second.
 const GOVERN_EVERY: Duration = Duration::from_millis(500);
+/// A simulated device's synthetic sensors change slowly; thousands of devices in one
+/// process each looking twice a second would cost the simulation more than it shows.
+const SIMULATED_GOVERN_EVERY: Duration = Duration::from_secs(5);
 /// The limits last received, kept in the state directory so they stay in force across a
 /// restart while the controller is out of reach.
 const LIMITS_FILE: &str = "limits.pb";
@@ -88,6 +92,18 @@ pub struct AgentConfig {
     pub telemetry: AgentTelemetry,
     /// Where temperature, battery and CPU load are read from.
     pub sensors: SensorPaths,
+    /// Set for a simulated device (`micromine-agent simulate`): it hashes on the
+    /// simulation's shared threads at its own rate, reads synthetic sensors, and may drop
+    /// its link now and then.
+    pub simulation: Option<SimulatedDevice>,
+}
+
+impl AgentConfig {
+    /// The local address to connect from: a simulated device's own, else the system's
+    /// choice.
+    fn local_address(&self) -> Option<std::net::IpAddr> {
+        self.simulation.as_ref().and_then(|s| s.local_address)
+    }
 }
 
 /// Why the agent cannot run at all (as opposed to a session failing, which it survives).
@@ -115,6 +131,8 @@ pub enum AgentError {
 /// Counters of one agent run, updated live.
 #[derive(Debug, Default)]
 pub struct AgentCounters {
+    /// Shares the miner found (each is acknowledged eventually, or still held).
+    pub found: AtomicU64,
     /// Shares acknowledged as accepted.
     pub accepted: AtomicU64,
     /// Shares rejected.
@@ -127,11 +145,17 @@ pub struct AgentCounters {
     pub hashes: AtomicU64,
     /// Certificates renewed.
     pub renewals: AtomicU64,
+    /// Sessions open now (0 or 1 for one agent; a simulation adds its devices up).
+    pub open_sessions: AtomicU64,
+    /// Links a simulated device dropped on purpose (`--churn`).
+    pub link_drops: AtomicU64,
 }
 
 /// A snapshot of [`AgentCounters`].
 #[derive(Debug, Clone, Copy, Default, Serialize, PartialEq, Eq)]
 pub struct AgentStats {
+    /// Shares the miner found.
+    pub found: u64,
     /// Shares acknowledged as accepted.
     pub accepted: u64,
     /// Shares rejected.
@@ -150,6 +174,7 @@ impl AgentCounters {
     /// A consistent-enough snapshot.
     pub fn snapshot(&self) -> AgentStats {
         AgentStats {
+            found: self.found.load(Ordering::Relaxed),
             accepted: self.accepted.load(Ordering::Relaxed),
             rejected: self.rejected.load(Ordering::Relaxed),
             blocks: self.blocks.load(Ordering::Relaxed),
@@ -202,15 +227,15 @@ async fn enroll_as(config: &AgentConfig, name: &str) -> Result<DeviceIdentity, A
     let ca_pem = read_ca_file(config)?;
     let (mut span, trace_headers) = config.telemetry.start_root("enroll");
     span.set_attribute(KeyValue::new("device", name.to_string()));
-    let enrolled = identity::enroll(
-        &config.controller,
+    let request = identity::Enroll {
+        controller_url: &config.controller,
         token,
-        name,
-        &config.labels,
-        ca_pem.as_deref(),
-        &trace_headers,
-    )
-    .await;
+        device_name: name,
+        labels: &config.labels,
+        ca_pem: ca_pem.as_deref(),
+        trace_headers: &trace_headers,
+    };
+    let enrolled = identity::enroll_from(&request, config.local_address()).await;
     if let Err(e) = &enrolled {
         span.set_status(SpanStatus::error(e.to_string()));
     }
@@ -249,20 +274,32 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> Result<AgentStats, AgentError> {
     let mut identity = ensure_identity(&config).await?;
-    let threads = config.threads.max(1);
-    let measured = bench::run(config.engine, threads, config.bench_duration, None);
-    tracing::info!(engine = %measured.engine, threads,
-        hashes_per_second = measured.hashes_per_second, "benchmarked");
-    let capacity = pb::Capacity {
-        cores: capacity::cores(),
-        mining_threads: threads as u32,
-        arch: capacity::arch().to_string(),
-        memory_bytes: capacity::memory_bytes(),
-        nominal_hashrate: measured.hashes_per_second,
-        hash_engine: measured.engine.clone(),
+    let (capacity, (miner, events), sensors) = match &config.simulation {
+        Some(simulated) => (
+            simulated.capacity(config.engine),
+            Miner::start_paced(&simulated.pool, config.engine, simulated.hashrate),
+            SensorSource::Synthetic(SyntheticSensors::new()),
+        ),
+        None => {
+            let threads = config.threads.max(1);
+            let measured = bench::run(config.engine, threads, config.bench_duration, None);
+            tracing::info!(engine = %measured.engine, threads,
+                hashes_per_second = measured.hashes_per_second, "benchmarked");
+            let capacity = pb::Capacity {
+                cores: capacity::cores(),
+                mining_threads: threads as u32,
+                arch: capacity::arch().to_string(),
+                memory_bytes: capacity::memory_bytes(),
+                nominal_hashrate: measured.hashes_per_second,
+                hash_engine: measured.engine.clone(),
+            };
+            (
+                capacity,
+                Miner::start(config.engine, threads),
+                SensorSource::Device(Sensors::new(config.sensors.clone())),
+            )
+        }
     };
-    let (miner, events) = Miner::start(config.engine, threads);
-    let sensors = Sensors::new(config.sensors.clone());
     let governor = Governor::new(load_limits(&config.state_dir));
     let mut agent = Agent {
         sensors,
@@ -281,6 +318,8 @@ pub async fn run(
         last_report: Instant::now(),
         next_renewal_attempt: Instant::now(),
         mining_spans: HashMap::new(),
+        awaiting_assignment: std::collections::VecDeque::new(),
+        report_every: Duration::ZERO,
     };
     let mut backoff = Backoff::new(agent.config.backoff_base, agent.config.backoff_max);
     while !shutdown.is_cancelled() {
@@ -299,7 +338,7 @@ pub async fn run(
         }
         match agent.session(&mut identity, &shutdown).await {
             Ok(SessionEnd::Shutdown) => break,
-            Ok(SessionEnd::Welcomed) => backoff.reset(),
+            Ok(SessionEnd::Welcomed) => backoff.reset_within(agent.report_every),
             Ok(SessionEnd::NotWelcomed) => {}
             Err(e) => tracing::warn!(error = %e, "session failed"),
         }
@@ -360,8 +399,14 @@ struct Agent {
     next_renewal_attempt: Instant,
     /// Open `mine` spans of traced assignments.
     mining_spans: HashMap<u64, SdkSpan>,
-    sensors: Sensors,
+    sensors: SensorSource,
     governor: Governor,
+    /// When this device asked for work (Hello, a finished range) and has not been given
+    /// the assignment that answers it yet; timed only in a simulation.
+    awaiting_assignment: std::collections::VecDeque<Instant>,
+    /// How often the controller asked for reports in the last session; it grows with
+    /// the fleet, and so does the window a lost session's reconnect is spread over.
+    report_every: Duration,
     /// Why the governor holds hashing back now, if it does.
     held_back: Option<&'static str>,
     /// The latest sensor readings (the governor's, also reported).
@@ -394,7 +439,7 @@ impl Agent {
     /// Between sessions: keep taking the miner's events so no share is lost, and keep
     /// enforcing the limits.
     async fn idle_until(&mut self, deadline: tokio::time::Instant, shutdown: &CancellationToken) {
-        let mut govern = tokio::time::interval(GOVERN_EVERY);
+        let mut govern = tokio::time::interval(self.govern_every());
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => return,
@@ -405,9 +450,23 @@ impl Agent {
         }
     }
 
+    fn govern_every(&self) -> Duration {
+        if self.config.simulation.is_some() {
+            SIMULATED_GOVERN_EVERY
+        } else {
+            GOVERN_EVERY
+        }
+    }
+
     /// Reads the sensors and holds hashing back as the limits say.
     fn govern(&mut self) {
-        self.readings = self.sensors.read();
+        let load = match self.held_back {
+            None if !self.held.is_empty() => {
+                self.governor.limits().duty_cycle.clamp(0.0, 1.0) as f32
+            }
+            _ => 0.0,
+        };
+        self.readings = self.sensors.read(load);
         let decision = self.governor.decide(&self.readings, jiff::Timestamp::now());
         if decision.held_back != self.held_back {
             match decision.held_back {
@@ -461,6 +520,7 @@ impl Agent {
     }
 
     fn remember_share(&mut self, assignment_id: u64, nonce: u32) {
+        self.counters.found.fetch_add(1, Ordering::Relaxed);
         if let Some(span) = self.mining_spans.get_mut(&assignment_id) {
             span.add_event("share", vec![KeyValue::new("nonce", i64::from(nonce))]);
         }
@@ -507,7 +567,11 @@ impl Agent {
     ) -> Result<SessionEnd, SessionError> {
         let channel = tokio::select! {
             _ = shutdown.cancelled() => return Ok(SessionEnd::Shutdown),
-            channel = tls::connect(&self.config.controller, identity.client_config()?) => channel?,
+            channel = tls::connect_from(
+                &self.config.controller,
+                identity.client_config()?,
+                self.config.local_address(),
+            ) => channel?,
         };
         let mut client = FleetClient::new(channel)
             .max_decoding_message_size(MAX_MESSAGE_BYTES)
@@ -516,6 +580,8 @@ impl Agent {
             tracing::warn!(error = %e, "certificate renewal failed; will retry");
         }
         let (tx, rx) = mpsc::channel::<pb::AgentMessage>(256);
+        self.awaiting_assignment.clear();
+        let hello_sent = Instant::now();
         tx.send(message(AgentKind::Hello(self.hello())))
             .await
             .map_err(|_| SessionError::Closed)?;
@@ -537,20 +603,45 @@ impl Agent {
             }
         };
         self.counters.sessions.fetch_add(1, Ordering::Relaxed);
+        let _open = OpenSession::new(&self.counters);
         tracing::info!(device = %welcome.device_name, resumed = welcome.resumed_assignment_ids.len(), "session open");
         self.apply_welcome(&welcome, &tx).await?;
+        if welcome.resumed_assignment_ids.is_empty() {
+            self.awaiting_assignment.push_back(hello_sent);
+        }
+        // A simulated flaky link: the connection vanishes without a goodbye.
+        let link_drop = self
+            .config
+            .simulation
+            .as_ref()
+            .and_then(SimulatedDevice::next_link_drop);
+        let link_drop = async move {
+            match link_drop {
+                Some(after) => tokio::time::sleep(after).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::pin!(link_drop);
 
         let report_every =
             Duration::from_millis(u64::from(welcome.report_interval_ms.clamp(200, 60_000)));
+        self.report_every = report_every;
         let mut report = tokio::time::interval(report_every);
-        let mut flush = tokio::time::interval(SHARE_FLUSH);
-        let mut govern = tokio::time::interval(GOVERN_EVERY);
+        let mut govern = tokio::time::interval(self.govern_every());
+        // Armed by the first share of a batch, so an idle agent does not wake ten times a
+        // second for nothing.
+        let mut flush_at: Option<tokio::time::Instant> = None;
         let mut batch: Vec<pb::Share> = Vec::new();
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
                     self.release(&tx, &mut batch, &mut inbound).await;
                     return Ok(SessionEnd::Shutdown);
+                }
+                _ = &mut link_drop => {
+                    tracing::debug!("simulated link drop");
+                    self.counters.link_drops.fetch_add(1, Ordering::Relaxed);
+                    return Ok(SessionEnd::Welcomed);
                 }
                 incoming = inbound.message() => match incoming {
                     Ok(Some(msg)) => self.handle(msg),
@@ -568,6 +659,7 @@ impl Agent {
                         self.remember_share(assignment_id, nonce);
                         self.pending.insert((assignment_id, nonce), true);
                         batch.push(pb::Share { assignment_id, nonce, resubmitted: false });
+                        flush_at.get_or_insert_with(|| tokio::time::Instant::now() + SHARE_FLUSH);
                         if batch.len() >= SHARE_BATCH {
                             send_batch(&tx, &mut batch).await?;
                         }
@@ -581,10 +673,14 @@ impl Agent {
                             tx.send(message(AgentKind::Progress(pb::Progress {
                                 assignment_id, scanned_until, hashes, finished: true,
                             }))).await.map_err(|_| SessionError::Closed)?;
+                            self.awaiting_assignment.push_back(Instant::now());
                         }
                     }
                 },
-                _ = flush.tick() => send_batch(&tx, &mut batch).await?,
+                _ = sleep_until_armed(flush_at) => {
+                    flush_at = None;
+                    send_batch(&tx, &mut batch).await?;
+                }
                 _ = govern.tick() => self.govern(),
                 _ = report.tick() => {
                     self.send_reports(&tx).await?;
@@ -667,6 +763,12 @@ impl Agent {
         match msg.kind {
             Some(Kind::Assignment(a)) => match work_order(&a) {
                 Ok(order) => {
+                    if let (Some(asked), Some(simulated)) = (
+                        self.awaiting_assignment.pop_front(),
+                        &self.config.simulation,
+                    ) {
+                        simulated.latency.record(asked.elapsed());
+                    }
                     tracing::debug!(
                         id = a.id,
                         start = a.nonce_start,
@@ -835,7 +937,10 @@ impl Agent {
         for p in &progress {
             self.miner.cancel(p.id);
         }
-        // Shares found up to the cancellation are still worth sending.
+        // Shares found up to the cancellation are still worth sending, and where each
+        // range really stopped is only known once the miner says so: a chunk being scanned
+        // at the cancellation still finishes, and its shares go out.
+        let mut stopped_at: HashMap<u64, u64> = HashMap::new();
         let deadline = tokio::time::Instant::now() + Duration::from_millis(300);
         while let Ok(Some(event)) = tokio::time::timeout_at(deadline, self.events.recv()).await {
             match event {
@@ -856,17 +961,23 @@ impl Agent {
                     scanned_until,
                     hashes,
                     reason,
-                } => self.end_mining_span(assignment_id, scanned_until, hashes, reason),
+                } => {
+                    stopped_at.insert(assignment_id, scanned_until);
+                    self.end_mining_span(assignment_id, scanned_until, hashes, reason);
+                }
             }
         }
         if send_batch(tx, batch).await.is_err() {
             return;
         }
         for p in self.miner.progress().into_iter().chain(progress) {
+            let scanned_until = stopped_at
+                .get(&p.id)
+                .map_or(p.scanned_until, |s| (*s).max(p.scanned_until));
             let _ = tx
                 .send(message(AgentKind::Progress(pb::Progress {
                     assignment_id: p.id,
-                    scanned_until: p.scanned_until,
+                    scanned_until,
                     hashes: p.hashes,
                     finished: true,
                 })))
@@ -924,6 +1035,22 @@ impl Agent {
     }
 }
 
+/// Counts a session as open for as long as it lives.
+struct OpenSession(Arc<AgentCounters>);
+
+impl OpenSession {
+    fn new(counters: &Arc<AgentCounters>) -> OpenSession {
+        counters.open_sessions.fetch_add(1, Ordering::Relaxed);
+        OpenSession(counters.clone())
+    }
+}
+
+impl Drop for OpenSession {
+    fn drop(&mut self) {
+        self.0.open_sessions.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
 /// The fraction of `threads` threads' time over `wall` that `busy` hashing amounts to.
 fn measured_duty(busy: Duration, wall: Duration, threads: usize) -> f32 {
     let available = wall.as_secs_f64() * threads.max(1) as f64;
@@ -931,6 +1058,14 @@ fn measured_duty(busy: Duration, wall: Duration, threads: usize) -> f32 {
         return 0.0;
     }
     (busy.as_secs_f64() / available).clamp(0.0, 1.0) as f32
+}
+
+/// Sleeps until `deadline`, or forever without one.
+pub(crate) async fn sleep_until_armed(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(deadline) => tokio::time::sleep_until(deadline).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn send_batch(

@@ -313,6 +313,17 @@ fn parse_target(url: &str) -> Result<Target, TlsError> {
 /// while idle, TCP_NODELAY. The channel reconnects by itself after a connection drops, with
 /// the same connector.
 pub async fn connect(url: &str, config: Arc<ClientConfig>) -> Result<Channel, TlsError> {
+    connect_from(url, config, None).await
+}
+
+/// [`connect`] from the local address `local` (port chosen by the system) when given: a
+/// simulated fleet on one machine gives each device its own loopback address, as real
+/// devices have their own, so no one address runs short of ports.
+pub async fn connect_from(
+    url: &str,
+    config: Arc<ClientConfig>,
+    local: Option<std::net::IpAddr>,
+) -> Result<Channel, TlsError> {
     let target = parse_target(url)?;
     let endpoint = Endpoint::from_shared(url.to_string())
         .map_err(|source| TlsError::Connect {
@@ -329,7 +340,10 @@ pub async fn connect(url: &str, config: Arc<ClientConfig>) -> Result<Channel, Tl
         let connector = connector.clone();
         let target = target.clone();
         async move {
-            let tcp = TcpStream::connect((target.host.as_str(), target.port)).await?;
+            let tcp = match local {
+                None => TcpStream::connect((target.host.as_str(), target.port)).await?,
+                Some(local) => connect_tcp_from(&target, local).await?,
+            };
             // The endpoint's nodelay setting applies only to tonic's own connector.
             tcp.set_nodelay(true)?;
             let tls = connector.connect(target.server_name, tcp).await?;
@@ -343,6 +357,26 @@ pub async fn connect(url: &str, config: Arc<ClientConfig>) -> Result<Channel, Tl
             url: url.to_string(),
             source,
         })
+}
+
+/// TCP to `target` from `local`: the first of the target's addresses in `local`'s family.
+async fn connect_tcp_from(target: &Target, local: std::net::IpAddr) -> std::io::Result<TcpStream> {
+    let remote = tokio::net::lookup_host((target.host.as_str(), target.port))
+        .await?
+        .find(|a| a.is_ipv4() == local.is_ipv4())
+        .ok_or_else(|| {
+            std::io::Error::new(
+                std::io::ErrorKind::AddrNotAvailable,
+                format!("{} has no address of {local}'s family", target.host),
+            )
+        })?;
+    let socket = if local.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(std::net::SocketAddr::new(local, 0))?;
+    socket.connect(remote).await
 }
 
 #[cfg(test)]

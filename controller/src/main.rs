@@ -336,6 +336,8 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    // Each device connection needs a descriptor; see the function.
+    micromine_agent::cli::raise_open_files_limit();
     match cli.command {
         Command::Quickstart {
             devices,

@@ -175,6 +175,7 @@ pub async fn run(
             backoff_max: Duration::from_secs(5),
             telemetry: Default::default(),
             sensors: Default::default(),
+            simulation: None,
         };
         let agent_counters = Arc::new(AgentCounters::default());
         counters.push(agent_counters.clone());

@@ -1,0 +1,512 @@
+//! `micromine-agent simulate`: a whole fleet of virtual devices in one process.
+//!
+//! Every virtual device is a real agent ([`session::run`]): it enrolls with the token like
+//! any device, holds its own mTLS session with its own certificate, resumes after a
+//! disconnect, and keeps within its lease and limits. Only three things are simulated:
+//! the hashing runs on threads shared by all devices, each device at its own (small)
+//! rate, so its shares are real and verified like any other; the sensors are synthetic
+//! ([`SyntheticSensors`](crate::sensors::SyntheticSensors)); and with `--churn` links drop
+//! now and then without a goodbye, as flaky field links do.
+//!
+//! The simulation keeps its own tally of what the controller acknowledged, per device, so
+//! a test or an operator can hold it against the controller's ledger (`--tally FILE`).
+
+use std::collections::BTreeMap;
+use std::net::{IpAddr, Ipv4Addr};
+use std::path::PathBuf;
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use micromine_proto::pb;
+use micromine_proto::token::BootstrapToken;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::engine::EngineKind;
+use crate::miner::PacedPool;
+use crate::session::{self, AgentConfig, AgentCounters, AgentError, AgentStats};
+use crate::telemetry::AgentTelemetry;
+
+/// What makes an agent a simulated device (see [`AgentConfig::simulation`]).
+#[derive(Clone)]
+pub struct SimulatedDevice {
+    /// The hashing threads all devices of the simulation share.
+    pub pool: Arc<PacedPool>,
+    /// The device's hash rate, H/s: what it reports and what it really hashes.
+    pub hashrate: f64,
+    /// Link drops per device per minute (0: a steady link).
+    pub churn_per_minute: f64,
+    /// Where the time from asking for work to being given it is recorded.
+    pub latency: Arc<LatencyRecorder>,
+    /// The device's own address to connect from (see [`device_address`]).
+    pub local_address: Option<IpAddr>,
+}
+
+impl std::fmt::Debug for SimulatedDevice {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SimulatedDevice")
+            .field("hashrate", &self.hashrate)
+            .field("churn_per_minute", &self.churn_per_minute)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SimulatedDevice {
+    /// What the device reports in `Hello`: one core hashing at the simulated rate.
+    pub fn capacity(&self, engine: EngineKind) -> pb::Capacity {
+        pb::Capacity {
+            cores: 1,
+            mining_threads: 1,
+            arch: crate::capacity::arch().to_string(),
+            memory_bytes: 512 << 20,
+            nominal_hashrate: self.hashrate,
+            hash_engine: format!("{} (simulated)", engine.name()),
+        }
+    }
+
+    /// How long the next session lasts before its link drops, if links drop at all:
+    /// exponentially distributed, so drops arrive as a Poisson process per device.
+    pub fn next_link_drop(&self) -> Option<Duration> {
+        use rand::RngExt as _;
+        if !(self.churn_per_minute.is_finite() && self.churn_per_minute > 0.0) {
+            return None;
+        }
+        let uniform: f64 = rand::rng().random_range(f64::EPSILON..1.0);
+        let mean_seconds = 60.0 / self.churn_per_minute;
+        Some(Duration::from_secs_f64(
+            (-uniform.ln() * mean_seconds).min(86_400.0),
+        ))
+    }
+}
+
+/// The address device `index` (from 0) connects from when the controller is on this
+/// machine's IPv4 loopback: 127.1.0.1 and on, one each. Every connection to one
+/// destination needs its own source port, and a single source address has about 28,000
+/// of them, half of which a fleet's enrollments leave in TIME_WAIT; worse, the kernel's
+/// search for a free port grows with the connections already open. Real devices each
+/// have their own address; so do simulated ones. None for a remote controller (the
+/// system picks the address).
+pub fn device_address(controller: &str, index: usize) -> Option<IpAddr> {
+    let uri: http::Uri = controller.parse().ok()?;
+    let host = uri.host()?;
+    let loopback = host == "localhost" || host.parse::<Ipv4Addr>().is_ok_and(|ip| ip.is_loopback());
+    if !loopback {
+        return None;
+    }
+    // 127.1.0.1 ... 127.254.255.255: room for 16 million devices.
+    let n = u32::try_from(index).ok()?.checked_add((1 << 16) + 1)?;
+    (n < 255 << 16).then(|| IpAddr::V4(Ipv4Addr::from(0x7f00_0000 | n)))
+}
+
+/// Latencies from all devices of a simulation, for percentiles over an interval.
+#[derive(Debug, Default)]
+pub struct LatencyRecorder {
+    micros: Mutex<Vec<u32>>,
+}
+
+/// Percentiles of the latencies recorded over an interval.
+#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+pub struct LatencySummary {
+    /// How many were recorded.
+    pub count: u64,
+    /// Median, milliseconds.
+    pub p50_ms: f64,
+    /// 99th percentile, milliseconds.
+    pub p99_ms: f64,
+    /// Largest, milliseconds.
+    pub max_ms: f64,
+}
+
+impl LatencyRecorder {
+    /// Records one latency.
+    pub fn record(&self, latency: Duration) {
+        let micros = u32::try_from(latency.as_micros()).unwrap_or(u32::MAX);
+        self.micros
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(micros);
+    }
+
+    /// The percentiles of everything recorded since the previous call, which starts a new
+    /// interval.
+    pub fn take(&self) -> LatencySummary {
+        let mut micros =
+            std::mem::take(&mut *self.micros.lock().unwrap_or_else(|p| p.into_inner()));
+        summarize(&mut micros)
+    }
+}
+
+fn summarize(micros: &mut [u32]) -> LatencySummary {
+    if micros.is_empty() {
+        return LatencySummary::default();
+    }
+    micros.sort_unstable();
+    // Nearest rank: the smallest value at least `q` of the samples do not exceed.
+    let rank = |q: f64| {
+        let index = ((q * micros.len() as f64).ceil() as usize).clamp(1, micros.len()) - 1;
+        f64::from(micros[index]) / 1000.0
+    };
+    LatencySummary {
+        count: micros.len() as u64,
+        p50_ms: rank(0.50),
+        p99_ms: rank(0.99),
+        max_ms: f64::from(micros[micros.len() - 1]) / 1000.0,
+    }
+}
+
+/// How to run a simulation.
+#[derive(Debug, Clone)]
+pub struct SimulateConfig {
+    /// `https://host:port` of the controller.
+    pub controller: String,
+    /// Bootstrap token with a use for every device not yet enrolled.
+    pub token: Option<BootstrapToken>,
+    /// How many devices.
+    pub devices: usize,
+    /// Device names are `{prefix}-00001` and on.
+    pub name_prefix: String,
+    /// Labels every device reports.
+    pub labels: BTreeMap<String, String>,
+    /// Where the devices' keys and certificates live, one directory each, so a second run
+    /// reuses the enrollments.
+    pub state_dir: PathBuf,
+    /// A CA bundle to trust instead of the token's fingerprint.
+    pub ca_file: Option<PathBuf>,
+    /// Each device's hash rate, H/s.
+    pub hashrate: f64,
+    /// Link drops per device per minute.
+    pub churn_per_minute: f64,
+    /// Hashing threads shared by all devices.
+    pub hash_threads: usize,
+    /// Devices started per second (enrollment and first session).
+    pub ramp_per_second: f64,
+    /// Stop after this long (default: until interrupted).
+    pub duration: Option<Duration>,
+    /// How often a progress line is printed.
+    pub report_every: Duration,
+    /// First and longest reconnect delay of each device.
+    pub backoff: (Duration, Duration),
+}
+
+/// One progress line's figures.
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct SimulationReport {
+    /// Seconds since the simulation started.
+    pub elapsed_seconds: f64,
+    /// Devices started so far.
+    pub started: usize,
+    /// Sessions open now.
+    pub sessions: u64,
+    /// Shares acknowledged as accepted, in total.
+    pub accepted: u64,
+    /// Shares rejected, in total.
+    pub rejected: u64,
+    /// Accepted shares per second over the interval.
+    pub accepted_per_second: f64,
+    /// Hashes per second over the interval, all devices.
+    pub hashes_per_second: f64,
+    /// Links dropped on purpose, in total.
+    pub link_drops: u64,
+    /// Devices that stopped with an error.
+    pub failed: usize,
+    /// Time from asking for work to being given it, over the interval.
+    pub assignment_latency: LatencySummary,
+}
+
+impl std::fmt::Display for SimulationReport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{:>6.0}s devices {} sessions {} accepted {} ({:.0}/s) rejected {} hashing {:.2} MH/s link drops {} failed {} assignment latency p50 {:.1} ms p99 {:.1} ms ({} samples)",
+            self.elapsed_seconds,
+            self.started,
+            self.sessions,
+            self.accepted,
+            self.accepted_per_second,
+            self.rejected,
+            self.hashes_per_second / 1e6,
+            self.link_drops,
+            self.failed,
+            self.assignment_latency.p50_ms,
+            self.assignment_latency.p99_ms,
+            self.assignment_latency.count,
+        )
+    }
+}
+
+/// What each device had acknowledged when the simulation stopped.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Tally {
+    /// Shares acknowledged as accepted, all devices.
+    pub accepted: u64,
+    /// Shares rejected, all devices.
+    pub rejected: u64,
+    /// Per device name.
+    pub devices: BTreeMap<String, AgentStats>,
+    /// Devices that stopped with an error, and why.
+    pub failures: BTreeMap<String, String>,
+}
+
+struct Device {
+    name: String,
+    counters: Arc<AgentCounters>,
+    task: tokio::task::JoinHandle<Result<AgentStats, AgentError>>,
+}
+
+/// Whether a device that could not start should try again: the controller was out of
+/// reach, slow, or shedding load. A refused or spent token, or a broken state directory,
+/// ends the device, and the tally says why.
+fn worth_retrying(error: &AgentError) -> bool {
+    use crate::identity::IdentityError;
+    use tonic::Code;
+    match error {
+        AgentError::Identity(
+            IdentityError::Tls(crate::tls::TlsError::Connect { .. }) | IdentityError::Timeout(_),
+        ) => true,
+        AgentError::Identity(IdentityError::Rejected { code, .. }) => matches!(
+            code,
+            Code::Unavailable
+                | Code::ResourceExhausted
+                | Code::DeadlineExceeded
+                | Code::Aborted
+                | Code::Unknown
+                | Code::Cancelled
+        ),
+        _ => false,
+    }
+}
+
+/// Runs one device, starting it again (with backoff) while its start (enrollment) fails
+/// for a passing reason, as a supervisor would restart an agent process.
+async fn run_device(
+    config: AgentConfig,
+    counters: Arc<AgentCounters>,
+    shutdown: CancellationToken,
+) -> Result<AgentStats, AgentError> {
+    let mut backoff = crate::backoff::Backoff::new(config.backoff_base, config.backoff_max);
+    loop {
+        match session::run(config.clone(), counters.clone(), shutdown.clone()).await {
+            Err(e) if worth_retrying(&e) && !shutdown.is_cancelled() => {
+                tracing::debug!(error = %e, "device could not start; trying again");
+                tokio::select! {
+                    _ = shutdown.cancelled() => return Ok(counters.snapshot()),
+                    _ = tokio::time::sleep(backoff.next_delay()) => {}
+                }
+            }
+            other => return other,
+        }
+    }
+}
+
+/// Runs the simulation until `shutdown` or the configured duration; `report` is called
+/// with every progress line. Devices release their work and wait for their last
+/// acknowledgements before the tally is taken.
+pub async fn run(
+    config: SimulateConfig,
+    shutdown: CancellationToken,
+    mut report: impl FnMut(&SimulationReport),
+) -> Tally {
+    let pool = Arc::new(PacedPool::new(config.hash_threads));
+    let latency = Arc::new(LatencyRecorder::default());
+    let engine = EngineKind::detect();
+    let devices_stop = shutdown.child_token();
+    let started_at = Instant::now();
+    let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);
+    let mut devices: Vec<Device> = Vec::with_capacity(config.devices);
+    let ramp = Duration::from_secs_f64(1.0 / config.ramp_per_second.max(0.001));
+    let mut next_start = tokio::time::Instant::now();
+    let mut every = tokio::time::interval(config.report_every);
+    every.tick().await;
+    let mut last = (Instant::now(), 0u64, 0u64);
+    loop {
+        let start_due = devices.len() < config.devices;
+        tokio::select! {
+            _ = shutdown.cancelled() => break,
+            _ = session::sleep_until_armed(deadline) => break,
+            _ = tokio::time::sleep_until(next_start), if start_due => {
+                let name = format!("{}-{:05}", config.name_prefix, devices.len() + 1);
+                let agent = AgentConfig {
+                    controller: config.controller.clone(),
+                    token: config.token.clone(),
+                    name: Some(name.clone()),
+                    labels: config.labels.clone(),
+                    state_dir: config.state_dir.join(&name),
+                    ca_file: config.ca_file.clone(),
+                    threads: 1,
+                    engine,
+                    bench_duration: Duration::ZERO,
+                    backoff_base: config.backoff.0,
+                    backoff_max: config.backoff.1,
+                    telemetry: AgentTelemetry::in_band(),
+                    sensors: Default::default(),
+                    simulation: Some(SimulatedDevice {
+                        pool: pool.clone(),
+                        hashrate: config.hashrate,
+                        churn_per_minute: config.churn_per_minute,
+                        latency: latency.clone(),
+                        local_address: device_address(&config.controller, devices.len()),
+                    }),
+                };
+                let counters = Arc::new(AgentCounters::default());
+                let task = tokio::spawn(run_device(agent, counters.clone(), devices_stop.clone()));
+                devices.push(Device { name, counters, task });
+                next_start += ramp;
+            }
+            _ = every.tick() => {
+                let now = Instant::now();
+                let (accepted, rejected, hashes, sessions, link_drops) = totals(&devices);
+                let seconds = now.duration_since(last.0).as_secs_f64().max(1e-3);
+                let line = SimulationReport {
+                    elapsed_seconds: started_at.elapsed().as_secs_f64(),
+                    started: devices.len(),
+                    sessions,
+                    accepted,
+                    rejected,
+                    accepted_per_second: accepted.saturating_sub(last.1) as f64 / seconds,
+                    hashes_per_second: hashes.saturating_sub(last.2) as f64 / seconds,
+                    link_drops,
+                    failed: devices.iter().filter(|d| d.task.is_finished()).count(),
+                    assignment_latency: latency.take(),
+                };
+                last = (now, accepted, hashes);
+                report(&line);
+            }
+        }
+    }
+    devices_stop.cancel();
+    let mut tally = Tally::default();
+    for device in devices {
+        let stats = match device.task.await {
+            Ok(Ok(stats)) => stats,
+            Ok(Err(e)) => {
+                tally.failures.insert(device.name.clone(), e.to_string());
+                device.counters.snapshot()
+            }
+            Err(e) => {
+                tally.failures.insert(device.name.clone(), e.to_string());
+                device.counters.snapshot()
+            }
+        };
+        tally.accepted += stats.accepted;
+        tally.rejected += stats.rejected;
+        tally.devices.insert(device.name, stats);
+    }
+    tally
+}
+
+fn totals(devices: &[Device]) -> (u64, u64, u64, u64, u64) {
+    devices.iter().fold((0, 0, 0, 0, 0), |t, d| {
+        let c = &d.counters;
+        (
+            t.0 + c.accepted.load(Ordering::Relaxed),
+            t.1 + c.rejected.load(Ordering::Relaxed),
+            t.2 + c.hashes.load(Ordering::Relaxed),
+            t.3 + c.open_sessions.load(Ordering::Relaxed),
+            t.4 + c.link_drops.load(Ordering::Relaxed),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let mut micros: Vec<u32> = (1..=100).map(|ms| ms * 1000).rev().collect();
+        let summary = summarize(&mut micros);
+        assert_eq!(summary.count, 100);
+        assert_eq!(summary.p50_ms, 50.0);
+        assert_eq!(summary.p99_ms, 99.0);
+        assert_eq!(summary.max_ms, 100.0);
+        assert_eq!(summarize(&mut []), LatencySummary::default());
+        assert_eq!(summarize(&mut [7000]).p99_ms, 7.0);
+    }
+
+    #[test]
+    fn devices_of_a_local_controller_connect_from_their_own_loopback_address() {
+        let local = "https://127.0.0.1:7443";
+        assert_eq!(
+            device_address(local, 0),
+            Some(IpAddr::V4(Ipv4Addr::new(127, 1, 0, 1)))
+        );
+        assert_eq!(
+            device_address(local, 9_999),
+            Some(IpAddr::V4(Ipv4Addr::new(127, 1, 39, 16)))
+        );
+        assert_eq!(
+            device_address("https://localhost:7443", 65_535),
+            Some(IpAddr::V4(Ipv4Addr::new(127, 2, 0, 0)))
+        );
+        let addresses: std::collections::HashSet<_> =
+            (0..100_000).map(|i| device_address(local, i)).collect();
+        assert_eq!(addresses.len(), 100_000, "one each");
+        assert_eq!(device_address("https://controller.plant-3:7443", 0), None);
+        assert_eq!(device_address("https://10.0.0.5:7443", 0), None);
+        assert_eq!(device_address("https://[::1]:7443", 0), None);
+        assert_eq!(
+            device_address(local, (254 << 16) - 2),
+            Some(IpAddr::V4(Ipv4Addr::new(127, 254, 255, 255)))
+        );
+        assert_eq!(
+            device_address(local, (254 << 16) - 1),
+            None,
+            "the addresses ran out"
+        );
+    }
+
+    #[test]
+    fn only_passing_troubles_are_retried() {
+        use crate::identity::IdentityError;
+        let rejected = |code| {
+            AgentError::Identity(IdentityError::Rejected {
+                code,
+                message: String::new(),
+            })
+        };
+        assert!(worth_retrying(&rejected(tonic::Code::Unavailable)));
+        assert!(worth_retrying(&rejected(tonic::Code::ResourceExhausted)));
+        assert!(worth_retrying(&AgentError::Identity(
+            IdentityError::Timeout(Duration::from_secs(10))
+        )));
+        assert!(!worth_retrying(&rejected(tonic::Code::PermissionDenied)));
+        assert!(!worth_retrying(&rejected(tonic::Code::InvalidArgument)));
+        assert!(!worth_retrying(&AgentError::NeedsToken(PathBuf::from(
+            "/x"
+        ))));
+    }
+
+    #[test]
+    fn a_recorder_starts_a_new_interval_when_read() {
+        let recorder = LatencyRecorder::default();
+        recorder.record(Duration::from_millis(3));
+        recorder.record(Duration::from_millis(5));
+        assert_eq!(recorder.take().count, 2);
+        assert_eq!(recorder.take().count, 0);
+    }
+
+    #[test]
+    fn link_drops_arrive_at_the_configured_rate() {
+        let device = SimulatedDevice {
+            pool: Arc::new(PacedPool::new(1)),
+            hashrate: 1000.0,
+            churn_per_minute: 2.0,
+            latency: Arc::default(),
+            local_address: None,
+        };
+        let n = 20_000;
+        let mean = (0..n)
+            .map(|_| device.next_link_drop().expect("churn set").as_secs_f64())
+            .sum::<f64>()
+            / n as f64;
+        // Two a minute: 30 s apart on average (the sample mean of 20,000 draws is within
+        // 3 % of it with overwhelming probability).
+        assert!((mean - 30.0).abs() < 0.9, "mean {mean}");
+        let steady = SimulatedDevice {
+            churn_per_minute: 0.0,
+            ..device
+        };
+        assert_eq!(steady.next_link_drop(), None);
+    }
+}
