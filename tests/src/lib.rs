@@ -25,6 +25,7 @@ use serde_json::Value;
 pub mod fake_api;
 pub mod observability;
 pub mod prometheus;
+pub mod proxy;
 pub mod raw;
 pub mod stratum_pool;
 
@@ -92,9 +93,10 @@ impl Process {
     ) -> Process {
         let mut child = Command::new(binary)
             .args(args)
-            .envs(env.iter().copied())
-            // Handshake failures are logged at debug; the tests read them.
+            // Handshake failures are logged at debug; the tests read them. `env` may say
+            // otherwise (a benchmark's thousands of devices log less).
             .env("RUST_LOG", "info,micromine_controller::tls=debug")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

@@ -1,0 +1,311 @@
+//! The controller under a simulated fleet: `scripts/bench-fleet` (which builds the release
+//! binaries first) or, with them built, `cargo bench -p micromine-e2e --bench fleet`.
+//!
+//! Starts a standalone controller and `micromine-agent simulate` on loopback and prints:
+//! sessions held, the controller's RSS (and per session), shares verified and durably
+//! recorded per second (the simulator counts acknowledgements, which the controller sends
+//! only once a share is on disk), assignment latency p50/p99 as devices see it, and how
+//! long the whole fleet takes to be re-admitted after the controller is killed (SIGKILL)
+//! and started again. Then it stops the fleet and holds the simulator's tally of
+//! acknowledged shares against the ledger.
+//!
+//! Options (after `--`): `--devices N` (10000), `--hashrate H/s` (1000, each device),
+//! `--shares-per-minute N` (30, each device), `--measure SECS` (60), `--churn RATE` (0).
+//! Figures, never assertions: a benchmark reports, the tests judge.
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use micromine_e2e::{Process, bin, free_port, get_json, get_text, run_to_end, wait_until};
+use serde_json::Value;
+
+struct Options {
+    devices: u64,
+    hashrate: f64,
+    shares_per_minute: f64,
+    measure: Duration,
+    churn: f64,
+}
+
+fn options() -> Options {
+    let mut options = Options {
+        devices: 10_000,
+        hashrate: 1000.0,
+        shares_per_minute: 30.0,
+        measure: Duration::from_secs(60),
+        churn: 0.0,
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let value = || {
+            args.get(i + 1)
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or_else(|| panic!("{} needs a number", args[i]))
+        };
+        match args[i].as_str() {
+            "--devices" => options.devices = value() as u64,
+            "--hashrate" => options.hashrate = value(),
+            "--shares-per-minute" => options.shares_per_minute = value(),
+            "--measure" => options.measure = Duration::from_secs_f64(value()),
+            "--churn" => options.churn = value(),
+            // `cargo bench` passes `--bench`; anything else is a mistake worth hearing of.
+            "--bench" => {
+                i += 1;
+                continue;
+            }
+            other => panic!("unknown option {other}"),
+        }
+        i += 2;
+    }
+    options
+}
+
+fn loopback() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], free_port()))
+}
+
+/// One sample of a Prometheus text exposition, unlabelled.
+fn metric(http: SocketAddr, name: &str) -> Option<f64> {
+    let text = get_text(http, "/metrics")?;
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+}
+
+/// A process's resident set and its peak, in bytes, and its CPU seconds so far.
+fn process_usage(pid: u32) -> (u64, u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kib = |key: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(key))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+            .unwrap_or_default()
+            * 1024
+    };
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let after_name = stat.rfind(')').map_or("", |i| &stat[i + 1..]);
+    let fields: Vec<&str> = after_name.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // utime and stime, in the kernel's clock ticks (100 a second on Linux).
+    let cpu = (ticks(11) + ticks(12)) / 100.0;
+    (kib("VmRSS:"), kib("VmHWM:"), cpu)
+}
+
+fn start_controller(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Process {
+    let (manifests, data) = (dir.join("manifests"), dir.join("data"));
+    let (grpc, http_arg) = (grpc.to_string(), http.to_string());
+    let process = Process::start_with_env(
+        "controller",
+        &bin("micromine-controller"),
+        &[
+            "run",
+            "--manifests",
+            manifests.to_str().expect("utf-8"),
+            "--data-dir",
+            data.to_str().expect("utf-8"),
+            "--listen",
+            &grpc,
+            "--http-listen",
+            &http_arg,
+        ],
+        &[("RUST_LOG", Path::new("warn"))],
+    );
+    wait_until("controller /readyz", Duration::from_secs(60), || {
+        get_json(http, "/readyz")
+    });
+    process
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1024.0 * 1024.0)
+}
+
+/// The simulator's JSON progress lines so far.
+fn progress_lines(simulator: &Process) -> Vec<Value> {
+    simulator
+        .stdout()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .collect()
+}
+
+fn main() {
+    let options = options();
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::create_dir_all(dir.path().join("manifests")).expect("mkdir");
+    std::fs::write(
+        dir.path().join("manifests/sim.yaml"),
+        format!(
+            "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata:\n  name: sim\nspec:\n  selector:\n    matchLabels: {{site: sim}}\n  workSource:\n    builtin: {{networkDifficulty: 1.0e9}}\n  sharesPerMinute: {}\n  assignmentSeconds: 30\n",
+            options.shares_per_minute
+        ),
+    )
+    .expect("write manifest");
+    let (grpc, http) = (loopback(), loopback());
+    let mut controller = start_controller(dir.path(), grpc, http);
+    let (idle_rss, _, _) = process_usage(controller.pid());
+    let token = run_to_end(
+        &bin("micromine-controller"),
+        &[
+            "token",
+            "create",
+            "--data-dir",
+            dir.path().join("data").to_str().expect("utf-8"),
+            "--uses",
+            &options.devices.to_string(),
+        ],
+    )
+    .trim()
+    .to_string();
+
+    let devices = options.devices.to_string();
+    let (hashrate, churn) = (options.hashrate.to_string(), options.churn.to_string());
+    let tally_path = dir.path().join("tally.json");
+    let state = dir.path().join("sim");
+    let mut simulator = Process::start_with_env(
+        "simulator",
+        &bin("micromine-agent"),
+        &[
+            "simulate",
+            "--controller",
+            &format!("https://{grpc}"),
+            "--token",
+            &token,
+            "--devices",
+            &devices,
+            "--labels",
+            "site=sim",
+            "--state-dir",
+            state.to_str().expect("utf-8"),
+            "--hashrate",
+            &hashrate,
+            "--churn",
+            &churn,
+            "--ramp",
+            "1000",
+            "--report-every",
+            "5",
+            "--json",
+            "--tally",
+            tally_path.to_str().expect("utf-8"),
+        ],
+        &[("RUST_LOG", Path::new("warn"))],
+    );
+    let sessions = || metric(http, "micromine_sessions_active").unwrap_or(0.0) as u64;
+    let started = Instant::now();
+    wait_until(
+        "the fleet to enroll and connect",
+        Duration::from_secs(900),
+        || (sessions() >= options.devices).then_some(()),
+    );
+    let admitted = started.elapsed();
+    println!(
+        "{} devices enrolled and connected in {:.1} s",
+        options.devices,
+        admitted.as_secs_f64()
+    );
+
+    // Let vardiff settle, then measure.
+    std::thread::sleep(Duration::from_secs(30));
+    let lines_before = progress_lines(&simulator).len();
+    let (_, _, cpu_before) = process_usage(controller.pid());
+    let window = Instant::now();
+    std::thread::sleep(options.measure);
+    let cpu_seconds = process_usage(controller.pid()).2 - cpu_before;
+    let window = window.elapsed();
+    let (rss, peak, _) = process_usage(controller.pid());
+    let held = sessions();
+    let lines: Vec<Value> = progress_lines(&simulator)
+        .into_iter()
+        .skip(lines_before)
+        .collect();
+    let rates: Vec<f64> = lines
+        .iter()
+        .filter_map(|l| l["accepted_per_second"].as_f64())
+        .collect();
+    let rate = rates.iter().sum::<f64>() / rates.len().max(1) as f64;
+    let mut p50s: Vec<f64> = lines
+        .iter()
+        .filter(|l| l["assignment_latency"]["count"].as_u64().unwrap_or(0) > 0)
+        .filter_map(|l| l["assignment_latency"]["p50_ms"].as_f64())
+        .collect();
+    p50s.sort_by(f64::total_cmp);
+    let p99 = lines
+        .iter()
+        .filter_map(|l| l["assignment_latency"]["p99_ms"].as_f64())
+        .fold(0.0, f64::max);
+    let samples: u64 = lines
+        .iter()
+        .filter_map(|l| l["assignment_latency"]["count"].as_u64())
+        .sum();
+
+    // A crash and a fresh start: how long until every device is back?
+    controller.kill();
+    let restarted = Instant::now();
+    controller = start_controller(dir.path(), grpc, http);
+    let ready = restarted.elapsed();
+    wait_until(
+        "the whole fleet to be re-admitted",
+        Duration::from_secs(600),
+        || (sessions() >= options.devices).then_some(()),
+    );
+    let readmitted = restarted.elapsed();
+    let (rss_after_restart, _, _) = process_usage(controller.pid());
+
+    let status = simulator.signal("INT", Duration::from_secs(300));
+    let tally: Value = std::fs::read_to_string(&tally_path)
+        .ok()
+        .and_then(|t| serde_json::from_str(&t).ok())
+        .unwrap_or(Value::Null);
+    let ledger = get_json(http, "/api/v1/status")
+        .map(|s| s["totals"]["accepted"].as_u64().unwrap_or(0))
+        .unwrap_or(0);
+
+    println!();
+    println!(
+        "fleet: {} simulated devices at {} H/s each, {} shares/min each; measured over {:.0} s after a 30 s settle",
+        options.devices,
+        options.hashrate,
+        options.shares_per_minute,
+        window.as_secs_f64()
+    );
+    println!("sessions held                  {held}");
+    println!(
+        "controller RSS                 {:.0} MiB (peak {:.0} MiB; {:.0} MiB before the fleet)",
+        mib(rss),
+        mib(peak),
+        mib(idle_rss)
+    );
+    println!(
+        "RSS per session                {:.1} KiB ({:.1} KiB above the idle controller)",
+        rss as f64 / 1024.0 / held.max(1) as f64,
+        rss.saturating_sub(idle_rss) as f64 / 1024.0 / held.max(1) as f64
+    );
+    println!("shares verified + durable      {rate:.0} /s");
+    println!(
+        "controller CPU                 {:.0} % of one core",
+        cpu_seconds / window.as_secs_f64() * 100.0
+    );
+    println!(
+        "assignment latency             p50 {:.1} ms (median of 5 s intervals), p99 {:.1} ms (worst interval), {samples} samples",
+        p50s.get(p50s.len() / 2).copied().unwrap_or(0.0),
+        p99
+    );
+    println!(
+        "restart after SIGKILL          ready in {:.1} s, whole fleet re-admitted in {:.1} s (RSS then {:.0} MiB)",
+        ready.as_secs_f64(),
+        readmitted.as_secs_f64(),
+        mib(rss_after_restart)
+    );
+    println!(
+        "tally                          simulator acknowledged {} accepted, ledger holds {}; simulator exit {status}",
+        tally["accepted"], ledger
+    );
+}
