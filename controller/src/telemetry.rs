@@ -71,6 +71,7 @@ pub struct Metrics {
     registry: prometheus::Registry,
     share_verification: Histogram<f64>,
     ledger_commit: Histogram<f64>,
+    assignment_latency: Histogram<f64>,
     enrollments: Counter<u64>,
     reconciles: Counter<u64>,
     agent_spans: Counter<u64>,
@@ -143,6 +144,10 @@ impl Metrics {
                 "micromine.ledger_commit.duration",
                 "Recording one batch of shares durably (group commit, fsync)",
             ),
+            assignment_latency: histogram(
+                "micromine.assignment.latency",
+                "From a device asking for work (its Hello, a finished range) to the new assignment, durable, on its way",
+            ),
             reconcile_duration: histogram(
                 "micromine.reconcile.duration",
                 "One MicroMiner reconcile, API calls included",
@@ -178,6 +183,11 @@ impl Metrics {
         self.share_verification
             .record(verification.as_secs_f64(), &[]);
         self.ledger_commit.record(commit.as_secs_f64(), &[]);
+    }
+
+    /// The time from a device asking for work to its assignment leaving.
+    pub fn assignment_latency(&self, latency: Duration) {
+        self.assignment_latency.record(latency.as_secs_f64(), &[]);
     }
 
     /// One enrollment attempt: `enrolled`, `refused` (bad token), `name-taken`,
@@ -767,6 +777,54 @@ mod tests {
         assert!(
             !text.contains("micromine_device_"),
             "per-device series are off by default"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_devices_first_assignment_is_timed_from_its_hello() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = fleet_with_a_miner(dir.path()).await;
+        let metrics = Metrics::new(&fleet, MetricsOptions::default(), Vec::new()).unwrap();
+        fleet.set_metrics(metrics.clone());
+        let (outbound, mut inbound) = tokio::sync::mpsc::channel(64);
+        let hello = micromine_proto::pb::Hello {
+            capacity: Some(micromine_proto::pb::Capacity {
+                nominal_hashrate: 1e6,
+                mining_threads: 1,
+                ..Default::default()
+            }),
+            version: "test".into(),
+            ..Default::default()
+        };
+        fleet.connect(
+            "gw-1",
+            &hello,
+            outbound,
+            tokio_util::sync::CancellationToken::new(),
+        );
+        // Welcome, then the assignments: by the time they are out, the latency is in.
+        loop {
+            let message = inbound.recv().await.unwrap().unwrap();
+            if matches!(
+                message.kind,
+                Some(micromine_proto::pb::controller_message::Kind::Assignment(_))
+            ) {
+                break;
+            }
+        }
+        let text = metrics.encode().unwrap();
+        assert_eq!(
+            sample(&text, "micromine_assignment_latency_seconds_count"),
+            Some(1.0),
+            "{text}"
+        );
+        // A report is no request for work: nothing more is timed.
+        fleet.report("gw-1", &micromine_proto::pb::CapacityReport::default());
+        fleet.flush().await.unwrap();
+        let text = metrics.encode().unwrap();
+        assert_eq!(
+            sample(&text, "micromine_assignment_latency_seconds_count"),
+            Some(1.0)
         );
     }
 

@@ -53,7 +53,12 @@ type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 struct Dispatch {
     durable: Durable,
     messages: Vec<(String, pb::ControllerMessage)>,
+    /// When a device asked for the work these messages may carry (its `Hello`, a
+    /// finished range), for the assignment latency.
+    asked: Option<std::time::Instant>,
 }
+
+type SharedMetrics = Arc<Mutex<Option<Arc<crate::telemetry::Metrics>>>>;
 
 struct Link {
     session: u64,
@@ -71,7 +76,7 @@ pub struct Fleet {
     dispatch: mpsc::UnboundedSender<Dispatch>,
     revocations: Mutex<Arc<Revocations>>,
     /// Where latencies and outcomes are recorded, once metrics are set up.
-    metrics: Mutex<Option<Arc<crate::telemetry::Metrics>>>,
+    metrics: SharedMetrics,
     /// Pool connections of MicroMiners with a `stratum` work source.
     upstreams: Mutex<upstream::Upstreams>,
     /// Itself, for the pool connections' callbacks (which must not keep it alive).
@@ -130,6 +135,7 @@ impl Fleet {
         );
         let (dispatch, mut queue) = mpsc::unbounded_channel::<Dispatch>();
         let links: Arc<Mutex<HashMap<String, Link>>> = Arc::default();
+        let metrics: SharedMetrics = Arc::default();
         let fleet = Arc::new_cyclic(|me| Fleet {
             state: Mutex::new(FleetState::new(restored)),
             links: links.clone(),
@@ -137,7 +143,7 @@ impl Fleet {
             ledger,
             dispatch,
             revocations: Mutex::new(Arc::default()),
-            metrics: Mutex::new(None),
+            metrics: metrics.clone(),
             upstreams: Mutex::default(),
             me: me.clone(),
         });
@@ -146,6 +152,14 @@ impl Fleet {
                 if let Err(e) = item.durable.await {
                     tracing::error!(error = %e, "fleet state could not be persisted; messages withheld");
                     continue;
+                }
+                let assigned = item.messages.iter().any(|(_, m)| {
+                    matches!(m.kind, Some(pb::controller_message::Kind::Assignment(_)))
+                });
+                if let (Some(asked), true) = (item.asked, assigned)
+                    && let Some(metrics) = lock(&metrics).as_ref()
+                {
+                    metrics.assignment_latency(asked.elapsed());
                 }
                 send_all(&links, item.messages);
             }
@@ -160,6 +174,11 @@ impl Fleet {
 
     /// Queues effects; called with the state lock held so store order is state order.
     fn queue(&self, fx: Effects) {
+        self.queue_asked(fx, None);
+    }
+
+    /// [`Fleet::queue`] for effects answering a device's request for work made at `asked`.
+    fn queue_asked(&self, fx: Effects, asked: Option<std::time::Instant>) {
         if fx.is_empty() {
             return;
         }
@@ -173,6 +192,7 @@ impl Fleet {
         let _ = self.dispatch.send(Dispatch {
             durable,
             messages: fx.messages,
+            asked,
         });
     }
 
@@ -234,6 +254,7 @@ impl Fleet {
         outbound: Outbound,
         cancel: CancellationToken,
     ) -> u64 {
+        let asked = std::time::Instant::now();
         let mut state = lock(&self.state);
         let (session, fx) = state.connect(device, hello, now_ms());
         let replaced = lock(&self.links).insert(
@@ -251,7 +272,7 @@ impl Fleet {
                 "a newer session for this device took over",
             )));
         }
-        self.queue(fx);
+        self.queue_asked(fx, Some(asked));
         session
     }
 
@@ -330,9 +351,10 @@ impl Fleet {
 
     /// A progress report.
     pub fn progress(&self, device: &str, progress: &pb::Progress) {
+        let asked = progress.finished.then(std::time::Instant::now);
         let mut state = lock(&self.state);
         let fx = state.progress(device, progress, now_ms());
-        self.queue(fx);
+        self.queue_asked(fx, asked);
     }
 
     /// Periodic work (lease expiry, vardiff, top-ups).
