@@ -72,6 +72,21 @@ pub fn raise_open_files_limit() -> Option<u64> {
     }
 }
 
+/// A token cancelled (after logging `note`, if any) on Ctrl-C or SIGTERM. Must be called
+/// within a Tokio runtime.
+pub fn cancel_on_signal(note: Option<&'static str>) -> tokio_util::sync::CancellationToken {
+    let shutdown = tokio_util::sync::CancellationToken::new();
+    let signal = shutdown.clone();
+    tokio::spawn(async move {
+        wait_for_signal().await;
+        if let Some(note) = note {
+            tracing::info!("{note}");
+        }
+        signal.cancel();
+    });
+    shutdown
+}
+
 /// Resolves on Ctrl-C (SIGINT) or SIGTERM, the two ways a process is asked to stop.
 pub async fn wait_for_signal() {
     #[cfg(unix)]

@@ -12,7 +12,6 @@ use micromine_agent::session::{self, AgentConfig, AgentCounters};
 use micromine_agent::telemetry::AgentTelemetry;
 use micromine_agent::{bench, capacity, simulate};
 use micromine_proto::token::BootstrapToken;
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -269,13 +268,9 @@ fn main() -> Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
-                let shutdown = CancellationToken::new();
-                let signal = shutdown.clone();
-                tokio::spawn(async move {
-                    micromine_agent::cli::wait_for_signal().await;
-                    tracing::info!("stopping: devices hand back their work");
-                    signal.cancel();
-                });
+                let shutdown = micromine_agent::cli::cancel_on_signal(Some(
+                    "stopping: devices hand back their work",
+                ));
                 let result = simulate::run(config, shutdown, |line| {
                     if json {
                         println!("{}", serde_json::to_string(line).unwrap_or_default());
@@ -351,13 +346,7 @@ fn main() -> Result<()> {
                 simulation: None,
             };
             runtime.block_on(async move {
-                let shutdown = CancellationToken::new();
-                let signal = shutdown.clone();
-                tokio::spawn(async move {
-                    micromine_agent::cli::wait_for_signal().await;
-                    tracing::info!("stopping");
-                    signal.cancel();
-                });
+                let shutdown = micromine_agent::cli::cancel_on_signal(Some("stopping"));
                 let counters = Arc::new(AgentCounters::default());
                 let stats = session::run(config, counters, shutdown).await?;
                 tracing::info!(

@@ -13,7 +13,6 @@ use micromine_controller::quickstart::{self, QuickstartConfig};
 use micromine_controller::revocation::RevocationStore;
 use micromine_controller::standalone::{self, ControllerConfig};
 use micromine_controller::tokens::{TokenSpec, TokenStore, now_unix_ms, parse_duration};
-use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -356,12 +355,7 @@ fn main() -> Result<()> {
                 http_listen,
             };
             let summary = runtime()?.block_on(async move {
-                let shutdown = CancellationToken::new();
-                let signal = shutdown.clone();
-                tokio::spawn(async move {
-                    micromine_agent::cli::wait_for_signal().await;
-                    signal.cancel();
-                });
+                let shutdown = micromine_agent::cli::cancel_on_signal(None);
                 quickstart::run(config, shutdown).await
             })?;
             for line in quickstart::summary_lines(&summary) {
@@ -422,13 +416,7 @@ fn main() -> Result<()> {
                     grpc_service: cluster_args.grpc_service,
                     advertise_address: cluster_args.advertise_address,
                 };
-                let shutdown = CancellationToken::new();
-                let signal = shutdown.clone();
-                tokio::spawn(async move {
-                    micromine_agent::cli::wait_for_signal().await;
-                    tracing::info!("shutting down");
-                    signal.cancel();
-                });
+                let shutdown = micromine_agent::cli::cancel_on_signal(Some("shutting down"));
                 kubernetes::run::run(client, settings, shutdown).await?;
                 Ok(())
             });

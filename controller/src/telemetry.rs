@@ -696,6 +696,20 @@ mod tests {
         fleet
     }
 
+    /// A 1 MH/s device's `Hello` with the label `site`.
+    fn hello_from(site: &str) -> micromine_proto::pb::Hello {
+        micromine_proto::pb::Hello {
+            capacity: Some(micromine_proto::pb::Capacity {
+                nominal_hashrate: 1e6,
+                mining_threads: 1,
+                ..Default::default()
+            }),
+            version: "test".into(),
+            labels: [("site".to_string(), site.to_string())].into(),
+            ..Default::default()
+        }
+    }
+
     /// The value of the series `name{labels}` exactly as written, if present.
     fn sample(text: &str, series: &str) -> Option<f64> {
         text.lines()
@@ -787,18 +801,9 @@ mod tests {
         let metrics = Metrics::new(&fleet, MetricsOptions::default(), Vec::new()).unwrap();
         fleet.set_metrics(metrics.clone());
         let (outbound, mut inbound) = tokio::sync::mpsc::channel(64);
-        let hello = micromine_proto::pb::Hello {
-            capacity: Some(micromine_proto::pb::Capacity {
-                nominal_hashrate: 1e6,
-                mining_threads: 1,
-                ..Default::default()
-            }),
-            version: "test".into(),
-            ..Default::default()
-        };
         fleet.connect(
             "gw-1",
-            &hello,
+            &hello_from("plant-3"),
             outbound,
             tokio_util::sync::CancellationToken::new(),
         );
@@ -833,16 +838,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let fleet = fleet_with_a_miner(dir.path()).await;
         let (outbound, _inbound) = tokio::sync::mpsc::channel(64);
-        let hello = micromine_proto::pb::Hello {
-            capacity: Some(micromine_proto::pb::Capacity {
-                nominal_hashrate: 1e6,
-                mining_threads: 1,
-                ..Default::default()
-            }),
-            version: "test".into(),
-            labels: [("site".to_string(), "plant-3".to_string())].into(),
-            ..Default::default()
-        };
+        let hello = hello_from("plant-3");
         for (name, temperature, power, host_cpu) in [
             ("gw-1", 60.0, Some(5.0), Some(30.0)),
             ("gw-2", 70.0, Some(3.5), None),

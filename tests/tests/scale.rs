@@ -123,6 +123,15 @@ impl Fleet {
     }
 }
 
+/// Sessions in which the controller let the device keep work it held (its log says so).
+fn resumed_sessions(simulator: &Process) -> usize {
+    simulator
+        .log()
+        .lines()
+        .filter(|l| l.contains("session open") && !l.contains("resumed=0"))
+        .count()
+}
+
 /// Stops the simulator as an operator would and reads its tally.
 fn stop_and_tally(simulator: &mut Process, path: &Path) -> Value {
     let status = simulator.signal("INT", Duration::from_secs(60));
@@ -199,12 +208,10 @@ fn a_sigkill_under_load_loses_no_acknowledged_share_and_counts_none_twice() {
     assert!(number(&tally, "/accepted") >= 2000, "{}", tally["accepted"]);
     assert_tally_matches_ledger(&tally, &fleet.controller, DEVICES as usize);
     // The restarted controller kept the leases the devices held: they resumed them.
-    let resumed = simulator
-        .log()
-        .lines()
-        .filter(|l| l.contains("session open") && !l.contains("resumed=0"))
-        .count();
-    assert!(resumed > 0, "no device resumed its work after the restart");
+    assert!(
+        resumed_sessions(&simulator) > 0,
+        "no device resumed its work after the restart"
+    );
 }
 
 #[test]
@@ -319,10 +326,8 @@ fn a_slow_then_broken_link_costs_no_share() {
 
     let tally = stop_and_tally(&mut simulator, &fleet.tally_path());
     assert_tally_matches_ledger(&tally, &fleet.controller, DEVICES as usize);
-    let resumed = simulator
-        .log()
-        .lines()
-        .filter(|l| l.contains("session open") && !l.contains("resumed=0"))
-        .count();
-    assert!(resumed > 0, "devices resumed their leases after the outage");
+    assert!(
+        resumed_sessions(&simulator) > 0,
+        "devices resumed their leases after the outage"
+    );
 }
