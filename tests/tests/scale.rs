@@ -1,7 +1,7 @@
 //! A simulated fleet (`micromine-agent simulate`) against a real controller: a SIGKILL
 //! under load loses no acknowledged share and counts none twice; a lost controller's
 //! devices come back spread over time, not in one wave; a link that slows down and then
-//! drops costs no share.
+//! drops costs no share; links that keep dropping (`--churn`) cost none either.
 
 use std::net::{SocketAddr, TcpListener};
 use std::path::Path;
@@ -329,5 +329,38 @@ fn a_slow_then_broken_link_costs_no_share() {
     assert!(
         resumed_sessions(&simulator) > 0,
         "devices resumed their leases after the outage"
+    );
+}
+
+#[test]
+fn churning_links_drop_and_come_back_without_losing_a_share() {
+    const DEVICES: u32 = 20;
+    let fleet = Fleet::start(DEVICES);
+    // Each device loses its link about every 3 s.
+    let mut simulator = fleet.simulate(&fleet.controller.url(), DEVICES, &["--churn", "20"]);
+    let drops = || {
+        simulator
+            .stdout()
+            .lines()
+            .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+            .filter_map(|l| l["link_drops"].as_u64())
+            .max()
+            .unwrap_or(0)
+    };
+    wait_until("links to drop", Duration::from_secs(60), || {
+        (drops() >= u64::from(DEVICES)).then_some(())
+    });
+    fleet.wait_for_more_shares(20, Duration::from_secs(60));
+    let tally = stop_and_tally(&mut simulator, &fleet.tally_path());
+    assert_tally_matches_ledger(&tally, &fleet.controller, DEVICES as usize);
+    let sessions: u64 = tally["devices"]
+        .as_object()
+        .expect("devices")
+        .values()
+        .map(|d| number(d, "/sessions"))
+        .sum();
+    assert!(
+        sessions > u64::from(DEVICES),
+        "devices reconnected after their links dropped: {sessions} sessions"
     );
 }

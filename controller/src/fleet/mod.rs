@@ -153,10 +153,11 @@ impl Fleet {
                     tracing::error!(error = %e, "fleet state could not be persisted; messages withheld");
                     continue;
                 }
-                let assigned = item.messages.iter().any(|(_, m)| {
-                    matches!(m.kind, Some(pb::controller_message::Kind::Assignment(_)))
-                });
-                if let (Some(asked), true) = (item.asked, assigned)
+                // Only requests for work are timed; most dispatches are not one.
+                if let Some(asked) = item.asked
+                    && item.messages.iter().any(|(_, m)| {
+                        matches!(m.kind, Some(pb::controller_message::Kind::Assignment(_)))
+                    })
                     && let Some(metrics) = lock(&metrics).as_ref()
                 {
                     metrics.assignment_latency(asked.elapsed());
