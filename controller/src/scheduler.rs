@@ -258,6 +258,11 @@ impl Scheduler {
             .unwrap_or_default()
     }
 
+    /// How many live leases `device` holds.
+    pub fn lease_count(&self, device: &str) -> usize {
+        self.by_device.get(device).map_or(0, BTreeSet::len)
+    }
+
     /// All live leases.
     pub fn leases(&self) -> impl Iterator<Item = &Lease> {
         self.leases.values()

@@ -146,7 +146,7 @@ impl Metrics {
             ),
             assignment_latency: histogram(
                 "micromine.assignment.latency",
-                "From a device asking for work (its Hello, a finished range) to the new assignment, durable, on its way",
+                "From a device asking for work (its Hello, a finished range) to the new assignment on its way (after the writes it depends on are durable)",
             ),
             reconcile_duration: histogram(
                 "micromine.reconcile.duration",

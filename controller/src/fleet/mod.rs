@@ -2,10 +2,16 @@
 //!
 //! [`state::FleetState`] is the logic, a synchronous state machine behind one mutex. This
 //! module is its async shell: it runs the lookups, hashes shares outside the lock, writes
-//! the ledger, and makes every state change durable *before* anyone hears of it. Effects
-//! are queued to the store in the same order the state produced them (the store queues a
-//! job when `write` is called), and one dispatcher sends the resulting messages in that
-//! same order, so a device can never see a `Cancel` before the `Assignment` it cancels.
+//! the ledger, and persists every state change. Effects are queued to the store in the
+//! same order the state produced them (the store queues a job when `write` is called), and
+//! one dispatcher sends the resulting messages in that same order, so a device can never
+//! see a `Cancel` before the `Assignment` it cancels.
+//!
+//! A message waits for durability only when a crash could otherwise make the restarted
+//! controller contradict it (a header, an id reservation: see
+//! [`state::Effects::messages_wait_for_writes`]); a plain assignment leaves while its lease
+//! is still being written, so the fsync stays off the path of a device asking for work.
+//! Acknowledgements of shares always wait for the ledger.
 
 pub mod conditions;
 mod honesty;
@@ -51,7 +57,10 @@ pub enum FleetError {
 type Durable = Pin<Box<dyn Future<Output = Result<(), StoreError>> + Send>>;
 
 struct Dispatch {
-    durable: Durable,
+    /// The effects' writes, if any.
+    durable: Option<Durable>,
+    /// Whether the messages wait for `durable`.
+    wait_for_writes: bool,
     messages: Vec<(String, pb::ControllerMessage)>,
     /// When a device asked for the work these messages may carry (its `Hello`, a
     /// finished range), for the assignment latency.
@@ -147,11 +156,29 @@ impl Fleet {
             upstreams: Mutex::default(),
             me: me.clone(),
         });
+        // Writes whose messages did not wait for them are still awaited, in order, so a
+        // failure is heard of.
+        let (unawaited, mut writes) = mpsc::unbounded_channel::<Durable>();
+        tokio::spawn(async move {
+            while let Some(durable) = writes.recv().await {
+                if let Err(e) = durable.await {
+                    tracing::error!(error = %e, "fleet state could not be persisted after its messages were sent; a crash now would forget those leases");
+                }
+            }
+        });
         tokio::spawn(async move {
             while let Some(item) = queue.recv().await {
-                if let Err(e) = item.durable.await {
-                    tracing::error!(error = %e, "fleet state could not be persisted; messages withheld");
-                    continue;
+                match item.durable {
+                    Some(durable) if item.wait_for_writes => {
+                        if let Err(e) = durable.await {
+                            tracing::error!(error = %e, "fleet state could not be persisted; messages withheld");
+                            continue;
+                        }
+                    }
+                    Some(durable) => {
+                        let _ = unawaited.send(durable);
+                    }
+                    None => {}
                 }
                 // Only requests for work are timed; most dispatches are not one.
                 if let Some(asked) = item.asked
@@ -183,15 +210,19 @@ impl Fleet {
         if fx.is_empty() {
             return;
         }
-        let durable: Durable = if fx.persist.is_empty() {
-            Box::pin(async { Ok(()) })
+        let wait_for_writes = fx.messages_wait_for_writes();
+        let durable: Option<Durable> = if fx.persist.is_empty() {
+            None
         } else {
             let ops = fx.persist;
-            Box::pin(self.store.write(move |txn| persist::apply(txn, &ops)))
+            Some(Box::pin(
+                self.store.write(move |txn| persist::apply(txn, &ops)),
+            ))
         };
         // The dispatcher lives as long as the runtime; if it is gone we are shutting down.
         let _ = self.dispatch.send(Dispatch {
             durable,
+            wait_for_writes,
             messages: fx.messages,
             asked,
         });

@@ -31,7 +31,9 @@ pub struct FleetIds {
     pub next_header: u64,
     /// Next job id.
     pub next_job: u64,
-    /// Next assignment id.
+    /// Where assignment ids continue after a restart: every id below it may have been
+    /// handed out. Reserved ahead of use (see `FleetState`), so an assignment can leave
+    /// before its lease is durable without its id ever being handed out twice.
     pub next_assignment: u64,
 }
 
@@ -150,6 +152,29 @@ pub enum PersistOp {
     Energy(BTreeMap<String, f64>),
     /// A MicroMiner's pool session, or that it has none any more.
     PoolSession(String, Option<Box<PoolSessionRecord>>),
+}
+
+impl PersistOp {
+    /// Whether messages produced together with this write may leave before it is durable.
+    /// A crash may then forget the write; that is harmless only if the restarted controller
+    /// can never contradict what was sent. True of leases and their ends: the headers of
+    /// a previous run hand out no nonces again, and assignment ids come from a durable
+    /// reservation, so a forgotten lease's range and id are never reused (its device is
+    /// told at its next `Welcome` that the lease is gone). False of counters, headers, tips
+    /// and pool sessions: forgotten, they would be handed out a second time.
+    pub fn may_be_forgotten(&self) -> bool {
+        match self {
+            PersistOp::Ids(_)
+            | PersistOp::Tip(..)
+            | PersistOp::Header(_)
+            | PersistOp::PoolSession(..) => false,
+            PersistOp::DeleteHeader(_)
+            | PersistOp::Lease(_)
+            | PersistOp::DeleteLease(_)
+            | PersistOp::Device(_)
+            | PersistOp::Energy(_) => true,
+        }
+    }
 }
 
 fn id_key(id: u64) -> String {

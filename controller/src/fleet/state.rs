@@ -31,6 +31,11 @@ use crate::worksource::{BuiltinSource, ChainTip, Source, WorkHeader};
 /// Leases a connected device holds at once: one to work on, one queued so it never idles
 /// while the controller answers.
 pub const LEASES_PER_DEVICE: usize = 2;
+
+/// Assignment ids reserved by one durable write. A restart skips what was left of the
+/// block, which costs nothing (ids are 64 bits) and keeps the disk off the path of all but
+/// one assignment in this many.
+pub const ASSIGNMENT_ID_BLOCK: u64 = 1 << 16;
 /// Smallest range worth a message.
 const MIN_RANGE: u64 = 1 << 16;
 /// Shares against a lease that ended are still checked for this long (a batch may
@@ -57,7 +62,8 @@ pub fn report_interval_ms(devices: usize) -> u32 {
 pub struct Effects {
     /// Store writes, applied in order in one transaction.
     pub persist: Vec<PersistOp>,
-    /// Messages for devices, sent after the writes are durable.
+    /// Messages for devices, sent in order with every other operation's, and not before
+    /// the writes they depend on are durable (see [`Effects::messages_wait_for_writes`]).
     pub messages: Vec<(String, pb::ControllerMessage)>,
 }
 
@@ -78,6 +84,14 @@ impl Effects {
     /// Whether there is nothing to do.
     pub fn is_empty(&self) -> bool {
         self.persist.is_empty() && self.messages.is_empty()
+    }
+
+    /// Whether the messages must wait until the writes are durable. Most need not: a new
+    /// lease or a lease's end may be forgotten by a crash without harm
+    /// ([`PersistOp::may_be_forgotten`]), which keeps the fsync off the path of nearly
+    /// every assignment. New headers and id reservations must be durable first.
+    pub fn messages_wait_for_writes(&self) -> bool {
+        !self.messages.is_empty() && self.persist.iter().any(|op| !op.may_be_forgotten())
     }
 }
 
@@ -1122,6 +1136,11 @@ impl FleetState {
 
     /// Gives a connected device leases until it holds [`LEASES_PER_DEVICE`].
     fn top_up(&mut self, name: &str, now_ms: i64, fx: &mut Effects) {
+        // Checked first: every tick calls this for every connected device, nearly all of
+        // which hold their leases already.
+        if self.scheduler.lease_count(name) >= LEASES_PER_DEVICE {
+            return;
+        }
         let Some(device) = self.devices.get(name) else {
             return;
         };
@@ -1155,7 +1174,7 @@ impl FleetState {
         // Each pass either leases a range or opens a fresh header (which always has room),
         // so a few passes suffice; the bound only guards against a logic error spinning.
         for _ in 0..4 * LEASES_PER_DEVICE {
-            if self.scheduler.leases_of(name).len() >= LEASES_PER_DEVICE {
+            if self.scheduler.lease_count(name) >= LEASES_PER_DEVICE {
                 break;
             }
             let header = match self.miners.get(&key).and_then(|m| m.current_header) {
@@ -1205,8 +1224,12 @@ impl FleetState {
                 difficulty,
                 miner: key.clone(),
             };
-            self.ids.next_assignment = self.scheduler.next_id();
-            fx.persist.push(PersistOp::Ids(self.ids.clone()));
+            if lease.id >= self.ids.next_assignment {
+                // Reserve a block of ids durably: only the assignment that crosses into a
+                // new block waits for the disk, and a restart continues above the block.
+                self.ids.next_assignment = lease.id + ASSIGNMENT_ID_BLOCK;
+                fx.persist.push(PersistOp::Ids(self.ids.clone()));
+            }
             fx.persist.push(PersistOp::Lease(LeaseRecord {
                 lease: lease.clone(),
                 target_le: target.to_le_bytes().to_vec(),
@@ -1441,7 +1464,9 @@ impl FleetState {
         let names: Vec<String> = self
             .devices
             .iter()
-            .filter(|(_, d)| d.session.is_some())
+            .filter(|(n, d)| {
+                d.session.is_some() && self.scheduler.lease_count(n) < LEASES_PER_DEVICE
+            })
             .map(|(n, _)| n.clone())
             .collect();
         for name in names {
@@ -1965,6 +1990,55 @@ mod tests {
         assert_eq!(kept, held.iter().map(|a| a.id).collect::<Vec<_>>());
         assert!(cancels(&fx, "d").is_empty());
         assert!(assignments(&fx, "d").is_empty(), "it holds enough already");
+    }
+
+    #[test]
+    fn assignments_sent_before_their_writes_are_never_reused_after_a_crash() {
+        let m = miner("a", "x", 1e12, false);
+        let mut s = FleetState::new(Restored::default());
+        let mut durable = s.apply_miners(&set(std::slice::from_ref(&m)), NOW).persist;
+        let (_, fx) = s.connect("d", &hello("x", vec![]), NOW);
+        // The first assignments open a header and reserve ids: they wait for the disk.
+        assert!(fx.messages_wait_for_writes());
+        durable.extend(fx.persist);
+        // The next come from that header and those ids: they leave at once, and the
+        // crash forgets their writes.
+        let (_, fx) = s.connect("e", &hello("x", vec![]), NOW + 100);
+        let forgotten = assignments(&fx, "e");
+        assert_eq!(forgotten.len(), LEASES_PER_DEVICE);
+        assert!(!fx.messages_wait_for_writes(), "{:?}", fx.persist);
+
+        let mut s = FleetState::new(restored_from(durable));
+        s.apply_miners(&set(&[m]), NOW + 1_000);
+        let resume = forgotten
+            .iter()
+            .map(|a| pb::ResumedAssignment {
+                assignment_id: a.id,
+                scanned_until: a.nonce_start + 10,
+            })
+            .collect();
+        let (_, fx) = s.connect("e", &hello("x", resume), NOW + 2_000);
+        let kept = fx.messages.iter().find_map(|(_, m)| match &m.kind {
+            Some(Kind::Welcome(w)) => Some(w.resumed_assignment_ids.clone()),
+            _ => None,
+        });
+        assert_eq!(kept, Some(vec![]), "the device is told to drop them");
+        let (_, more) = s.connect("f", &hello("x", vec![]), NOW + 3_000);
+        let fresh: Vec<pb::Assignment> = [assignments(&fx, "e"), assignments(&more, "f")].concat();
+        assert_eq!(fresh.len(), 2 * LEASES_PER_DEVICE);
+        for new in &fresh {
+            for old in &forgotten {
+                assert!(new.id > old.id, "id {} handed out again", old.id);
+                assert!(
+                    new.header_prefix != old.header_prefix
+                        || new.nonce_end <= old.nonce_start
+                        || old.nonce_end <= new.nonce_start,
+                    "nonces of assignment {} handed out again in {}",
+                    old.id,
+                    new.id
+                );
+            }
+        }
     }
 
     /// What the store gives the next process after `ops` were made durable.
