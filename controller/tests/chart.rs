@@ -907,6 +907,7 @@ const METRICS: &[&str] = &[
     "micromine_assignments_active",
     "micromine_share_verification_duration_seconds_bucket",
     "micromine_ledger_commit_duration_seconds_bucket",
+    "micromine_assignment_latency_seconds_bucket",
     "micromine_reconciles_total",
     "micromine_reconcile_duration_seconds_bucket",
     "micromine_enrollments_total",
@@ -1228,6 +1229,7 @@ fn alert_rules_are_well_formed() {
     alerts.sort();
     alerts.dedup();
     let expected = [
+        ("MicromineAssignmentLatencyHigh", "warning"),
         ("MicromineCertificateExpiringSoon", "warning"),
         ("MicromineControllerDown", "critical"),
         ("MicromineDeviceOverheating", "warning"),

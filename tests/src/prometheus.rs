@@ -42,11 +42,22 @@ pub fn tool(tool: &str) -> PathBuf {
         })
 }
 
+/// `promtool test rules <path>`: runs a rule unit-test file (synthetic series, expected
+/// alerts at given times). Its output when every case passes, its complaint when not.
+pub fn promtool_test_rules(path: &Path) -> Result<String, String> {
+    promtool(&["test", "rules"], path)
+}
+
 /// `promtool check rules <path>`: its output when the file is valid, its complaint (stdout
 /// and stderr) when not.
 pub fn promtool_check_rules(path: &Path) -> Result<String, String> {
+    promtool(&["check", "rules"], path)
+}
+
+/// `promtool <command...> <path>`: stdout and stderr together, `Err` on a failed exit.
+fn promtool(command: &[&str], path: &Path) -> Result<String, String> {
     let output = Command::new(tool("promtool"))
-        .args(["check", "rules"])
+        .args(command)
         .arg(path)
         .output()
         .unwrap_or_else(|e| panic!("running promtool: {e}"));

@@ -6,7 +6,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::time::Duration;
 
 use micromine_e2e::observability;
-use micromine_e2e::prometheus::{Prometheus, promtool_check_rules};
+use micromine_e2e::prometheus::{Prometheus, promtool_check_rules, promtool_test_rules};
 use micromine_e2e::{Fixture, create_token, fake_sysfs, get_json, test_manifest, wait_until};
 
 /// The sum of an instant vector, 0 when it is empty.
@@ -281,6 +281,71 @@ fn the_chart_alert_rules_pass_promtool() {
     let checked = promtool_check_rules(&chart_file("alerts/micromine-rules.yaml"))
         .unwrap_or_else(|complaint| panic!("promtool check rules: {complaint}"));
     assert!(checked.contains("SUCCESS"), "{checked}");
+}
+
+#[test]
+fn slow_assignments_fire_the_latency_alert_and_fast_ones_do_not() {
+    // Two controllers over 40 minutes: "slow" answers every request in 250-500 ms, "fast"
+    // within 5 ms. Only the slow one alerts, and only after its 15 minutes pending.
+    const ALERT: &str = "MicromineAssignmentLatencyHigh";
+    let rules_path = chart_file("alerts/micromine-rules.yaml");
+    let rules: serde_json::Value =
+        serde_saphyr::from_str(&std::fs::read_to_string(&rules_path).expect("rules"))
+            .expect("rules YAML");
+    let rule = rules["groups"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .flat_map(|g| g["rules"].as_array().into_iter().flatten())
+        .find(|r| r["alert"] == ALERT)
+        .unwrap_or_else(|| panic!("no {ALERT} rule"));
+    // p99 of a uniform 250-500 ms bucket, as Prometheus interpolates and humanizes it.
+    let render = |template: &serde_json::Value| {
+        template
+            .as_str()
+            .unwrap_or_default()
+            .trim()
+            .replace("{{ $value | humanizeDuration }}", "497.5ms")
+    };
+    let mut input_series = Vec::new();
+    for (le, slow, fast) in [
+        ("0.005", 0, 60),
+        ("0.25", 0, 60),
+        ("0.5", 60, 60),
+        ("+Inf", 60, 60),
+    ] {
+        for (job, per_minute) in [("slow", slow), ("fast", fast)] {
+            input_series.push(serde_json::json!({
+                "series": format!(r#"micromine_assignment_latency_seconds_bucket{{job="{job}",le="{le}"}}"#),
+                "values": format!("0+{per_minute}x40"),
+            }));
+        }
+    }
+    let test = serde_json::json!({
+        "rule_files": [rules_path],
+        "evaluation_interval": "1m",
+        "tests": [{
+            "interval": "1m",
+            "input_series": input_series,
+            "alert_rule_test": [
+                {"eval_time": "10m", "alertname": ALERT, "exp_alerts": []},
+                {"eval_time": "30m", "alertname": ALERT, "exp_alerts": [{
+                    "exp_labels": {"severity": "warning", "job": "slow"},
+                    "exp_annotations": {
+                        "summary": render(&rule["annotations"]["summary"]),
+                        "description": render(&rule["annotations"]["description"]),
+                    },
+                }]},
+            ],
+        }],
+    });
+    // YAML is a superset of JSON: promtool reads this as it is.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("latency-test.yaml");
+    std::fs::write(&path, test.to_string()).expect("write the rule test");
+    let passed = promtool_test_rules(&path)
+        .unwrap_or_else(|complaint| panic!("promtool test rules: {complaint}"));
+    assert!(passed.contains("SUCCESS"), "{passed}");
 }
 
 /// A file of the Helm chart.
