@@ -105,8 +105,13 @@ pub struct LatencyRecorder {
     micros: Mutex<Vec<u32>>,
 }
 
+/// Upper bounds, in milliseconds, of the buckets a [`LatencySummary`] counts latencies in.
+pub const LATENCY_BUCKETS_MS: [f64; 13] = [
+    1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0, 10000.0,
+];
+
 /// Percentiles of the latencies recorded over an interval.
-#[derive(Debug, Clone, Copy, Default, Serialize, PartialEq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct LatencySummary {
     /// How many were recorded.
     pub count: u64,
@@ -116,6 +121,11 @@ pub struct LatencySummary {
     pub p99_ms: f64,
     /// Largest, milliseconds.
     pub max_ms: f64,
+    /// How many fell at or below each of [`LATENCY_BUCKETS_MS`] and above the one before
+    /// (those above the last are `count` minus the sum). Percentiles of several intervals
+    /// cannot be combined; these counts can, so a benchmark can take the percentiles of
+    /// any window of intervals.
+    pub buckets: Vec<u64>,
 }
 
 impl LatencyRecorder {
@@ -147,11 +157,19 @@ fn summarize(micros: &mut [u32]) -> LatencySummary {
         let index = ((q * micros.len() as f64).ceil() as usize).clamp(1, micros.len()) - 1;
         f64::from(micros[index]) / 1000.0
     };
+    let mut buckets = vec![0; LATENCY_BUCKETS_MS.len()];
+    for &latency in micros.iter() {
+        let ms = f64::from(latency) / 1000.0;
+        if let Some(bucket) = LATENCY_BUCKETS_MS.iter().position(|&le| ms <= le) {
+            buckets[bucket] += 1;
+        }
+    }
     LatencySummary {
         count: micros.len() as u64,
         p50_ms: rank(0.50),
         p99_ms: rank(0.99),
         max_ms: f64::from(micros[micros.len() - 1]) / 1000.0,
+        buckets,
     }
 }
 
@@ -238,10 +256,16 @@ impl std::fmt::Display for SimulationReport {
 /// What each device had acknowledged when the simulation stopped.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct Tally {
+    /// Shares found, all devices.
+    pub found: u64,
     /// Shares acknowledged as accepted, all devices.
     pub accepted: u64,
     /// Shares rejected, all devices.
     pub rejected: u64,
+    /// Shares found but not answered when their device stopped (it waits briefly for the
+    /// last answers). The controller may have recorded them: the ledger can exceed
+    /// `accepted` by at most this many.
+    pub unanswered: u64,
     /// Per device name.
     pub devices: BTreeMap<String, AgentStats>,
     /// Devices that stopped with an error, and why.
@@ -388,8 +412,10 @@ pub async fn run(
                 device.counters.snapshot()
             }
         };
+        tally.found += stats.found;
         tally.accepted += stats.accepted;
         tally.rejected += stats.rejected;
+        tally.unanswered += stats.found.saturating_sub(stats.accepted + stats.rejected);
         tally.devices.insert(device.name, stats);
     }
     tally
@@ -422,6 +448,15 @@ mod tests {
         assert_eq!(summary.max_ms, 100.0);
         assert_eq!(summarize(&mut []), LatencySummary::default());
         assert_eq!(summarize(&mut [7000]).p99_ms, 7.0);
+        // 1..=100 ms: one at or below 1 ms, one in (1, 2], three in (2, 5], ... and
+        // none above 100 ms.
+        assert_eq!(
+            summary.buckets,
+            vec![1, 1, 3, 5, 10, 30, 50, 0, 0, 0, 0, 0, 0]
+        );
+        let beyond = summarize(&mut [500, 10_000_001]);
+        assert_eq!(beyond.buckets.iter().sum::<u64>(), 1, "{beyond:?}");
+        assert_eq!(beyond.count, 2);
     }
 
     #[test]
