@@ -47,6 +47,9 @@ const SHARE_FLUSH: Duration = Duration::from_millis(100);
 const SHARE_BATCH: usize = 256;
 /// The controller must answer Hello this soon.
 const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
+/// How long an agent stopped while its link is down may spend on one last session to get
+/// its unanswered shares answered (see [`Agent::deliver_before_exit`]).
+const LAST_DELIVERY: Duration = Duration::from_secs(10);
 /// Resubmitted shares sent at once after a reconnect; the rest are paced.
 const RESUBMIT_BURST: usize = 16_384;
 /// Pause between paced resubmission batches (256 shares: about 1,700 shares a second).
@@ -320,6 +323,8 @@ pub async fn run(
         mining_spans: HashMap::new(),
         awaiting_assignment: std::collections::VecDeque::new(),
         report_every: Duration::ZERO,
+        released: false,
+        last_session: false,
     };
     let mut backoff = Backoff::new(agent.config.backoff_base, agent.config.backoff_max);
     while !shutdown.is_cancelled() {
@@ -353,6 +358,9 @@ pub async fn run(
         agent
             .idle_until(tokio::time::Instant::now() + delay, &shutdown)
             .await;
+    }
+    if !agent.released && !agent.pending.is_empty() {
+        agent.deliver_before_exit(&mut identity).await;
     }
     let stats = agent.counters.snapshot();
     agent.miner.stop();
@@ -411,6 +419,10 @@ struct Agent {
     held_back: Option<&'static str>,
     /// The latest sensor readings (the governor's, also reported).
     readings: Readings,
+    /// Set once an open session has handed the work back ([`Agent::release`]).
+    released: bool,
+    /// The session being opened is the last one: hand everything back at once.
+    last_session: bool,
 }
 
 /// The limits saved by an earlier run, or none (hash freely until told otherwise).
@@ -606,6 +618,10 @@ impl Agent {
         let _open = OpenSession::new(&self.counters);
         tracing::info!(device = %welcome.device_name, resumed = welcome.resumed_assignment_ids.len(), "session open");
         self.apply_welcome(&welcome, &tx).await?;
+        if self.last_session {
+            self.release(&tx, &mut Vec::new(), &mut inbound).await;
+            return Ok(SessionEnd::Shutdown);
+        }
         if welcome.resumed_assignment_ids.is_empty() {
             self.awaiting_assignment.push_back(hello_sent);
         }
@@ -925,6 +941,36 @@ impl Agent {
         }
     }
 
+    /// Stopped while the link was down (between sessions) with shares still unanswered:
+    /// one last session, bounded by [`LAST_DELIVERY`], delivers them, hands the work
+    /// back and waits briefly for the answers, so an orderly stop does not leave the
+    /// device's own count short of the controller's because of when the link dropped.
+    async fn deliver_before_exit(&mut self, identity: &mut DeviceIdentity) {
+        self.last_session = true;
+        let unanswered = self.pending.len();
+        // The stop already happened; this session must not see it and give up at once.
+        let carry_on = CancellationToken::new();
+        match tokio::time::timeout(LAST_DELIVERY, self.session(identity, &carry_on)).await {
+            Ok(Ok(_)) => {
+                tracing::info!(
+                    unanswered,
+                    still = self.pending.len(),
+                    "last shares delivered before the stop"
+                );
+            }
+            Ok(Err(e)) => {
+                tracing::warn!(error = %e, unanswered, "the last shares could not be delivered before the stop");
+            }
+            Err(_) => {
+                tracing::warn!(
+                    unanswered,
+                    timeout_s = LAST_DELIVERY.as_secs(),
+                    "no controller answered the last shares before the stop"
+                );
+            }
+        }
+    }
+
     /// Orderly exit: stop hashing, send what was found, hand every range back, and wait
     /// briefly for the last acknowledgements.
     async fn release(
@@ -933,6 +979,7 @@ impl Agent {
         batch: &mut Vec<pb::Share>,
         inbound: &mut tonic::Streaming<pb::ControllerMessage>,
     ) {
+        self.released = true;
         let progress = self.miner.progress();
         for p in &progress {
             self.miner.cancel(p.id);

@@ -1971,22 +1971,8 @@ mod tests {
         let mut s = FleetState::new(restored_from(ops));
         let fx = s.apply_miners(&set(&[m]), NOW + 1_000);
         assert!(cancels(&fx, "d").is_empty());
-        let resume = held
-            .iter()
-            .map(|a| pb::ResumedAssignment {
-                assignment_id: a.id,
-                scanned_until: a.nonce_start + 10,
-            })
-            .collect();
-        let (_, fx) = s.connect("d", &hello("x", resume), NOW + 2_000);
-        let kept: Vec<u64> = fx
-            .messages
-            .iter()
-            .find_map(|(_, m)| match &m.kind {
-                Some(Kind::Welcome(w)) => Some(w.resumed_assignment_ids.clone()),
-                _ => None,
-            })
-            .expect("a welcome");
+        let (_, fx) = s.connect("d", &hello("x", resuming(&held)), NOW + 2_000);
+        let kept = welcome_kept(&fx).expect("a welcome");
         assert_eq!(kept, held.iter().map(|a| a.id).collect::<Vec<_>>());
         assert!(cancels(&fx, "d").is_empty());
         assert!(assignments(&fx, "d").is_empty(), "it holds enough already");
@@ -2010,19 +1996,12 @@ mod tests {
 
         let mut s = FleetState::new(restored_from(durable));
         s.apply_miners(&set(&[m]), NOW + 1_000);
-        let resume = forgotten
-            .iter()
-            .map(|a| pb::ResumedAssignment {
-                assignment_id: a.id,
-                scanned_until: a.nonce_start + 10,
-            })
-            .collect();
-        let (_, fx) = s.connect("e", &hello("x", resume), NOW + 2_000);
-        let kept = fx.messages.iter().find_map(|(_, m)| match &m.kind {
-            Some(Kind::Welcome(w)) => Some(w.resumed_assignment_ids.clone()),
-            _ => None,
-        });
-        assert_eq!(kept, Some(vec![]), "the device is told to drop them");
+        let (_, fx) = s.connect("e", &hello("x", resuming(&forgotten)), NOW + 2_000);
+        assert_eq!(
+            welcome_kept(&fx),
+            Some(vec![]),
+            "the device is told to drop them"
+        );
         let (_, more) = s.connect("f", &hello("x", vec![]), NOW + 3_000);
         let fresh: Vec<pb::Assignment> = [assignments(&fx, "e"), assignments(&more, "f")].concat();
         assert_eq!(fresh.len(), 2 * LEASES_PER_DEVICE);
@@ -2039,6 +2018,24 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A `Hello`'s resume list for `held`, each scanned a little.
+    fn resuming(held: &[pb::Assignment]) -> Vec<pb::ResumedAssignment> {
+        held.iter()
+            .map(|a| pb::ResumedAssignment {
+                assignment_id: a.id,
+                scanned_until: a.nonce_start + 10,
+            })
+            .collect()
+    }
+
+    /// The assignment ids a `Welcome` among `fx` says the device keeps.
+    fn welcome_kept(fx: &Effects) -> Option<Vec<u64>> {
+        fx.messages.iter().find_map(|(_, m)| match &m.kind {
+            Some(Kind::Welcome(w)) => Some(w.resumed_assignment_ids.clone()),
+            _ => None,
+        })
     }
 
     /// What the store gives the next process after `ops` were made durable.
