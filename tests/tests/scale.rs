@@ -281,7 +281,7 @@ fn a_lost_controllers_devices_come_back_spread_over_time() {
 }
 
 #[test]
-fn a_slow_then_broken_link_costs_no_share() {
+fn a_slow_then_broken_link_costs_no_share_not_even_at_a_stop() {
     const DEVICES: u32 = 50;
     let fleet = Fleet::start(DEVICES);
     let proxy = FlakyProxy::start(fleet.controller.grpc);
@@ -323,12 +323,32 @@ fn a_slow_then_broken_link_costs_no_share() {
     );
     // Shares found while offline arrive once the link is back.
     fleet.wait_for_more_shares(50, Duration::from_secs(60));
-
-    let tally = stop_and_tally(&mut simulator, &fleet.tally_path());
-    assert_tally_matches_ledger(&tally, &fleet.controller, DEVICES as usize);
     assert!(
         resumed_sessions(&simulator) > 0,
         "devices resumed their leases after the outage"
+    );
+
+    // A second outage, and the fleet is stopped the moment the link returns, before the
+    // devices' backoff brings them back: each with shares still unanswered makes one last
+    // session, so every share found is answered all the same.
+    proxy.set(Link::Down);
+    wait_until(
+        "every session to end again",
+        Duration::from_secs(30),
+        || (fleet.sessions()? == 0).then_some(()),
+    );
+    // Long enough for the fleet (10 shares a second) to find shares offline.
+    std::thread::sleep(Duration::from_secs(3));
+    proxy.set(Link::Up);
+    let tally = stop_and_tally(&mut simulator, &fleet.tally_path());
+    assert_tally_matches_ledger(&tally, &fleet.controller, DEVICES as usize);
+    let last_sessions = simulator
+        .log()
+        .matches("last shares delivered before the stop")
+        .count();
+    assert!(
+        last_sessions > 0,
+        "devices stopped offline delivered their last shares"
     );
 }
 
