@@ -951,11 +951,17 @@ impl Agent {
         // The stop already happened; this session must not see it and give up at once.
         let carry_on = CancellationToken::new();
         match tokio::time::timeout(LAST_DELIVERY, self.session(identity, &carry_on)).await {
-            Ok(Ok(_)) => {
+            Ok(Ok(SessionEnd::Shutdown)) => {
                 tracing::info!(
                     unanswered,
                     still = self.pending.len(),
                     "last shares delivered before the stop"
+                );
+            }
+            Ok(Ok(SessionEnd::Welcomed | SessionEnd::NotWelcomed)) => {
+                tracing::warn!(
+                    unanswered,
+                    "the controller ended the last session before the shares were delivered"
                 );
             }
             Ok(Err(e)) => {
