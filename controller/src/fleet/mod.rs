@@ -689,3 +689,105 @@ fn rejected_result(share: &pb::Share, reason: RejectReason) -> pb::ShareResult {
         block: false,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+    use super::*;
+    use std::time::Duration;
+
+    type Inbox = mpsc::Receiver<Result<pb::ControllerMessage, tonic::Status>>;
+
+    async fn fleet(dir: &std::path::Path) -> Arc<Fleet> {
+        let store = Store::open(&dir.join("store.redb")).unwrap();
+        let ledger = Ledger::open(store.clone()).unwrap();
+        let fleet = Fleet::open(store, ledger).await.unwrap();
+        let miners: MinerSet = crate::manifest::parse_str(
+            "test",
+            "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {name: m}\nspec:\n  selector: {}\n  workSource: {builtin: {networkDifficulty: 1.0e9}}\n",
+        )
+        .unwrap()
+        .into_iter()
+        .map(|m| (m.key(), m))
+        .collect();
+        fleet.apply_miners(&miners);
+        fleet
+    }
+
+    fn join(fleet: &Fleet, device: &str) -> Inbox {
+        let (outbound, inbox) = mpsc::channel(64);
+        let hello = pb::Hello {
+            capacity: Some(pb::Capacity {
+                nominal_hashrate: 1e6,
+                mining_threads: 1,
+                ..Default::default()
+            }),
+            version: "test".into(),
+            ..Default::default()
+        };
+        fleet.connect(device, &hello, outbound, CancellationToken::new());
+        inbox
+    }
+
+    async fn next_assignment(inbox: &mut Inbox) -> pb::Assignment {
+        loop {
+            let message = tokio::time::timeout(Duration::from_secs(10), inbox.recv())
+                .await
+                .expect("an assignment within 10 s")
+                .expect("the session is open")
+                .expect("no error");
+            if let Some(pb::controller_message::Kind::Assignment(a)) = message.kind {
+                return a;
+            }
+        }
+    }
+
+    /// Blocks the store's writer until the returned sender is used or dropped: every
+    /// write queued meanwhile waits.
+    fn hold_the_writer(fleet: &Fleet) -> std::sync::mpsc::Sender<()> {
+        let (release, held) = std::sync::mpsc::channel::<()>();
+        drop(fleet.store.write(move |_| {
+            let _ = held.recv();
+            Ok(())
+        }));
+        release
+    }
+
+    #[tokio::test]
+    async fn an_assignment_leaves_before_its_lease_is_written_but_never_before_its_header() {
+        let dir = tempfile::tempdir().unwrap();
+        let fleet = fleet(dir.path()).await;
+
+        // The first assignments open a header: they wait for it, however long the disk
+        // takes (here, until the writer is let go).
+        let release = hold_the_writer(&fleet);
+        let mut first_inbox = join(&fleet, "d");
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(300));
+            let _ = release.send(());
+        });
+        let first = next_assignment(&mut first_inbox).await;
+        let stored = persist::load(&fleet.store.read().unwrap()).unwrap();
+        assert!(
+            stored
+                .headers
+                .iter()
+                .any(|h| h.prefix.as_slice() == first.header_prefix.as_slice()),
+            "the assignment left before its header was written"
+        );
+
+        // The next come from that header and reserved ids: they leave while the writer
+        // still holds their leases back.
+        let release = hold_the_writer(&fleet);
+        let mut next_inbox = join(&fleet, "e");
+        let early = next_assignment(&mut next_inbox).await;
+        assert_eq!(early.header_prefix, first.header_prefix);
+        let stored = persist::load(&fleet.store.read().unwrap()).unwrap();
+        assert!(!stored.leases.iter().any(|l| l.lease.id == early.id));
+        release.send(()).unwrap();
+        fleet.flush().await.unwrap();
+        let stored = persist::load(&fleet.store.read().unwrap()).unwrap();
+        assert!(stored.leases.iter().any(|l| l.lease.id == early.id));
+    }
+}

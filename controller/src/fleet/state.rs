@@ -36,6 +36,7 @@ pub const LEASES_PER_DEVICE: usize = 2;
 /// block, which costs nothing (ids are 64 bits) and keeps the disk off the path of all but
 /// one assignment in this many.
 pub const ASSIGNMENT_ID_BLOCK: u64 = 1 << 16;
+
 /// Smallest range worth a message.
 const MIN_RANGE: u64 = 1 << 16;
 /// Shares against a lease that ended are still checked for this long (a batch may
