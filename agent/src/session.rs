@@ -50,6 +50,9 @@ const WELCOME_TIMEOUT: Duration = Duration::from_secs(15);
 /// How long an agent stopped while its link is down may spend on one last session to get
 /// its unanswered shares answered (see [`Agent::deliver_before_exit`]).
 const LAST_DELIVERY: Duration = Duration::from_secs(10);
+/// The state an agent reports while it hands its work back and leaves; the controller gives
+/// a device in it no new work.
+const STOPPING: &str = "stopping";
 /// Resubmitted shares sent at once after a reconnect; the rest are paced.
 const RESUBMIT_BURST: usize = 16_384;
 /// Pause between paced resubmission batches (256 shares: about 1,700 shares a second).
@@ -619,7 +622,7 @@ impl Agent {
         tracing::info!(device = %welcome.device_name, resumed = welcome.resumed_assignment_ids.len(), "session open");
         self.apply_welcome(&welcome, &tx).await?;
         if self.last_session {
-            self.release(&tx, &mut Vec::new(), &mut inbound).await;
+            self.release(tx, &mut Vec::new(), &mut inbound).await;
             return Ok(SessionEnd::Shutdown);
         }
         if welcome.resumed_assignment_ids.is_empty() {
@@ -651,7 +654,7 @@ impl Agent {
         loop {
             tokio::select! {
                 _ = shutdown.cancelled() => {
-                    self.release(&tx, &mut batch, &mut inbound).await;
+                    self.release(tx, &mut batch, &mut inbound).await;
                     return Ok(SessionEnd::Shutdown);
                 }
                 _ = &mut link_drop => {
@@ -977,15 +980,22 @@ impl Agent {
         }
     }
 
-    /// Orderly exit: stop hashing, send what was found, hand every range back, and wait
-    /// briefly for the last acknowledgements.
+    /// Orderly exit: stop hashing, send what was found, hand every range back, wait
+    /// briefly for the last acknowledgements, then end the session and wait for the
+    /// controller to close it.
     async fn release(
         &mut self,
-        tx: &mpsc::Sender<pb::AgentMessage>,
+        tx: mpsc::Sender<pb::AgentMessage>,
         batch: &mut Vec<pb::Share>,
         inbound: &mut tonic::Streaming<pb::ControllerMessage>,
     ) {
         self.released = true;
+        // Said first, so that the ranges handed back below are not answered with new work
+        // that would sit leased to a device that is gone until the lease runs out.
+        self.held_back = Some(STOPPING);
+        if self.send_reports(&tx).await.is_err() {
+            return;
+        }
         let progress = self.miner.progress();
         for p in &progress {
             self.miner.cancel(p.id);
@@ -1020,7 +1030,7 @@ impl Agent {
                 }
             }
         }
-        if send_batch(tx, batch).await.is_err() {
+        if send_batch(&tx, batch).await.is_err() {
             return;
         }
         for p in self.miner.progress().into_iter().chain(progress) {
@@ -1036,13 +1046,22 @@ impl Agent {
                 })))
                 .await;
         }
-        let _ = self.send_spans(tx).await;
+        let _ = self.send_spans(&tx).await;
         let deadline = tokio::time::Instant::now() + Duration::from_secs(3);
         while !self.pending.is_empty() {
             match tokio::time::timeout_at(deadline, inbound.message()).await {
                 Ok(Ok(Some(msg))) => self.handle(msg),
                 _ => break,
             }
+        }
+        // Until the controller has read the end of the stream, what was sent above may
+        // still sit in this process's buffers, and exiting would lose it (the ranges
+        // would stay leased to a device that is gone). The controller closes its side once
+        // it has handled everything before the end.
+        drop(tx);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Ok(Some(msg))) = tokio::time::timeout_at(deadline, inbound.message()).await {
+            self.handle(msg);
         }
         self.counters
             .hashes

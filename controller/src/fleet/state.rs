@@ -2415,6 +2415,42 @@ mod tests {
     }
 
     #[test]
+    fn a_stopping_device_hands_its_ranges_back_and_gets_none_in_their_place() {
+        let mut s = FleetState::new(Restored::default());
+        s.apply_miners(&set(&[miner("a", "x", 1.0, false)]), NOW);
+        let (_, fx) = s.connect("d1", &hello("x", vec![]), NOW);
+        let held = assignments(&fx, "d1");
+        assert_eq!(held.len(), LEASES_PER_DEVICE);
+        s.report(
+            "d1",
+            &pb::CapacityReport {
+                state: "stopping".into(),
+                ..Default::default()
+            },
+            NOW + 1,
+        );
+        for id in held.iter().map(|a| a.id) {
+            let fx = s.progress(
+                "d1",
+                &pb::Progress {
+                    assignment_id: id,
+                    scanned_until: 0,
+                    hashes: 0,
+                    finished: true,
+                },
+                NOW + 2,
+            );
+            assert!(assignments(&fx, "d1").is_empty(), "no range in its place");
+        }
+        assert!(assignments(&s.tick(NOW + 3), "d1").is_empty());
+        assert_eq!(
+            s.scheduler.lease_count("d1"),
+            0,
+            "nothing left leased to it"
+        );
+    }
+
+    #[test]
     fn a_found_block_makes_older_work_stale() {
         let mut s = FleetState::new(Restored::default());
         // Difficulty so low that every hash meets the network target.

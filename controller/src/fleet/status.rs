@@ -74,10 +74,14 @@ pub fn is_held_back(state: &str) -> bool {
 }
 
 /// Whether such a state means the device hashes nothing at all (new work would only
-/// expire): paused, outside its windows, or yielding to its own workload. A hot device
-/// still hashes, at half its duty cycle, until it is very hot.
+/// expire): paused, outside its windows, yielding to its own workload, or stopping (handing
+/// its work back before it leaves). A hot device still hashes, at half its duty cycle,
+/// until it is very hot.
 pub fn stops_hashing(state: &str) -> bool {
-    state.starts_with("paused") || state == "outside-window" || state == "throttled:host-load"
+    state.starts_with("paused")
+        || state == "outside-window"
+        || state == "throttled:host-load"
+        || state == "stopping"
 }
 
 /// One device as operators see it.
