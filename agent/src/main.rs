@@ -1,11 +1,13 @@
 //! `micromine-agent`: the device side of micromine.
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
+use micromine_agent::config::{self, ConfigError};
 use micromine_agent::engine::{self, EngineKind};
 use micromine_agent::sensors::{SensorPaths, Sensors};
 use micromine_agent::session::{self, AgentConfig, AgentCounters};
@@ -27,31 +29,52 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Join a fleet and mine what the controller assigns.
+    ///
+    /// Flags override the env file (`--env-file`); the bootstrap token comes from
+    /// `--token-file`, `MICROMINE_TOKEN_FILE`, or the systemd credential
+    /// `micromine-agent.token` (`LoadCredential=`), so that it is never on a command line.
     Run {
-        /// The controller's gRPC address.
+        /// The controller's gRPC address (env file: MICROMINE_CONTROLLER).
         #[arg(long, value_name = "https://HOST:PORT")]
-        controller: String,
-        /// Bootstrap token from `micromine-controller token create` (first start only).
-        #[arg(long, env = "MICROMINE_TOKEN", value_name = "TOKEN")]
+        controller: Option<String>,
+        /// Read settings from this env file (`KEY=VALUE` lines; keys MICROMINE_CONTROLLER,
+        /// _NAME, _LABELS, _TOKEN_FILE, _CA_FILE, _STATE_DIR, _THREADS, _ENGINE, _LOG).
+        #[arg(long, value_name = "FILE")]
+        env_file: Option<PathBuf>,
+        /// A file holding the bootstrap token, readable by this user only (first start
+        /// only; env file: MICROMINE_TOKEN_FILE).
+        #[arg(long, value_name = "FILE")]
+        token_file: Option<PathBuf>,
+        /// The bootstrap token itself. Prefer --token-file: a command line is visible to
+        /// every user through `ps`.
+        #[arg(
+            long,
+            env = "MICROMINE_TOKEN",
+            value_name = "TOKEN",
+            hide_env_values = true
+        )]
         token: Option<String>,
-        /// Device name (default: the host name).
+        /// Device name (default: the host name; env file: MICROMINE_NAME).
         #[arg(long)]
         name: Option<String>,
-        /// Labels to report, e.g. `site=plant-3,class=gateway`.
+        /// Labels to report, e.g. `site=plant-3,class=gateway` (env file: MICROMINE_LABELS).
         #[arg(long, value_name = "k=v,...")]
         labels: Option<String>,
-        /// Where the device key and certificates live.
-        #[arg(long, default_value = "/var/lib/micromine-agent")]
-        state_dir: PathBuf,
-        /// Trust this CA bundle instead of the fingerprint in the token.
-        #[arg(long)]
+        /// Where the device key and certificates live [default: /var/lib/micromine-agent]
+        /// (env file: MICROMINE_STATE_DIR).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Trust this CA bundle instead of the fingerprint in the token (env file:
+        /// MICROMINE_CA_FILE).
+        #[arg(long, value_name = "FILE")]
         ca_file: Option<PathBuf>,
-        /// Hashing threads (default: all cores).
+        /// Hashing threads (default: all cores; env file: MICROMINE_THREADS).
         #[arg(long)]
         threads: Option<usize>,
-        /// Hashing engine (`auto` picks the fastest this CPU runs).
-        #[arg(long, default_value = "auto")]
-        engine: String,
+        /// Hashing engine; `auto` picks the fastest this CPU runs (env file:
+        /// MICROMINE_ENGINE).
+        #[arg(long)]
+        engine: Option<String>,
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
@@ -155,8 +178,31 @@ fn init_logging(json: bool, default_filter: &str) {
     }
 }
 
-fn main() -> Result<()> {
+fn main() -> ExitCode {
     let cli = Cli::parse();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("Error: {e:#}");
+            // A device that cannot work as configured should not be restarted in a loop
+            // (the packaged unit has RestartPreventExitStatus=78); anything else may pass.
+            let misconfigured = e.chain().any(|cause| {
+                cause.is::<ConfigError>()
+                    || matches!(
+                        cause.downcast_ref::<session::AgentError>(),
+                        Some(session::AgentError::NeedsToken(_))
+                    )
+            });
+            ExitCode::from(if misconfigured {
+                config::EXIT_CONFIG
+            } else {
+                1
+            })
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
     // Each device connection needs a descriptor; see the function.
     micromine_agent::cli::raise_open_files_limit();
     match cli.command {
@@ -302,6 +348,8 @@ fn main() -> Result<()> {
         }
         Command::Run {
             controller,
+            env_file,
+            token_file,
             token,
             name,
             labels,
@@ -313,24 +361,48 @@ fn main() -> Result<()> {
             sysfs_root,
             proc_root,
         } => {
-            init_logging(log_json, "info");
-            let token = token
-                .map(|t| t.parse::<BootstrapToken>())
-                .transpose()
-                .context("--token")?;
+            let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
+            let settings = config::resolve(
+                config::RunArgs {
+                    controller,
+                    token,
+                    token_file,
+                    env_file,
+                    name,
+                    labels,
+                    state_dir,
+                    ca_file,
+                    threads,
+                    engine,
+                },
+                credentials_dir.as_deref(),
+            )?;
+            init_logging(log_json, settings.log_filter.as_deref().unwrap_or("info"));
+            match &settings.token_source {
+                config::TokenSource::File(path) => {
+                    tracing::info!(file = %path.display(), "bootstrap token read")
+                }
+                config::TokenSource::MissingFile(path) => tracing::info!(
+                    file = %path.display(),
+                    "no token file; this device has enrolled and needs none"
+                ),
+                config::TokenSource::Given | config::TokenSource::None => {}
+            }
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
                 .build()?;
             let config = AgentConfig {
-                controller,
-                token,
-                name,
-                labels: micromine_agent::cli::parse_labels(labels.as_deref())?,
-                state_dir,
-                ca_file,
-                threads: threads.unwrap_or_else(|| capacity::cores() as usize),
-                engine: engine::select(Some(&engine))?,
+                controller: settings.controller,
+                token: settings.token,
+                name: settings.name,
+                labels: settings.labels,
+                state_dir: settings.state_dir,
+                ca_file: settings.ca_file,
+                threads: settings
+                    .threads
+                    .unwrap_or_else(|| capacity::cores() as usize),
+                engine: settings.engine,
                 bench_duration: Duration::from_secs(1),
                 backoff_base: Duration::from_millis(500),
                 backoff_max: Duration::from_secs(30),

@@ -129,7 +129,7 @@ pub enum AgentError {
     },
     /// The device has no certificate and no token to get one.
     #[error(
-        "this device has not enrolled yet (no certificate in {0}); pass --token from `micromine-controller token create`"
+        "this device has not enrolled yet (no certificate in {0}) and has no bootstrap token: put one from `micromine-controller token create` in /etc/credstore/micromine-agent.token (the packaged service) or a --token-file"
     )]
     NeedsToken(PathBuf),
 }
