@@ -72,21 +72,33 @@ impl AgentTelemetry {
     /// OTLP/gRPC export when the standard variables (`OTEL_EXPORTER_OTLP_ENDPOINT` or
     /// `OTEL_EXPORTER_OTLP_TRACES_ENDPOINT`, `OTEL_SERVICE_NAME`,
     /// `OTEL_RESOURCE_ATTRIBUTES`) ask for it, else [`in_band`](Self::in_band). Must run
-    /// inside the tokio runtime the exporter will use.
+    /// inside the tokio runtime the exporter will use. A build without the `otlp` feature
+    /// (the lean one devices get) says so and stays in-band.
     pub fn from_env() -> AgentTelemetry {
         if !otlp_export_requested() {
             return AgentTelemetry::in_band();
         }
-        let exporter = match opentelemetry_otlp::SpanExporter::builder()
-            .with_tonic()
-            .build()
+        #[cfg(feature = "otlp")]
         {
-            Ok(exporter) => exporter,
-            Err(e) => {
+            AgentTelemetry::otlp().unwrap_or_else(|e| {
                 tracing::error!(error = %e, "OTLP trace export is configured but cannot start; sending spans in-band instead");
-                return AgentTelemetry::in_band();
-            }
-        };
+                AgentTelemetry::in_band()
+            })
+        }
+        #[cfg(not(feature = "otlp"))]
+        {
+            tracing::warn!(
+                "OTEL_EXPORTER_OTLP_ENDPOINT is set, but this build has no OTLP exporter (cargo feature `otlp`); spans go in-band over the session instead"
+            );
+            AgentTelemetry::in_band()
+        }
+    }
+
+    #[cfg(feature = "otlp")]
+    fn otlp() -> Result<AgentTelemetry, opentelemetry_otlp::ExporterBuildError> {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_tonic()
+            .build()?;
         let mut resource = opentelemetry_sdk::Resource::builder();
         if std::env::var_os("OTEL_SERVICE_NAME").is_none() {
             resource = resource.with_service_name("micromine-agent");
@@ -95,11 +107,11 @@ impl AgentTelemetry {
             .with_batch_exporter(exporter)
             .with_resource(resource.build())
             .build();
-        AgentTelemetry {
+        Ok(AgentTelemetry {
             tracer: provider.tracer("micromine-agent"),
             provider,
             queue: None,
-        }
+        })
     }
 
     /// Whether spans go over the session rather than to a collector.
