@@ -339,11 +339,9 @@ fn default_values_render_a_single_controller_with_its_services() {
     let c = container(&pod.containers, "controller");
     assert_eq!(
         c.image.as_deref(),
-        Some(concat!(
-            "ghcr.io/micromine/micromine-controller:",
-            env!("CARGO_PKG_VERSION")
-        )),
-        "the image tag defaults to appVersion, the workspace version"
+        Some(concat!("micromine-controller:", env!("CARGO_PKG_VERSION"))),
+        "the image is named and tagged as scripts/dist names dist/oci/micromine-controller: \
+         the tag defaults to appVersion, the workspace version"
     );
     let args = command_line(c);
     let expected = format!(
@@ -593,10 +591,7 @@ fn non_default_values_render_ha_ca_load_balancer_monitor_and_agent() {
     let agent = container(&pod.containers, "agent");
     assert_eq!(
         agent.image.as_deref(),
-        Some(concat!(
-            "ghcr.io/micromine/micromine-agent:",
-            env!("CARGO_PKG_VERSION")
-        ))
+        Some(concat!("micromine-agent:", env!("CARGO_PKG_VERSION")))
     );
     assert_eq!(
         command_line(agent),
@@ -819,6 +814,14 @@ fn bad_values_are_refused_with_the_field_named() {
             "/controller/tracing/sampleRatio",
         ),
         ("image.pullPolicy=Sometimes", "/image/pullPolicy"),
+        (
+            "image.registry=https://registry.example.com",
+            "/image/registry",
+        ),
+        (
+            "agent.image.registry=registry.example.com/",
+            "/agent/image/registry",
+        ),
         ("bogus=1", "bogus"),
     ] {
         let stderr = refused(&["--set", set]);
@@ -1245,4 +1248,72 @@ fn alert_rules_are_well_formed() {
     ]
     .map(|(a, s)| (a.to_owned(), s.to_owned()));
     assert_eq!(alerts, expected);
+}
+
+/// The images of a controller Deployment and an agent DaemonSet rendered with `extra`.
+fn images(extra: &[&str]) -> (String, String) {
+    let mut args = vec![
+        "--set",
+        "agent.enabled=true",
+        "--set",
+        "agent.tokenSecret.name=fleet-token",
+    ];
+    args.extend_from_slice(extra);
+    let r = render(&args);
+    let pod = |spec: Option<&PodSpec>| spec.expect("pod spec").containers.clone();
+    let controller = pod(r
+        .controller()
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref()));
+    let agent = pod(r.daemon_sets[0]
+        .spec
+        .as_ref()
+        .and_then(|s| s.template.spec.as_ref()));
+    (
+        container(&controller, "controller")
+            .image
+            .clone()
+            .expect("controller image"),
+        container(&agent, "agent")
+            .image
+            .clone()
+            .expect("agent image"),
+    )
+}
+
+#[test]
+fn images_come_from_the_registry_dist_oci_was_pushed_to() {
+    let v = env!("CARGO_PKG_VERSION");
+    assert_eq!(
+        images(&[]),
+        (
+            format!("micromine-controller:{v}"),
+            format!("micromine-agent:{v}")
+        ),
+        "no registry: the names scripts/dist gives the layouts"
+    );
+    assert_eq!(
+        images(&["--set", "image.registry=registry.example.com:5000/fleet"]),
+        (
+            format!("registry.example.com:5000/fleet/micromine-controller:{v}"),
+            format!("registry.example.com:5000/fleet/micromine-agent:{v}")
+        ),
+        "one registry for both"
+    );
+    assert_eq!(
+        images(&[
+            "--set",
+            "image.registry=registry.example.com",
+            "--set",
+            "agent.image.registry=edge-mirror.plant-3.example",
+            "--set",
+            "agent.image.tag=0.1.0-rc1",
+        ]),
+        (
+            format!("registry.example.com/micromine-controller:{v}"),
+            "edge-mirror.plant-3.example/micromine-agent:0.1.0-rc1".to_string()
+        ),
+        "the agent's own registry and tag win"
+    );
 }

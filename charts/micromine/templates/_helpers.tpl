@@ -72,14 +72,22 @@ The controller's ServiceAccount.
 {{- end }}
 
 {{/*
-Images; the tags default to the chart's appVersion (the Cargo workspace version).
+Images: [REGISTRY/]REPOSITORY:TAG, the names and tags scripts/dist gives dist/oci/; the tags
+default to the chart's appVersion (the Cargo workspace version), the agent's registry to the
+controller's.
 */}}
+{{- define "micromine.image" -}}
+{{- $registry := index . 0 }}{{- $image := index . 1 }}{{- $appVersion := index . 2 }}
+{{- $name := printf "%s:%s" $image.repository (default $appVersion $image.tag) }}
+{{- if $registry }}{{ printf "%s/%s" $registry $name }}{{ else }}{{ $name }}{{ end }}
+{{- end }}
+
 {{- define "micromine.controller.image" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "micromine.image" (list .Values.image.registry .Values.image .Chart.AppVersion) }}
 {{- end }}
 
 {{- define "micromine.agent.image" -}}
-{{- printf "%s:%s" .Values.agent.image.repository (default .Chart.AppVersion .Values.agent.image.tag) }}
+{{- include "micromine.image" (list (default .Values.image.registry .Values.agent.image.registry) .Values.agent.image .Chart.AppVersion) }}
 {{- end }}
 
 {{/*
