@@ -356,7 +356,7 @@ fn static_arm_agents_under_qemu_enroll_from_a_token_file_mine_and_hand_their_wor
         eprintln!(
             "{name}: enrolled and mining, {} accepted shares, {} H/s reported",
             number(&device, "/shares/accepted"),
-            device["reported_hashrate"]
+            device["reportedHashrate"]
         );
         stop_and_hand_back(&f, name, agent);
     }
