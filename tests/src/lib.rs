@@ -76,6 +76,9 @@ pub struct Process {
     child: Child,
     lines: Arc<Mutex<Vec<String>>>,
     stdout: Arc<Mutex<String>>,
+    /// The threads copying stderr and stdout; joined once the process has exited, so that
+    /// its last words are in [`Process::log`] when [`Process::wait`] returns.
+    readers: Vec<std::thread::JoinHandle<()>>,
 }
 
 impl Process {
@@ -104,17 +107,18 @@ impl Process {
             .unwrap_or_else(|e| panic!("starting {name}: {e}"));
         let lines: Arc<Mutex<Vec<String>>> = Arc::default();
         let stdout: Arc<Mutex<String>> = Arc::default();
+        let mut readers = Vec::new();
         if let Some(stderr) = child.stderr.take() {
             let lines = lines.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 for line in BufReader::new(stderr).lines().map_while(Result::ok) {
                     lines.lock().expect("log lock").push(line);
                 }
-            });
+            }));
         }
         if let Some(mut out) = child.stdout.take() {
             let stdout = stdout.clone();
-            std::thread::spawn(move || {
+            readers.push(std::thread::spawn(move || {
                 let mut buf = [0u8; 4096];
                 while let Ok(n) = out.read(&mut buf) {
                     if n == 0 {
@@ -125,13 +129,14 @@ impl Process {
                         .expect("stdout lock")
                         .push_str(&String::from_utf8_lossy(&buf[..n]));
                 }
-            });
+            }));
         }
         Process {
             name: name.to_string(),
             child,
             lines,
             stdout,
+            readers,
         }
     }
 
@@ -176,12 +181,19 @@ impl Process {
         self.wait(timeout)
     }
 
-    /// Waits for the process to exit by itself.
+    /// Waits for the process to exit by itself, and for what it wrote to be read.
     pub fn wait(&mut self, timeout: Duration) -> std::process::ExitStatus {
         let name = self.name.clone();
-        wait_until(&format!("{name} to exit"), timeout, || {
+        let status = wait_until(&format!("{name} to exit"), timeout, || {
             self.child.try_wait().ok().flatten()
-        })
+        });
+        // The pipes reach their end with the process, unless a child of its holds them:
+        // then what was read by now has to do.
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline && !self.readers.iter().all(|r| r.is_finished()) {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        status
     }
 }
 
