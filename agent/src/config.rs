@@ -256,28 +256,50 @@ fn edit_distance(a: &str, b: &str) -> usize {
     previous[b.len()]
 }
 
-/// What `run` was given on its command line; `None` where a flag was absent.
-#[derive(Debug, Clone, Default)]
+/// What `run` was given on its command line; `None` where a flag was absent. The flags
+/// are declared here, beside the env file keys they override.
+#[derive(Debug, Clone, Default, clap::Args)]
 pub struct RunArgs {
-    /// `--controller`.
+    /// The controller's gRPC address (env file: MICROMINE_CONTROLLER).
+    #[arg(long, value_name = "https://HOST:PORT")]
     pub controller: Option<String>,
-    /// `--token` (or `MICROMINE_TOKEN` in the environment).
+    /// The bootstrap token itself. Prefer --token-file: a command line is visible to
+    /// every user through `ps`.
+    #[arg(
+        long,
+        env = "MICROMINE_TOKEN",
+        value_name = "TOKEN",
+        hide_env_values = true
+    )]
     pub token: Option<String>,
-    /// `--token-file`.
+    /// A file holding the bootstrap token, readable by this user only (first start
+    /// only; env file: MICROMINE_TOKEN_FILE).
+    #[arg(long, value_name = "FILE")]
     pub token_file: Option<PathBuf>,
-    /// `--env-file`.
+    /// Read settings from this env file (`KEY=VALUE` lines; keys MICROMINE_CONTROLLER,
+    /// _NAME, _LABELS, _TOKEN_FILE, _CA_FILE, _STATE_DIR, _THREADS, _ENGINE, _LOG).
+    #[arg(long, value_name = "FILE")]
     pub env_file: Option<PathBuf>,
-    /// `--name`.
+    /// Device name (default: the host name; env file: MICROMINE_NAME).
+    #[arg(long)]
     pub name: Option<String>,
-    /// `--labels`.
+    /// Labels to report, e.g. `site=plant-3,class=gateway` (env file: MICROMINE_LABELS).
+    #[arg(long, value_name = "k=v,...")]
     pub labels: Option<String>,
-    /// `--state-dir`.
+    /// Where the device key and certificates live [default: /var/lib/micromine-agent]
+    /// (env file: MICROMINE_STATE_DIR).
+    #[arg(long, value_name = "DIR")]
     pub state_dir: Option<PathBuf>,
-    /// `--ca-file`.
+    /// Trust this CA bundle instead of the fingerprint in the token (env file:
+    /// MICROMINE_CA_FILE).
+    #[arg(long, value_name = "FILE")]
     pub ca_file: Option<PathBuf>,
-    /// `--threads`.
+    /// Hashing threads (default: all cores; env file: MICROMINE_THREADS).
+    #[arg(long)]
     pub threads: Option<usize>,
-    /// `--engine`.
+    /// Hashing engine; `auto` picks the fastest this CPU runs (env file:
+    /// MICROMINE_ENGINE).
+    #[arg(long)]
     pub engine: Option<String>,
 }
 

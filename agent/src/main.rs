@@ -34,47 +34,8 @@ enum Command {
     /// `--token-file`, `MICROMINE_TOKEN_FILE`, or the systemd credential
     /// `micromine-agent.token` (`LoadCredential=`), so that it is never on a command line.
     Run {
-        /// The controller's gRPC address (env file: MICROMINE_CONTROLLER).
-        #[arg(long, value_name = "https://HOST:PORT")]
-        controller: Option<String>,
-        /// Read settings from this env file (`KEY=VALUE` lines; keys MICROMINE_CONTROLLER,
-        /// _NAME, _LABELS, _TOKEN_FILE, _CA_FILE, _STATE_DIR, _THREADS, _ENGINE, _LOG).
-        #[arg(long, value_name = "FILE")]
-        env_file: Option<PathBuf>,
-        /// A file holding the bootstrap token, readable by this user only (first start
-        /// only; env file: MICROMINE_TOKEN_FILE).
-        #[arg(long, value_name = "FILE")]
-        token_file: Option<PathBuf>,
-        /// The bootstrap token itself. Prefer --token-file: a command line is visible to
-        /// every user through `ps`.
-        #[arg(
-            long,
-            env = "MICROMINE_TOKEN",
-            value_name = "TOKEN",
-            hide_env_values = true
-        )]
-        token: Option<String>,
-        /// Device name (default: the host name; env file: MICROMINE_NAME).
-        #[arg(long)]
-        name: Option<String>,
-        /// Labels to report, e.g. `site=plant-3,class=gateway` (env file: MICROMINE_LABELS).
-        #[arg(long, value_name = "k=v,...")]
-        labels: Option<String>,
-        /// Where the device key and certificates live [default: /var/lib/micromine-agent]
-        /// (env file: MICROMINE_STATE_DIR).
-        #[arg(long, value_name = "DIR")]
-        state_dir: Option<PathBuf>,
-        /// Trust this CA bundle instead of the fingerprint in the token (env file:
-        /// MICROMINE_CA_FILE).
-        #[arg(long, value_name = "FILE")]
-        ca_file: Option<PathBuf>,
-        /// Hashing threads (default: all cores; env file: MICROMINE_THREADS).
-        #[arg(long)]
-        threads: Option<usize>,
-        /// Hashing engine; `auto` picks the fastest this CPU runs (env file:
-        /// MICROMINE_ENGINE).
-        #[arg(long)]
-        engine: Option<String>,
+        #[command(flatten)]
+        settings: config::RunArgs,
         /// Log as JSON lines.
         #[arg(long)]
         log_json: bool,
@@ -347,36 +308,13 @@ fn run(cli: Cli) -> Result<()> {
             })
         }
         Command::Run {
-            controller,
-            env_file,
-            token_file,
-            token,
-            name,
-            labels,
-            state_dir,
-            ca_file,
-            threads,
-            engine,
+            settings,
             log_json,
             sysfs_root,
             proc_root,
         } => {
             let credentials_dir = std::env::var_os("CREDENTIALS_DIRECTORY").map(PathBuf::from);
-            let settings = config::resolve(
-                config::RunArgs {
-                    controller,
-                    token,
-                    token_file,
-                    env_file,
-                    name,
-                    labels,
-                    state_dir,
-                    ca_file,
-                    threads,
-                    engine,
-                },
-                credentials_dir.as_deref(),
-            )?;
+            let settings = config::resolve(settings, credentials_dir.as_deref())?;
             init_logging(log_json, settings.log_filter.as_deref().unwrap_or("info"));
             match &settings.token_source {
                 config::TokenSource::File(path) => {
