@@ -120,6 +120,6 @@ pub struct DeviceCapacity {
     pub memory_bytes: u64,
     /// What the device measured it can hash at full duty, H/s.
     pub nominal_hashrate: f64,
-    /// The hashing engine in use: `avx512`, `sha-ni`, `armv8-sha2`, `avx2` or `portable`.
+    /// The hashing engine in use: `avx512`, `sha-ni`, `armv8-sha2`, `neon`, `avx2` or `portable`.
     pub hash_engine: String,
 }

@@ -89,7 +89,7 @@ fn bench_and_run_refuse_engines_they_cannot_honour() {
     let stderr = String::from_utf8_lossy(&unknown.stderr);
     assert!(
         stderr.contains(
-            "--engine: unknown engine `avx9`; the engines are: avx512, sha-ni, armv8-sha2, avx2, portable"
+            "--engine: unknown engine `avx9`; the engines are: avx512, sha-ni, armv8-sha2, neon, avx2, portable"
         ),
         "{stderr}"
     );

@@ -1,5 +1,5 @@
 //! The ARMv8 SHA-2 engine (the Cryptography Extension of Cortex-A55/A76 and later, Apple
-//! and Graviton cores; a Raspberry Pi 4's Cortex-A72 lacks it and runs the portable engine).
+//! and Graviton cores; a Raspberry Pi 4's Cortex-A72 lacks it and runs the `neon` engine).
 //!
 //! `sha256h`/`sha256h2` perform four rounds but depend on the previous four, so the engine
 //! hashes `LANES` nonces side by side, as the x86-64 SHA engine does; with 32 vector

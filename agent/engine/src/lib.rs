@@ -7,6 +7,7 @@
 //! - `sha-ni`: x86-64 SHA extensions, several independent nonces interleaved to hide the
 //!   latency of the round instruction;
 //! - `armv8-sha2`: the ARMv8 SHA-2 instructions, interleaved the same way;
+//! - `neon`: aarch64 without the SHA-2 instructions, four nonces per 128-bit register;
 //! - `avx512`: x86-64 AVX-512F, sixteen nonces per 512-bit register, with its rotates
 //!   and three-input logic;
 //! - `avx2`: x86-64 without SHA extensions, eight nonces per 256-bit register;
@@ -32,6 +33,8 @@ mod armv8;
 mod avx2;
 #[cfg(target_arch = "x86_64")]
 mod avx512;
+#[cfg(target_arch = "aarch64")]
+mod neon;
 mod portable;
 mod sha256;
 #[cfg(target_arch = "x86_64")]
@@ -148,6 +151,8 @@ pub enum EngineKind {
     ShaNi,
     /// ARMv8 SHA-2 instructions, nonces interleaved.
     ArmSha2,
+    /// aarch64 NEON, four nonces per register.
+    Neon,
     /// x86-64 AVX2, eight nonces per register.
     Avx2,
     /// Plain Rust, any CPU.
@@ -159,10 +164,11 @@ impl EngineKind {
     /// `avx512` comes before `sha-ni`: it was the faster of the two on the one AVX-512 CPU
     /// measured (an AMD Zen 4, 1.10x), and Intel's cores with AVX-512 have slower
     /// `sha256rnds2` than AMD's.
-    pub const ALL: [EngineKind; 5] = [
+    pub const ALL: [EngineKind; 6] = [
         EngineKind::Avx512,
         EngineKind::ShaNi,
         EngineKind::ArmSha2,
+        EngineKind::Neon,
         EngineKind::Avx2,
         EngineKind::Portable,
     ];
@@ -172,6 +178,7 @@ impl EngineKind {
         match self {
             EngineKind::ShaNi => "sha-ni",
             EngineKind::ArmSha2 => "armv8-sha2",
+            EngineKind::Neon => "neon",
             EngineKind::Avx512 => "avx512",
             EngineKind::Avx2 => "avx2",
             EngineKind::Portable => "portable",
@@ -190,6 +197,8 @@ impl EngineKind {
             EngineKind::Avx2 => avx2::is_available(),
             #[cfg(target_arch = "aarch64")]
             EngineKind::ArmSha2 => armv8::is_available(),
+            #[cfg(target_arch = "aarch64")]
+            EngineKind::Neon => neon::is_available(),
             #[allow(unreachable_patterns)]
             _ => false,
         }
@@ -261,6 +270,8 @@ impl EngineKind {
             EngineKind::ArmSha2 if armv8::is_available() => {
                 armv8::scan(work, start, end, candidate)
             }
+            #[cfg(target_arch = "aarch64")]
+            EngineKind::Neon => neon::scan(work, start, end, candidate),
             _ => portable::scan(work, start, end, candidate),
         }
     }
