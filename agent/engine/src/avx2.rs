@@ -126,27 +126,6 @@ fn round_e_only(s: &mut [V; 8], wk: V) {
     *s = [a, a, b, c, add(d, t1), e, f, g];
 }
 
-/// Message word `$i` of `$w` from the words before it: the broadcast constant part plus the
-/// terms whose source word varies (`$varies` is a const fn, so the branches fold away).
-macro_rules! word {
-    ($w:ident, $parts:ident, $varies:ident, $i:literal) => {{
-        let mut x = $parts[$i];
-        if $varies($i - 2) {
-            x = add(x, small_sigma1($w[$i - 2]));
-        }
-        if $varies($i - 7) {
-            x = add(x, $w[$i - 7]);
-        }
-        if $varies($i - 15) {
-            x = add(x, small_sigma0($w[$i - 15]));
-        }
-        if $varies($i - 16) {
-            x = add(x, $w[$i - 16]);
-        }
-        $w[$i] = x;
-    }};
-}
-
 /// Round `$i`: a varying word plus its round constant, or the precomputed sum.
 macro_rules! round_at {
     ($s:ident, $bc:ident, $w:ident, $wk:ident, $varies:ident, $i:literal) => {{
@@ -159,32 +138,7 @@ macro_rules! round_at {
     }};
 }
 
-/// Broadcast constants of one of the two blocks.
-struct Block {
-    /// The constant part of each schedule word.
-    parts: [V; 64],
-    /// For a constant word, the word plus its round constant; for a varying one, the round
-    /// constant alone, ready to add (AVX2 cannot broadcast from memory inside an addition).
-    wk: [V; 64],
-}
-
-impl Block {
-    #[inline]
-    #[target_feature(enable = "avx2")]
-    fn new(known: &[u32; 16], varies: fn(usize) -> bool) -> Block {
-        let parts = sha256::constant_parts(known, varies);
-        Block {
-            parts: std::array::from_fn(|i| splat(parts[i])),
-            wk: std::array::from_fn(|i| {
-                if varies(i) {
-                    splat(K[i])
-                } else {
-                    splat(parts[i].wrapping_add(K[i]))
-                }
-            }),
-        }
-    }
-}
+broadcast_block!("avx2");
 
 #[target_feature(enable = "avx2")]
 fn scan_lanes(work: &Work, start: u64, end: u64, candidate: &mut dyn FnMut(u32, u32)) {

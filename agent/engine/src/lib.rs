@@ -27,6 +27,10 @@
 use std::fmt;
 use std::str::FromStr;
 
+// Before the engines that use its macros.
+#[cfg(any(target_arch = "x86_64", target_arch = "aarch64"))]
+#[macro_use]
+mod lanes;
 #[cfg(target_arch = "aarch64")]
 mod armv8;
 #[cfg(target_arch = "x86_64")]
