@@ -7,22 +7,25 @@
 //! - `sha-ni`: x86-64 SHA extensions, several independent nonces interleaved to hide the
 //!   latency of the round instruction;
 //! - `armv8-sha2`: the ARMv8 SHA-2 instructions, interleaved the same way;
-//! - `neon`: aarch64 without the SHA-2 instructions, four nonces per 128-bit register;
+//! - `neon`: ARM without the SHA-2 instructions, four nonces per 128-bit register: on
+//!   aarch64 always, on 32-bit ARMv7 where the CPU has NEON (found at run time);
 //! - `avx512`: x86-64 AVX-512F, sixteen nonces per 512-bit register, with its rotates
 //!   and three-input logic;
 //! - `avx2`: x86-64 without SHA extensions, eight nonces per 256-bit register;
 //! - `portable`: plain Rust, on any CPU.
 //!
 //! All of them skip what does not depend on the nonce (the first 64 header bytes, the
-//! padding words of both hashes and, except on ARM, whose instructions work four rounds at a
-//! time, the first hash's rounds before the nonce), and all but ARM stop the second hash as
-//! soon as its last state word, the hash's most significant 32 bits, is known:
+//! padding words of both hashes and, except in `armv8-sha2`, whose instructions work four
+//! rounds at a time, the first hash's rounds before the nonce), and all but `armv8-sha2`
+//! stop the second hash as soon as its last state word, the hash's most significant 32
+//! bits, is known:
 //! that word rejects all but one in 2^32 hashes at difficulty 1. Survivors are checked in
 //! full by the portable code before they are reported.
 //!
 //! [`EngineKind::detect`] picks the fastest engine the CPU runs, so one binary serves every
 //! device of an architecture. Unsafe code lives only in the SIMD modules, which need it to
-//! call functions compiled for CPU features that run-time detection has confirmed.
+//! call functions compiled (on 32-bit ARM, assembled) for CPU features that run-time
+//! detection has confirmed.
 
 use std::fmt;
 use std::str::FromStr;
@@ -39,6 +42,8 @@ mod avx2;
 mod avx512;
 #[cfg(target_arch = "aarch64")]
 mod neon;
+#[cfg(target_arch = "arm")]
+mod neon_armv7;
 mod portable;
 mod sha256;
 #[cfg(target_arch = "x86_64")]
@@ -155,7 +160,7 @@ pub enum EngineKind {
     ShaNi,
     /// ARMv8 SHA-2 instructions, nonces interleaved.
     ArmSha2,
-    /// aarch64 NEON, four nonces per register.
+    /// NEON, four nonces per register: aarch64, and 32-bit ARMv7 CPUs that have it.
     Neon,
     /// x86-64 AVX2, eight nonces per register.
     Avx2,
@@ -203,6 +208,8 @@ impl EngineKind {
             EngineKind::ArmSha2 => armv8::is_available(),
             #[cfg(target_arch = "aarch64")]
             EngineKind::Neon => neon::is_available(),
+            #[cfg(target_arch = "arm")]
+            EngineKind::Neon => neon_armv7::is_available(),
             #[allow(unreachable_patterns)]
             _ => false,
         }
@@ -276,6 +283,10 @@ impl EngineKind {
             }
             #[cfg(target_arch = "aarch64")]
             EngineKind::Neon => neon::scan(work, start, end, candidate),
+            #[cfg(target_arch = "arm")]
+            EngineKind::Neon if neon_armv7::is_available() => {
+                neon_armv7::scan(work, start, end, candidate)
+            }
             _ => portable::scan(work, start, end, candidate),
         }
     }
