@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 use micromine_proto::work::Target;
 use serde::Serialize;
 
+use crate::calibrate::{self, Basis, Selection};
 use crate::engine::{self, EngineKind};
 use crate::sensors::Sensors;
 
@@ -103,8 +104,9 @@ pub fn run(
 }
 
 /// The human-readable report of `micromine-agent bench`: one line per engine, the selected
-/// one marked.
-pub fn table(selected: EngineKind, reports: &[BenchReport]) -> String {
+/// one marked, then how it was chosen, and a warning when another engine measured faster.
+pub fn table(selection: &Selection, reports: &[BenchReport]) -> String {
+    let selected = selection.engine;
     let mut out = format!(
         "{:<12} {:>7} {:>10} {:>12} {:>11}\n",
         "engine", "threads", "MH/s", "MH/s/thread", "MH/J"
@@ -129,6 +131,29 @@ pub fn table(selected: EngineKind, reports: &[BenchReport]) -> String {
     }
     if reports.iter().all(|r| r.hashes_per_joule.is_none()) {
         out.push_str("MH/J: this device reports no power draw (no battery `power_now`)\n");
+    }
+    if selection.basis == Basis::Calibrated {
+        let timed: Vec<String> = selection
+            .rates
+            .iter()
+            .map(|(engine, rate)| format!("{engine} {:.2}", rate / 1e6))
+            .collect();
+        out.push_str(&format!(
+            "selected by timing each engine on one thread for {} ms in all (MH/s): {}\n",
+            calibrate::BUDGET.as_millis(),
+            timed.join(", ")
+        ));
+    }
+    let fastest = reports
+        .iter()
+        .max_by(|a, b| a.hashes_per_second.total_cmp(&b.hashes_per_second));
+    if let Some(fastest) = fastest
+        && fastest.engine != selected.name()
+    {
+        out.push_str(&format!(
+            "note: `{}` measured faster here than the selected `{selected}`\n",
+            fastest.engine
+        ));
     }
     out.trim_end().to_string()
 }

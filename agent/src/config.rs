@@ -18,7 +18,7 @@ use std::path::{Path, PathBuf};
 use micromine_proto::token::BootstrapToken;
 
 use crate::cli::parse_labels;
-use crate::engine::{self, EngineKind};
+use crate::engine::{self, EngineRequest};
 use crate::identity::{self, DeviceIdentity};
 
 /// The state directory when neither `--state-dir` nor `MICROMINE_STATE_DIR` names one
@@ -297,8 +297,9 @@ pub struct RunArgs {
     /// Hashing threads (default: all cores; env file: MICROMINE_THREADS).
     #[arg(long)]
     pub threads: Option<usize>,
-    /// Hashing engine; `auto` picks the fastest this CPU runs (env file:
-    /// MICROMINE_ENGINE).
+    /// Hashing engine; `auto` times every engine this CPU runs at the first start (200 ms)
+    /// and uses the fastest, keeping the choice in the state directory per CPU model and
+    /// agent version (env file: MICROMINE_ENGINE).
     #[arg(long)]
     pub engine: Option<String>,
 }
@@ -335,8 +336,8 @@ pub struct RunSettings {
     pub ca_file: Option<PathBuf>,
     /// Hashing threads, if set.
     pub threads: Option<usize>,
-    /// The hashing engine.
-    pub engine: EngineKind,
+    /// The hashing engine asked for.
+    pub engine: EngineRequest,
     /// A log filter from the env file.
     pub log_filter: Option<String>,
 }
@@ -772,7 +773,7 @@ mod tests {
         assert_eq!(settings.threads, Some(3));
         assert_eq!(settings.token_source, TokenSource::File(token));
         assert!(settings.token.is_some());
-        assert_eq!(settings.engine, EngineKind::detect());
+        assert_eq!(settings.engine, EngineRequest::Auto);
 
         let only_file = resolve(
             RunArgs {

@@ -10,14 +10,34 @@ pub fn prepare(prefix: &[u8; HEADER_PREFIX_LEN], target: Target) -> Work {
     Work::new(prefix, &target.to_le_bytes())
 }
 
+/// The engine the operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum EngineRequest {
+    /// The fastest this CPU runs, as measured at start (`crate::calibrate`).
+    Auto,
+    /// This engine, which the CPU runs.
+    Named(EngineKind),
+}
+
+impl EngineRequest {
+    /// The engine without measuring: a named one, or the first the CPU runs in the crate's
+    /// order (for simulated devices, whose rate is set rather than measured).
+    pub fn without_measuring(self) -> EngineKind {
+        match self {
+            EngineRequest::Auto => EngineKind::detect(),
+            EngineRequest::Named(kind) => kind,
+        }
+    }
+}
+
 /// An engine choice from the command line: `auto` or a named engine that must be available.
-pub fn select(requested: Option<&str>) -> Result<EngineKind, EngineSelectError> {
+pub fn select(requested: Option<&str>) -> Result<EngineRequest, EngineSelectError> {
     match requested {
-        None | Some("auto") => Ok(EngineKind::detect()),
+        None | Some("auto") => Ok(EngineRequest::Auto),
         Some(name) => {
             let kind: EngineKind = name.parse()?;
             if kind.is_available() {
-                Ok(kind)
+                Ok(EngineRequest::Named(kind))
             } else {
                 Err(EngineSelectError::Unavailable {
                     kind,
@@ -56,9 +76,12 @@ mod tests {
 
     #[test]
     fn select_names_the_problem() {
-        assert_eq!(select(None).ok(), Some(EngineKind::detect()));
-        assert_eq!(select(Some("auto")).ok(), Some(EngineKind::detect()));
-        assert_eq!(select(Some("portable")).ok(), Some(EngineKind::Portable));
+        assert_eq!(select(None).ok(), Some(EngineRequest::Auto));
+        assert_eq!(select(Some("auto")).ok(), Some(EngineRequest::Auto));
+        assert_eq!(
+            select(Some("portable")).ok(),
+            Some(EngineRequest::Named(EngineKind::Portable))
+        );
         let err = select(Some("avx9")).expect_err("unknown");
         assert!(
             err.to_string()

@@ -4,6 +4,7 @@
 //!
 //! # Layout
 //! - `engine`: SHA-256d nonce scanning engines and their runtime selection.
+//! - `calibrate`: choosing the engine by timing each at start, and keeping the choice.
 //! - `bench`: measuring an engine's hash rate.
 //! - `capacity`: what the device has (cores, architecture, memory).
 //! - `miner`: hashing threads working through assigned nonce ranges.
@@ -22,6 +23,7 @@
 
 pub mod backoff;
 pub mod bench;
+pub mod calibrate;
 pub mod capacity;
 pub mod cli;
 pub mod config;

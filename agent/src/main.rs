@@ -12,7 +12,7 @@ use micromine_agent::engine::{self, EngineKind};
 use micromine_agent::sensors::{SensorPaths, Sensors};
 use micromine_agent::session::{self, AgentConfig, AgentCounters};
 use micromine_agent::telemetry::AgentTelemetry;
-use micromine_agent::{bench, capacity, simulate};
+use micromine_agent::{bench, calibrate, capacity, simulate};
 use micromine_proto::token::BootstrapToken;
 
 #[derive(Parser)]
@@ -111,8 +111,9 @@ enum Command {
         /// Hashing threads (default: all cores).
         #[arg(long)]
         threads: Option<usize>,
-        /// The engine `run` would use (`auto` picks the fastest this CPU runs); measured
-        /// first and marked as selected.
+        /// The engine `run` would use (`auto` times every engine this CPU runs, as `run`
+        /// does at its first start, and picks the fastest); measured first and marked as
+        /// selected.
         #[arg(long, default_value = "auto")]
         engine: String,
         /// Print one JSON object instead of a table.
@@ -174,10 +175,18 @@ fn run(cli: Cli) -> Result<()> {
             json,
             sysfs_root,
         } => {
-            let selected = engine::select(Some(&engine))?;
+            let request = engine::select(Some(&engine))?;
             if !(seconds.is_finite() && (0.05..=3600.0).contains(&seconds)) {
                 anyhow::bail!("--seconds: {seconds} is not between 0.05 and 3600");
             }
+            // The same choice `run` makes at start, without its cache: the table then shows
+            // whether the calibration picked what the longer measurement finds fastest.
+            let selection = calibrate::select(
+                request,
+                &calibrate::Context::this_machine(None),
+                calibrate::single_thread_rate,
+            );
+            let selected = selection.engine;
             let threads = threads.unwrap_or_else(|| capacity::cores() as usize);
             let mut sensors = Sensors::new(SensorPaths {
                 sysfs: sysfs_root,
@@ -198,12 +207,14 @@ fn run(cli: Cli) -> Result<()> {
             if json {
                 let out = serde_json::json!({
                     "selected": selected.name(),
+                    "basis": selection.basis.name(),
+                    "calibration": selection.rates,
                     "cpu": capacity::cpu_model(),
                     "results": reports,
                 });
                 println!("{out}");
             } else {
-                println!("{}", bench::table(selected, &reports));
+                println!("{}", bench::table(&selection, &reports));
             }
             Ok(())
         }

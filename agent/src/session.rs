@@ -27,8 +27,9 @@ use tokio_util::sync::CancellationToken;
 
 use crate::backoff::Backoff;
 use crate::bench;
+use crate::calibrate;
 use crate::capacity;
-use crate::engine::EngineKind;
+use crate::engine::EngineRequest;
 use crate::governor::Governor;
 use crate::identity::{self, DeviceIdentity, IdentityError};
 use crate::miner::{FinishReason, Miner, MinerEvent, WorkOrder};
@@ -86,8 +87,8 @@ pub struct AgentConfig {
     pub ca_file: Option<PathBuf>,
     /// Hashing threads.
     pub threads: usize,
-    /// Hashing engine.
-    pub engine: EngineKind,
+    /// Hashing engine: named, or chosen by timing them at start.
+    pub engine: EngineRequest,
     /// How long to benchmark at start to learn the nominal hash rate.
     pub bench_duration: Duration,
     /// First reconnect delay.
@@ -281,14 +282,24 @@ pub async fn run(
 ) -> Result<AgentStats, AgentError> {
     let mut identity = ensure_identity(&config).await?;
     let (capacity, (miner, events), sensors) = match &config.simulation {
-        Some(simulated) => (
-            simulated.capacity(config.engine),
-            Miner::start_paced(&simulated.pool, config.engine, simulated.hashrate),
-            SensorSource::Synthetic(SyntheticSensors::new()),
-        ),
+        Some(simulated) => {
+            let engine = config.engine.without_measuring();
+            (
+                simulated.capacity(engine),
+                Miner::start_paced(&simulated.pool, engine, simulated.hashrate),
+                SensorSource::Synthetic(SyntheticSensors::new()),
+            )
+        }
         None => {
             let threads = config.threads.max(1);
-            let measured = bench::run(config.engine, threads, config.bench_duration, None);
+            let context = calibrate::Context::this_machine(Some(&config.state_dir));
+            // Like the benchmark after it, this blocks the thread: nothing else of this
+            // agent runs before it has an engine.
+            let selection =
+                calibrate::select(config.engine, &context, calibrate::single_thread_rate);
+            tracing::info!(engine = %selection.engine, basis = selection.basis.name(),
+                rates = ?selection.rates, "hashing engine chosen");
+            let measured = bench::run(selection.engine, threads, config.bench_duration, None);
             tracing::info!(engine = %measured.engine, threads,
                 hashes_per_second = measured.hashes_per_second, "benchmarked");
             let capacity = pb::Capacity {
@@ -298,10 +309,12 @@ pub async fn run(
                 memory_bytes: capacity::memory_bytes(),
                 nominal_hashrate: measured.hashes_per_second,
                 hash_engine: measured.engine.clone(),
+                hash_engine_basis: selection.basis.name().to_string(),
+                hash_engine_rates: selection.rates.into_iter().collect(),
             };
             (
                 capacity,
-                Miner::start(config.engine, threads),
+                Miner::start(selection.engine, threads),
                 SensorSource::Device(Sensors::new(config.sensors.clone())),
             )
         }

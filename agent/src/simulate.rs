@@ -23,7 +23,7 @@ use micromine_proto::token::BootstrapToken;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
-use crate::engine::EngineKind;
+use crate::engine::{EngineKind, EngineRequest};
 use crate::miner::PacedPool;
 use crate::session::{self, AgentConfig, AgentCounters, AgentError, AgentStats};
 use crate::telemetry::AgentTelemetry;
@@ -62,6 +62,8 @@ impl SimulatedDevice {
             memory_bytes: 512 << 20,
             nominal_hashrate: self.hashrate,
             hash_engine: format!("{} (simulated)", engine.name()),
+            hash_engine_basis: "simulated".to_string(),
+            hash_engine_rates: Default::default(),
         }
     }
 
@@ -333,7 +335,7 @@ pub async fn run(
 ) -> Tally {
     let pool = Arc::new(PacedPool::new(config.hash_threads));
     let latency = Arc::new(LatencyRecorder::default());
-    let engine = EngineKind::detect();
+    let engine = EngineRequest::Auto;
     let devices_stop = shutdown.child_token();
     let started_at = Instant::now();
     let deadline = config.duration.map(|d| tokio::time::Instant::now() + d);

@@ -93,6 +93,8 @@ fn device(i: usize, now_ms: i64, step: u64) -> DeviceView {
         mining_threads: 3,
         arch: "aarch64".into(),
         hash_engine: "armv8-sha2".into(),
+        hash_engine_basis: "cached".into(),
+        hash_engine_rates: Default::default(),
         agent_version: "0.1.0".into(),
         nominal_hashrate: 2.0e6,
         reported_hashrate: 1.9e6 + jitter,

@@ -3,6 +3,8 @@
 //! spec (`unschedulable` drains it, `revoked` cuts it off); the controller reports what
 //! the device is doing in its status, at a bounded rate.
 
+use std::collections::BTreeMap;
+
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 use kube::CustomResource;
 use schemars::JsonSchema;
@@ -122,4 +124,12 @@ pub struct DeviceCapacity {
     pub nominal_hashrate: f64,
     /// The hashing engine in use: `avx512`, `sha-ni`, `armv8-sha2`, `neon`, `avx2` or `portable`.
     pub hash_engine: String,
+    /// How the agent chose it: `calibrated` (the fastest when timed at its start), `cached`
+    /// (timed at an earlier start on the same CPU model and agent version), `configured`
+    /// (named by `--engine`) or `simulated`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hash_engine_basis: Option<String>,
+    /// What each engine the agent timed reached on one thread, H/s, by engine name.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub hash_engine_rates: BTreeMap<String, f64>,
 }

@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use micromine_agent::engine::EngineKind;
+use micromine_agent::engine::EngineRequest;
 use micromine_agent::session::{self, AgentConfig, AgentCounters, AgentError};
 use tokio_util::sync::CancellationToken;
 
@@ -169,7 +169,7 @@ pub async fn run(
             state_dir: data_dir.join("agents").join(&name),
             ca_file: None,
             threads,
-            engine: EngineKind::detect(),
+            engine: EngineRequest::Auto,
             bench_duration: Duration::from_millis(500),
             backoff_base: Duration::from_millis(200),
             backoff_max: Duration::from_secs(5),

@@ -51,6 +51,7 @@ pub fn hello(nominal_hashrate: f64) -> pb::AgentMessage {
                 memory_bytes: 0,
                 nominal_hashrate,
                 hash_engine: "test".into(),
+                ..Default::default()
             }),
             labels: [("site".to_string(), "e2e".to_string())].into(),
             version: "test".into(),

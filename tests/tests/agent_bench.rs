@@ -1,5 +1,5 @@
 //! `micromine-agent bench` as an operator runs it on a device: every engine the CPU runs,
-//! the selected one first, hashes per joule from the device's power draw, and clear errors
+//! the one `run` would select (by timing them) first, hashes per joule from the device's power draw, and clear errors
 //! for engines it cannot honour.
 
 use std::process::Command;
@@ -27,16 +27,35 @@ fn bench_measures_every_engine_this_cpu_runs_and_hashes_per_joule() {
         ],
     );
     let report: Value = serde_json::from_str(out.trim()).expect("one JSON object");
-    assert_eq!(report["selected"], EngineKind::detect().name(), "{report}");
+    // Selected as `run` selects: by timing every engine the CPU runs, the fastest wins.
+    assert_eq!(report["basis"], "calibrated", "{report}");
+    let calibration = report["calibration"].as_object().expect("calibration");
+    let available: Vec<&str> = EngineKind::available().map(EngineKind::name).collect();
+    let mut timed: Vec<&str> = calibration.keys().map(String::as_str).collect();
+    timed.sort();
+    let mut expected = available.clone();
+    expected.sort();
+    assert_eq!(timed, expected, "{report}");
+    let fastest = calibration
+        .iter()
+        .max_by(|a, b| {
+            a.1.as_f64()
+                .unwrap_or(0.0)
+                .total_cmp(&b.1.as_f64().unwrap_or(0.0))
+        })
+        .map(|(name, _)| name.as_str());
+    assert_eq!(report["selected"].as_str(), fastest, "{report}");
     let results = report["results"].as_array().expect("results");
     let engines: Vec<&str> = results
         .iter()
         .map(|r| r["engine"].as_str().expect("engine name"))
         .collect();
-    let available: Vec<&str> = EngineKind::available().map(EngineKind::name).collect();
+    let selected = report["selected"].as_str().expect("selected");
+    let rest = available.iter().copied().filter(|name| *name != selected);
     assert_eq!(
-        engines, available,
-        "the selected (fastest) engine first, then the rest"
+        engines,
+        std::iter::once(selected).chain(rest).collect::<Vec<_>>(),
+        "the selected engine first, then the rest"
     );
     for result in results {
         let rate = result["hashes_per_second"].as_f64().expect("rate");
@@ -73,9 +92,21 @@ fn bench_with_a_forced_engine_measures_it_first_and_prints_a_table() {
         lines[1].starts_with("portable") && lines[1].ends_with("selected"),
         "{out}"
     );
-    assert_eq!(lines.len(), 2 + EngineKind::available().count(), "{out}");
     // No power supply in this sysfs: no made-up efficiency, and the table says why.
     assert!(out.contains("reports no power draw"), "{out}");
+    // A forced engine is not timed against the others, but a faster one is pointed out.
+    assert!(!out.contains("selected by timing"), "{out}");
+    let faster_exists = EngineKind::available().count() > 1;
+    assert_eq!(
+        out.contains("measured faster here than the selected `portable`"),
+        faster_exists,
+        "{out}"
+    );
+    assert_eq!(
+        lines.len(),
+        2 + EngineKind::available().count() + usize::from(faster_exists),
+        "{out}"
+    );
 }
 
 #[test]

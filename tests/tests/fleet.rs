@@ -1,9 +1,10 @@
 //! A standalone controller and separate agent processes on loopback: reclaiming the work
-//! of a killed agent, and surviving a controller crash.
+//! of a killed agent, surviving a controller crash, and the engine an agent chooses.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
+use micromine_agent::engine::EngineKind;
 use micromine_e2e::{
     ControllerProcess, create_token, free_port, start_agent, test_manifest, wait_until,
 };
@@ -275,4 +276,87 @@ fn manifest_edits_take_effect_and_broken_ones_disturb_nothing() {
     wait_until("the worker to mine again", Duration::from_secs(15), || {
         (controller.device("worker")?["state"] == "mining").then_some(())
     });
+}
+
+/// `run` times the engines at its first start and hashes with the fastest, keeps that
+/// choice for its next start on the same CPU, measures again when the kept one is from
+/// another CPU model, and the controller shows each choice on the device.
+#[test]
+fn an_agent_times_its_engines_once_per_cpu_and_the_device_shows_the_choice() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let manifests = dir.path().join("manifests");
+    std::fs::create_dir_all(&manifests).expect("mkdir");
+    std::fs::write(manifests.join("e2e.yaml"), test_manifest("e2e", 2, 1e12)).expect("write");
+    let data = dir.path().join("data");
+    let controller = ControllerProcess::start(
+        &manifests,
+        &data,
+        loopback(free_port()),
+        loopback(free_port()),
+    );
+    let token = create_token(&data, 1);
+    let state = dir.path().join("gw");
+    let available: Vec<&str> = EngineKind::available().map(EngineKind::name).collect();
+    // The device as the controller reports it once a session with `basis` is open.
+    let session_with = |basis: &str| {
+        wait_until(
+            &format!("a session whose engine was {basis}"),
+            Duration::from_secs(30),
+            || {
+                let device = controller.device("gw")?;
+                (device["connected"] == true && device["hashEngineBasis"] == basis)
+                    .then_some(device)
+            },
+        )
+    };
+
+    let mut agent = start_agent(&controller, &token, "gw", &state, "site=e2e");
+    let device = session_with("calibrated");
+    let rates = device["hashEngineRates"]
+        .as_object()
+        .expect("rates")
+        .clone();
+    let timed: Vec<&str> = available
+        .iter()
+        .copied()
+        .filter(|name| rates.contains_key(*name))
+        .collect();
+    assert_eq!(
+        timed, available,
+        "every engine this CPU runs is timed: {device}"
+    );
+    let fastest = rates
+        .iter()
+        .max_by(|a, b| {
+            a.1.as_f64()
+                .unwrap_or(0.0)
+                .total_cmp(&b.1.as_f64().unwrap_or(0.0))
+        })
+        .map(|(name, _)| name.clone())
+        .expect("a rate");
+    assert_eq!(device["hashEngine"], fastest.as_str(), "{device}");
+    let cache = state.join("engine-calibration.json");
+    let kept: Value =
+        serde_json::from_slice(&std::fs::read(&cache).expect("the choice is kept")).expect("json");
+    assert_eq!(kept["engine"], fastest.as_str());
+    agent.kill();
+
+    // Same CPU, same agent: the kept choice, not a new measurement.
+    let mut agent = start_agent(&controller, &token, "gw", &state, "site=e2e");
+    let device = session_with("cached");
+    assert_eq!(device["hashEngine"], fastest.as_str());
+    assert_eq!(device["hashEngineRates"].as_object(), Some(&rates));
+    agent.kill();
+
+    // A choice made on another CPU model (the disk moved to another board) is not trusted.
+    let mut elsewhere = kept.clone();
+    elsewhere["cpu_model"] = "Some Other CPU".into();
+    elsewhere["engine"] = "portable".into();
+    elsewhere["rates"] = serde_json::json!({"portable": 1e12});
+    std::fs::write(&cache, elsewhere.to_string()).expect("write");
+    let _agent = start_agent(&controller, &token, "gw", &state, "site=e2e");
+    let device = session_with("calibrated");
+    assert_ne!(device["hashEngineRates"]["portable"], 1e12, "{device}");
+    let kept: Value = serde_json::from_slice(&std::fs::read(&cache).expect("kept")).expect("json");
+    assert_ne!(kept["cpu_model"], "Some Other CPU", "{kept}");
 }

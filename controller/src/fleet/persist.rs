@@ -92,7 +92,14 @@ pub struct DeviceCapacity {
     pub nominal_hashrate: f64,
     /// Hash engine.
     pub hash_engine: String,
+    /// How the agent chose it (`calibrated`, `cached`, `configured`, `simulated`).
+    pub hash_engine_basis: String,
+    /// One thread's hashes per second for each engine the agent timed, by engine name.
+    pub hash_engine_rates: BTreeMap<String, f64>,
 }
+
+/// Most engine rates kept from one report: more than any agent build has engines.
+const MAX_ENGINE_RATES: usize = 16;
 
 impl From<pb::Capacity> for DeviceCapacity {
     fn from(c: pb::Capacity) -> Self {
@@ -103,6 +110,17 @@ impl From<pb::Capacity> for DeviceCapacity {
             memory_bytes: c.memory_bytes,
             nominal_hashrate: c.nominal_hashrate,
             hash_engine: c.hash_engine.chars().take(64).collect(),
+            hash_engine_basis: c.hash_engine_basis.chars().take(16).collect(),
+            // What the controller keeps and writes into EdgeDevice status is bounded: a
+            // hostile report could otherwise grow both without limit.
+            hash_engine_rates: c
+                .hash_engine_rates
+                .into_iter()
+                .filter(|(name, rate)| {
+                    !name.is_empty() && name.len() <= 32 && rate.is_finite() && *rate >= 0.0
+                })
+                .take(MAX_ENGINE_RATES)
+                .collect(),
         }
     }
 }
@@ -308,4 +326,48 @@ pub fn forget_headers(txn: &WriteTransaction, ids: &[u64]) -> Result<(), StoreEr
         remove_json(txn, HEADERS, &id_key(*id))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An agent's capacity report is kept only within bounds: it ends up in the store and
+    /// in EdgeDevice status, so a hostile or broken agent must not be able to grow either.
+    #[test]
+    fn a_hostile_capacity_report_is_kept_within_bounds() {
+        let mut rates: BTreeMap<String, f64> = (0..1000)
+            .map(|i| (format!("engine-{i:04}"), i as f64))
+            .collect();
+        rates.insert("nan".into(), f64::NAN);
+        rates.insert("infinite".into(), f64::INFINITY);
+        rates.insert("negative".into(), -1.0);
+        rates.insert(String::new(), 1.0);
+        rates.insert("x".repeat(33), 1.0);
+        let kept = DeviceCapacity::from(pb::Capacity {
+            arch: "a".repeat(100),
+            hash_engine: "e".repeat(100),
+            hash_engine_basis: "b".repeat(100),
+            hash_engine_rates: rates,
+            ..Default::default()
+        });
+        assert_eq!(kept.arch.len(), 32);
+        assert_eq!(kept.hash_engine.len(), 64);
+        assert_eq!(kept.hash_engine_basis.len(), 16);
+        assert_eq!(kept.hash_engine_rates.len(), MAX_ENGINE_RATES);
+        for (name, rate) in &kept.hash_engine_rates {
+            assert!(name.starts_with("engine-"), "{name}");
+            assert!(rate.is_finite() && *rate >= 0.0, "{name}: {rate}");
+        }
+
+        let honest = DeviceCapacity::from(pb::Capacity {
+            hash_engine: "avx2".into(),
+            hash_engine_basis: "calibrated".into(),
+            hash_engine_rates: [("avx2".to_string(), 14e6), ("sha-ni".to_string(), 12e6)].into(),
+            ..Default::default()
+        });
+        assert_eq!(honest.hash_engine_basis, "calibrated");
+        assert_eq!(honest.hash_engine_rates.len(), 2);
+        assert_eq!(honest.hash_engine_rates.get("avx2"), Some(&14e6));
+    }
 }

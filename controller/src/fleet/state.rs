@@ -1514,6 +1514,8 @@ impl FleetState {
                     mining_threads: d.record.capacity.mining_threads,
                     arch: d.record.capacity.arch.clone(),
                     hash_engine: d.record.capacity.hash_engine.clone(),
+                    hash_engine_basis: d.record.capacity.hash_engine_basis.clone(),
+                    hash_engine_rates: d.record.capacity.hash_engine_rates.clone(),
                     agent_version: d.record.agent_version.clone(),
                     nominal_hashrate: d.record.capacity.nominal_hashrate,
                     reported_hashrate: if connected { d.reported_hashrate } else { 0.0 },

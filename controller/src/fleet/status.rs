@@ -111,6 +111,10 @@ pub struct DeviceView {
     pub arch: String,
     /// Hash engine.
     pub hash_engine: String,
+    /// How the agent chose it (`calibrated`, `cached`, `configured`, `simulated`).
+    pub hash_engine_basis: String,
+    /// One thread's hashes per second for each engine the agent timed, by engine name.
+    pub hash_engine_rates: BTreeMap<String, f64>,
     /// Agent version.
     pub agent_version: String,
     /// Claimed full-speed hash rate (H/s); used only to size work.

@@ -410,6 +410,9 @@ fn status_of(device: &DeviceView, conditions: Vec<Condition>) -> EdgeDeviceStatu
             memory_bytes: device.memory_bytes,
             nominal_hashrate: device.nominal_hashrate,
             hash_engine: device.hash_engine.clone(),
+            hash_engine_basis: Some(device.hash_engine_basis.clone())
+                .filter(|basis| !basis.is_empty()),
+            hash_engine_rates: device.hash_engine_rates.clone(),
         }),
         conditions,
         last_heartbeat_time: time_from_unix_ms(device.last_seen_unix_ms),
@@ -703,6 +706,12 @@ mod tests {
             mining_threads: 3,
             arch: "aarch64".into(),
             hash_engine: "armv8-sha2".into(),
+            hash_engine_basis: "calibrated".into(),
+            hash_engine_rates: [
+                ("armv8-sha2".to_string(), 1.1e6),
+                ("neon".to_string(), 0.3e6),
+            ]
+            .into(),
             agent_version: "0.1.0".into(),
             nominal_hashrate: 2.0e6,
             reported_hashrate: 1.9e6,
@@ -941,6 +950,15 @@ mod tests {
         let status = expect(&mut api, Method::PATCH, &format!("{path}/status")).await;
         assert_eq!(status.body["status"]["assignedMiner"], "plant/night-shift");
         assert_eq!(status.body["status"]["capacity"]["arch"], "aarch64");
+        // The engine choice and what it was chosen from, as the agent reported them.
+        assert_eq!(
+            status.body["status"]["capacity"]["hashEngineBasis"],
+            "calibrated"
+        );
+        assert_eq!(
+            status.body["status"]["capacity"]["hashEngineRates"],
+            json!({"armv8-sha2": 1.1e6, "neon": 0.3e6})
+        );
         assert!(status.body.get("spec").is_none());
         let mut echo = status.body.clone();
         echo["metadata"] = json!({"name": "gw-1"});
