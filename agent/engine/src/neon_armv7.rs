@@ -297,8 +297,32 @@ core::arch::global_asm!(
     .endif
     .endm
 
+    @ The same for two values at once, interleaved for an in-order core: \t from \x,
+    @ \t2 from \x2, both rotations only.
+    .macro mm_sigma2 t, u, x, r1, r2, r3, t2, u2, x2, s1, s2, s3
+    vshr.u32 \t, \x, #\r1
+    vshr.u32 \t2, \x2, #\s1
+    vshr.u32 \u, \x, #\r2
+    vshr.u32 \u2, \x2, #\s2
+    vsli.32 \t, \x, #(32-\r1)
+    vsli.32 \t2, \x2, #(32-\s1)
+    vsli.32 \u, \x, #(32-\r2)
+    vsli.32 \u2, \x2, #(32-\s2)
+    veor \t, \t, \u
+    veor \t2, \t2, \u2
+    vshr.u32 \u, \x, #\r3
+    vshr.u32 \u2, \x2, #\s3
+    vsli.32 \u, \x, #(32-\r3)
+    vsli.32 \u2, \x2, #(32-\s3)
+    veor \t, \t, \u
+    veor \t2, \t2, \u2
+    .endm
+
     @ Round \i of \block on the state \a..\h: h becomes T1 and then the new a, d the new
-    @ e. With \e_only, only the new e (the second hash's rounds 57..60).
+    @ e. With \e_only, only the new e (the second hash's rounds 57..60). q8 holds W + K;
+    @ Σ1(e) and Σ0(a), Ch and Maj are computed side by side, as they are independent.
+    @ Ch(e, f, g) is f where e is set, g elsewhere; Maj(a, b, c) is c where a and b
+    @ differ, b where they agree.
     .macro mm_round a, b, c, d, e, f, g, h, block, i, last, e_only
     vld1.32 {{q8}}, [r4 :128]!
     mm_varies .Lmm_vi, \block, \i
@@ -306,6 +330,7 @@ core::arch::global_asm!(
     mm_word \block, \i, \last
     vadd.i32 q8, q8, q15
     .endif
+    .if \e_only
     vadd.i32 \h, \h, q8
     mm_sigma q9, q10, \e, 6, 11, 25, 0
     vmov q10, \e
@@ -313,13 +338,18 @@ core::arch::global_asm!(
     vadd.i32 \h, \h, q9
     vadd.i32 \h, \h, q10
     vadd.i32 \d, \d, \h
-    .if \e_only == 0
-    mm_sigma q9, q10, \a, 2, 13, 22, 0
-    @ Maj(a, b, c): c where a and b differ, b where they agree.
-    veor q8, \a, \b
-    vbsl q8, \c, \b
-    vadd.i32 \h, \h, q9
+    .else
+    mm_sigma2 q9, q10, \e, 6, 11, 25, q11, q12, \a, 2, 13, 22
+    vmov q13, \e
+    veor q14, \a, \b
+    vbsl q13, \f, \g
+    vbsl q14, \c, \b
     vadd.i32 \h, \h, q8
+    vadd.i32 q11, q11, q14
+    vadd.i32 \h, \h, q13
+    vadd.i32 \h, \h, q9
+    vadd.i32 \d, \d, \h
+    vadd.i32 \h, \h, q11
     .endif
     .endm
 
@@ -424,6 +454,7 @@ micromine_neon_armv7_hash4:
 
     .purgem mm_varies
     .purgem mm_sigma
+    .purgem mm_sigma2
     .purgem mm_point
     .purgem mm_load
     .purgem mm_load2
