@@ -20,7 +20,7 @@ use micromine_proto::work::Target;
 use serde::{Deserialize, Serialize};
 
 use crate::engine::{self, EngineKind, EngineRequest, Work};
-use crate::files::write_file_atomic;
+use micromine_host::files::write_file_atomic;
 
 /// Longest the calibration at start may take, all engines together.
 pub const BUDGET: Duration = Duration::from_millis(200);

@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 
 use micromine_proto::token::BootstrapToken;
 
-use crate::cli::parse_labels;
 use crate::engine::{self, EngineRequest};
 use crate::identity::{self, DeviceIdentity};
+use micromine_host::cli::parse_labels;
 
 /// The state directory when neither `--state-dir` nor `MICROMINE_STATE_DIR` names one
 /// (also what the packaged unit's `StateDirectory=` makes).

@@ -29,7 +29,7 @@ use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P2
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore};
 
-use crate::files::{create_private_dir, write_file_atomic};
+use micromine_host::files::{create_private_dir, write_file_atomic};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, UnixTime};
 use serde::{Deserialize, Serialize};

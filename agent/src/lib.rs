@@ -16,19 +16,15 @@
 //!   controller.
 //! - `telemetry`: the agent's spans, sent in-band over the session or to a collector.
 //! - `backoff`: jittered exponential backoff.
-//! - `files`: private directories and atomic file writes (device and controller alike).
 //! - `config`: what `run` is told (flags over the env file), the token file, and the checks
 //!   that refuse a misconfigured device up front.
-//! - `cli`: command-line pieces shared with the controller binary (labels, signals).
 
 pub mod backoff;
 pub mod bench;
 pub mod calibrate;
 pub mod capacity;
-pub mod cli;
 pub mod config;
 pub mod engine;
-pub mod files;
 pub mod governor;
 pub mod identity;
 pub mod miner;

@@ -166,7 +166,7 @@ fn main() -> ExitCode {
 
 fn run(cli: Cli) -> Result<()> {
     // Each device connection needs a descriptor; see the function.
-    micromine_agent::cli::raise_open_files_limit();
+    micromine_host::cli::raise_open_files_limit();
     match cli.command {
         Command::Bench {
             seconds,
@@ -266,7 +266,7 @@ fn run(cli: Cli) -> Result<()> {
                 token,
                 devices,
                 name_prefix,
-                labels: micromine_agent::cli::parse_labels(labels.as_deref())?,
+                labels: micromine_host::cli::parse_labels(labels.as_deref())?,
                 state_dir,
                 ca_file,
                 hashrate: positive("--hashrate", hashrate)?,
@@ -286,7 +286,7 @@ fn run(cli: Cli) -> Result<()> {
                 .enable_all()
                 .build()?;
             runtime.block_on(async move {
-                let shutdown = micromine_agent::cli::cancel_on_signal(Some(
+                let shutdown = micromine_host::cli::cancel_on_signal(Some(
                     "stopping: devices hand back their work",
                 ));
                 let result = simulate::run(config, shutdown, |line| {
@@ -367,7 +367,7 @@ fn run(cli: Cli) -> Result<()> {
                 simulation: None,
             };
             runtime.block_on(async move {
-                let shutdown = micromine_agent::cli::cancel_on_signal(Some("stopping"));
+                let shutdown = micromine_host::cli::cancel_on_signal(Some("stopping"));
                 let counters = Arc::new(AgentCounters::default());
                 let stats = session::run(config, counters, shutdown).await?;
                 tracing::info!(

@@ -456,7 +456,11 @@ fn load_limits(state_dir: &std::path::Path) -> pb::Limits {
 /// Keeps `limits` for [`load_limits`] after a restart.
 fn save_limits(state_dir: &std::path::Path, limits: &pb::Limits) -> std::io::Result<()> {
     use prost::Message as _;
-    crate::files::write_file_atomic(&state_dir.join(LIMITS_FILE), &limits.encode_to_vec(), 0o600)
+    micromine_host::files::write_file_atomic(
+        &state_dir.join(LIMITS_FILE),
+        &limits.encode_to_vec(),
+        0o600,
+    )
 }
 
 fn message(kind: AgentKind) -> pb::AgentMessage {

@@ -336,7 +336,7 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 fn main() -> Result<()> {
     let cli = Cli::parse();
     // Each device connection needs a descriptor; see the function.
-    micromine_agent::cli::raise_open_files_limit();
+    micromine_host::cli::raise_open_files_limit();
     match cli.command {
         Command::Quickstart {
             devices,
@@ -355,7 +355,7 @@ fn main() -> Result<()> {
                 http_listen,
             };
             let summary = runtime()?.block_on(async move {
-                let shutdown = micromine_agent::cli::cancel_on_signal(None);
+                let shutdown = micromine_host::cli::cancel_on_signal(None);
                 quickstart::run(config, shutdown).await
             })?;
             for line in quickstart::summary_lines(&summary) {
@@ -402,7 +402,7 @@ fn main() -> Result<()> {
             let result = rt.block_on(async move {
                 if !kubernetes {
                     let controller = standalone::start(config).await?;
-                    micromine_agent::cli::wait_for_signal().await;
+                    micromine_host::cli::wait_for_signal().await;
                     tracing::info!("shutting down");
                     controller.stop().await;
                     return anyhow::Ok(());
@@ -416,7 +416,7 @@ fn main() -> Result<()> {
                     grpc_service: cluster_args.grpc_service,
                     advertise_address: cluster_args.advertise_address,
                 };
-                let shutdown = micromine_agent::cli::cancel_on_signal(Some("shutting down"));
+                let shutdown = micromine_host::cli::cancel_on_signal(Some("shutting down"));
                 kubernetes::run::run(client, settings, shutdown).await?;
                 Ok(())
             });
@@ -479,7 +479,7 @@ fn main() -> Result<()> {
             let spec = TokenSpec {
                 ttl: parse_duration(&ttl).context("--ttl")?,
                 uses,
-                labels: micromine_agent::cli::parse_labels(labels.as_deref())?,
+                labels: micromine_host::cli::parse_labels(labels.as_deref())?,
             };
             let (token, record) = if kubernetes {
                 runtime()?.block_on(async move {

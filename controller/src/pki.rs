@@ -28,7 +28,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use micromine_agent::files::{create_private_dir, sync_parent, write_temp};
+use micromine_host::files::{create_private_dir, sync_parent, write_temp};
 use rand::TryRng;
 use rand::rngs::SysRng;
 use rcgen::{

@@ -24,7 +24,7 @@ use rand::rngs::SysRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use micromine_agent::files::{create_private_dir, write_file_atomic};
+use micromine_host::files::{create_private_dir, write_file_atomic};
 
 /// Tokens older than this are a liability, not a convenience.
 const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
