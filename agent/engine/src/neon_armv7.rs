@@ -15,9 +15,11 @@
 //! nonce's word, computes only the schedule terms whose source word varies (the choice is
 //! made by the assembler, with `.if`, so none of it is decided at run time) and stops the
 //! second hash once round 60 has given its last state word. q0–q7 hold the state a..h
-//! (the registers rotate one place each round, so there is no move), q8–q15 are
-//! temporaries, the message words that later words read live in a 1 KiB buffer on the
-//! stack.
+//! (the registers rotate one place each round, so there is no move), q8–q15 the next
+//! round's input, the current round's h + W + K, the last two message words and
+//! temporaries; the message words that later words read live in a 1 KiB buffer on the
+//! stack. About 1,250 instructions a nonce, against 6,300 for `portable` on the same
+//! target (`scripts/count-instructions`).
 //!
 //! Not measured on hardware: no ARM machine was at hand. It is tested against the portable
 //! engine and the block vectors by cross-compiling the engine's tests for
@@ -188,11 +190,14 @@ pub(crate) fn scan(work: &Work, start: u64, end: u64, candidate: &mut dyn FnMut(
 
 // The assembly. Registers: r0 the context, r1 the group's first nonce, r2 where the words
 // go, r3 the groups left; r4 reads the round inputs (`wk`) and r5 the constant parts, each
-// in order; r6, r7, r8 read message words i-16 (with i-15), i-7 and i-2 from the stack
-// buffer and r9 writes word i, each following the word being computed, so that most loads
-// and stores post-increment and need no address arithmetic; r10 holds 16, r11 the caller's
-// stack pointer. The assembler tracks where each of r6..r9 points (`.Lmm_at_rN`, a word
-// index) and emits an `add` only where the next access is elsewhere.
+// in order; r6 and r7 read message words i-16 (with i-15) and i-7 from the stack buffer,
+// r8 the second hash's words 0..7, and r9 writes word i, each following the word being
+// computed, so that most loads and stores post-increment and need no address arithmetic;
+// r10 holds 16, r11 the caller's stack pointer. The assembler tracks where each of r6..r9
+// points (`.Lmm_at_rN`, a word index) and emits an `add` only where the next access is
+// elsewhere. q0..q7 hold the state, q8 the next round's W + K, q15 the current round's
+// h + W + K, q13 and q14 the last two message words computed (word i-2 is read from
+// there), q9..q12 are temporaries.
 //
 // Macros and symbols are prefixed `mm_`/`.Lmm_`, and the macros are purged at the end, so
 // that this block cannot meet another crate's assembly in an LTO build.
@@ -257,42 +262,59 @@ core::arch::global_asm!(
     .set .Lmm_at_\p, (\j)+1
     .endm
 
-    @ q15 = varying message word \i of \block, whose last round is \last: below 16 it is
-    @ in the buffer; from 16 on it is its constant part plus the terms whose source word
-    @ varies, and it goes to the buffer if a later word reads it.
-    .macro mm_word block, i, last
-    .if (\i) < 16
-    mm_load q15, \i, r8
-    .else
-    vld1.32 {{q15}}, [r5 :128]!
+    @ \w = message word \i (16 or later) of \block, whose last round is \last: its
+    @ constant part plus the terms whose source word varies. \w holds word \i-2 until
+    @ then (q13 the even words, q14 the odd ones); the words that words \i+7 and later
+    @ read go to the buffer too.
+    .macro mm_word block, i, last, w
+    vld1.32 {{q9}}, [r5 :128]!
     mm_varies .Lmm_v16, \block, (\i)-16
     mm_varies .Lmm_v15, \block, (\i)-15
     mm_varies .Lmm_v7, \block, (\i)-7
     mm_varies .Lmm_v2, \block, (\i)-2
     .if .Lmm_v16 && .Lmm_v15
     mm_load2 (\i)-16, r6
-    vadd.i32 q15, q15, q11
-    mm_sigma q13, q14, q12, 7, 18, 3, 1
-    vadd.i32 q15, q15, q13
+    vadd.i32 q9, q9, q11
+    mm_sigma q10, q11, q12, 7, 18, 3, 1
+    vadd.i32 q9, q9, q10
     .elseif .Lmm_v16
     mm_load q11, (\i)-16, r6
-    vadd.i32 q15, q15, q11
+    vadd.i32 q9, q9, q11
     .elseif .Lmm_v15
     mm_load q12, (\i)-15, r6
-    mm_sigma q13, q14, q12, 7, 18, 3, 1
-    vadd.i32 q15, q15, q13
+    mm_sigma q10, q11, q12, 7, 18, 3, 1
+    vadd.i32 q9, q9, q10
     .endif
     .if .Lmm_v7
     mm_load q11, (\i)-7, r7
-    vadd.i32 q15, q15, q11
+    vadd.i32 q9, q9, q11
     .endif
     .if .Lmm_v2
-    mm_load q12, (\i)-2, r8
-    mm_sigma q13, q14, q12, 17, 19, 10, 1
-    vadd.i32 q15, q15, q13
+    mm_sigma q10, q11, \w, 17, 19, 10, 1
+    vadd.i32 \w, q9, q10
+    .else
+    vmov \w, q9
     .endif
-    .if (\i)+2 <= (\last)
-    mm_store q15, \i, r9
+    .if (\i)+7 <= (\last)
+    mm_store \w, \i, r9
+    .endif
+    .endm
+
+    @ q8 = W + K of round \i of \block: the round constant plus the word where it varies
+    @ (below 16 read from the buffer, from 16 on computed), else the precomputed sum.
+    .macro mm_input block, i, last
+    vld1.32 {{q8}}, [r4 :128]!
+    mm_varies .Lmm_vi, \block, \i
+    .if .Lmm_vi
+    .if (\i) < 16
+    mm_load q9, \i, r8
+    vadd.i32 q8, q8, q9
+    .elseif ((\i)&1) == 0
+    mm_word \block, \i, \last, q13
+    vadd.i32 q8, q8, q13
+    .else
+    mm_word \block, \i, \last, q14
+    vadd.i32 q8, q8, q14
     .endif
     .endif
     .endm
@@ -318,37 +340,37 @@ core::arch::global_asm!(
     veor \t2, \t2, \u2
     .endm
 
-    @ Round \i of \block on the state \a..\h: h becomes T1 and then the new a, d the new
-    @ e. With \e_only, only the new e (the second hash's rounds 57..60). q8 holds W + K;
-    @ Σ1(e) and Σ0(a), Ch and Maj are computed side by side, as they are independent.
-    @ Ch(e, f, g) is f where e is set, g elsewhere; Maj(a, b, c) is c where a and b
-    @ differ, b where they agree.
+    @ Round \i of \block on the state \a..\h, with q15 = h + W + K: h becomes T1 and
+    @ then the new a, d the new e. With \e_only, only the new e (the second hash's rounds
+    @ 57..60). Σ1(e) and Σ0(a), Ch and Maj are computed side by side, as they are
+    @ independent. Ch(e, f, g) is f where e is set, g elsewhere: a `vbit` into g, whose
+    @ only later use, as the next round's h, is folded first into the next q15 (which
+    @ saves Ch a copy); the last round keeps g, which the first hash's result needs.
+    @ Maj(a, b, c) is c where a and b differ, b where they agree.
     .macro mm_round a, b, c, d, e, f, g, h, block, i, last, e_only
-    vld1.32 {{q8}}, [r4 :128]!
-    mm_varies .Lmm_vi, \block, \i
-    .if .Lmm_vi
-    mm_word \block, \i, \last
-    vadd.i32 q8, q8, q15
+    .if (\i) < (\last)
+    mm_input \block, (\i)+1, \last
     .endif
     .if \e_only
-    vadd.i32 \h, \h, q8
     mm_sigma q9, q10, \e, 6, 11, 25, 0
-    vmov q10, \e
-    vbsl q10, \f, \g
-    vadd.i32 \h, \h, q9
-    vadd.i32 \h, \h, q10
-    vadd.i32 \d, \d, \h
     .else
     mm_sigma2 q9, q10, \e, 6, 11, 25, q11, q12, \a, 2, 13, 22
-    vmov q13, \e
-    veor q14, \a, \b
-    vbsl q13, \f, \g
-    vbsl q14, \c, \b
-    vadd.i32 \h, \h, q8
-    vadd.i32 q11, q11, q14
-    vadd.i32 \h, \h, q13
+    veor q10, \a, \b
+    vbsl q10, \c, \b
+    .endif
+    vadd.i32 \h, q15, q9
+    .if (\i) < (\last)
+    vadd.i32 q15, \g, q8
+    vbit \g, \f, \e
+    vadd.i32 \h, \h, \g
+    .else
+    vmov q9, \e
+    vbsl q9, \f, \g
     vadd.i32 \h, \h, q9
+    .endif
     vadd.i32 \d, \d, \h
+    .if \e_only == 0
+    vadd.i32 q11, q11, q10
     vadd.i32 \h, \h, q11
     .endif
     .endm
@@ -407,6 +429,8 @@ micromine_neon_armv7_hash4:
     vadd.i32 q0, q0, q8
     vadd.i32 q4, q4, q8
     mm_store q8, 3, r9
+    mm_input 1, 4, 63
+    vadd.i32 q15, q7, q8
     .set .Lmm_i, 4
     .rept 60
     mm_rotated (.Lmm_i-4), 1, .Lmm_i, 63, 0
@@ -428,6 +452,8 @@ micromine_neon_armv7_hash4:
     vstmia sp, {{d16-d31}}
     add r12, r0, #256
     vldmia r12, {{d0-d15}}
+    mm_input 2, 0, 60
+    vadd.i32 q15, q7, q8
     .set .Lmm_i, 0
     .rept 57
     mm_rotated .Lmm_i, 2, .Lmm_i, 60, 0
@@ -460,6 +486,7 @@ micromine_neon_armv7_hash4:
     .purgem mm_load2
     .purgem mm_store
     .purgem mm_word
+    .purgem mm_input
     .purgem mm_round
     .purgem mm_rotated
 "#
