@@ -30,8 +30,8 @@ use micromine_controller::kubernetes::devices::{
     PUBLISH_PERIOD, WriteBudget,
 };
 use micromine_controller::kubernetes::miners::{STATUS_PERIOD, StatusGate};
-use micromine_controller::ledger::Totals;
 use micromine_controller::manifest::{Hashrate, MicroMiner, MicroMinerStatus, ShareCounts};
+use micromine_store::ledger::Totals;
 
 const MINERS: usize = 1_000;
 const DEVICES: usize = 10_000;

@@ -236,8 +236,8 @@ mod tests {
     #[tokio::test]
     async fn the_log_filter_cannot_be_changed_from_another_machine() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(&dir.path().join("store.redb")).unwrap();
-        let ledger = crate::ledger::Ledger::open(store.clone()).unwrap();
+        let store = micromine_store::store::Store::open(&dir.path().join("store.redb")).unwrap();
+        let ledger = micromine_store::ledger::Ledger::open(store.clone()).unwrap();
         let fleet = Fleet::open(store, ledger).await.unwrap();
         let state = HttpState {
             fleet,

@@ -8,8 +8,6 @@
 //! - `economics`: energy cost against expected revenue.
 //! - `worksource`: where block headers come from (the builtin synthetic source).
 //! - `stratum`: the controller as a Stratum V1 proxy towards a pool.
-//! - `store`, `ledger`: the embedded transactional store (redb) with group commit, and the
-//!   share ledger on top of it.
 //! - `pki`, `tokens`, `revocation`, `tls`: the fleet CA, bootstrap tokens, revoked
 //!   devices, the TLS listener.
 //! - `fleet`: the live state that ties devices, miners, assignments and shares together.
@@ -30,7 +28,6 @@ pub mod fleet;
 pub mod grpc;
 pub mod http;
 pub mod kubernetes;
-pub mod ledger;
 pub mod logging;
 pub mod manifest;
 pub mod periodic;
@@ -41,7 +38,6 @@ pub mod scheduler;
 pub mod selector;
 pub mod span_relay;
 pub mod standalone;
-pub mod store;
 pub mod stratum;
 pub mod telemetry;
 pub mod tls;

@@ -517,7 +517,7 @@ pub struct ShareCounts {
 impl ShareCounts {
     /// The counts operators see, from the ledger's totals: stale shares apart from the
     /// other rejections.
-    pub fn from_totals(t: &crate::ledger::Totals) -> ShareCounts {
+    pub fn from_totals(t: &micromine_store::ledger::Totals) -> ShareCounts {
         let stale = t.rejected.stale;
         ShareCounts {
             accepted: t.accepted,

@@ -24,15 +24,15 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::Fleet;
 use crate::grpc::{EnrollmentService, FleetService};
 use crate::http::{self, HttpState};
-use crate::ledger::Ledger;
 use crate::manifest::{self, ManifestError, MicroMiner, MinerSet};
 use crate::periodic::Every;
 use crate::pki::Pki;
 use crate::revocation::{RevocationStore, Revocations};
-use crate::store::Store;
 use crate::telemetry::{Metrics, MetricsOptions};
 use crate::tls::{self, ServerTls};
 use crate::tokens::{TokenSource, TokenStore};
+use micromine_store::ledger::Ledger;
+use micromine_store::store::Store;
 
 /// TLS handshakes in flight at once.
 const MAX_HANDSHAKES: usize = 512;
@@ -149,11 +149,11 @@ pub enum StartError {
         path: PathBuf,
         /// Why.
         #[source]
-        source: crate::store::StoreError,
+        source: micromine_store::store::StoreError,
     },
     /// The ledger could not be loaded.
     #[error(transparent)]
-    Ledger(#[from] crate::ledger::LedgerError),
+    Ledger(#[from] micromine_store::ledger::LedgerError),
     /// The fleet state could not be restored.
     #[error(transparent)]
     Fleet(#[from] crate::fleet::FleetError),

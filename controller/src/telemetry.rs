@@ -676,9 +676,9 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::ledger::Ledger;
     use crate::manifest::MinerSet;
-    use crate::store::Store;
+    use micromine_store::ledger::Ledger;
+    use micromine_store::store::Store;
 
     async fn fleet_with_a_miner(dir: &std::path::Path) -> Arc<Fleet> {
         let store = Store::open(&dir.join("store.redb")).unwrap();

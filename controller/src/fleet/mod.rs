@@ -31,12 +31,12 @@ use micromine_proto::work::{header_with_nonce, sha256d};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::ledger::{
-    AcceptedShare, Ledger, LedgerError, Rejection, ShareKey, ShareOutcome, Totals,
-};
 use crate::manifest::MinerSet;
 use crate::revocation::Revocations;
-use crate::store::{Store, StoreError};
+use micromine_store::ledger::{
+    AcceptedShare, Ledger, LedgerError, Rejection, ShareKey, ShareOutcome, Totals,
+};
+use micromine_store::store::{Store, StoreError};
 use state::{Effects, FleetState, RecordedShare, Scope, ShareCheck};
 use status::FleetView;
 

@@ -15,7 +15,6 @@ use super::status::{
     DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow, is_held_back, stops_hashing,
 };
 use crate::economics;
-use crate::ledger::Totals;
 use crate::manifest::{
     DeviceCounts, Economics, EconomicsStatus, Hashrate, Limits, MicroMiner, MicroMinerStatus,
     MinerSet, PoolStatus, ShareCounts,
@@ -27,6 +26,7 @@ use crate::stratum::client::UpstreamEvent;
 use crate::stratum::work::{Change, PoolSessionRecord, StratumWork};
 use crate::vardiff::Vardiff;
 use crate::worksource::{BuiltinSource, ChainTip, Source, WorkHeader};
+use micromine_store::ledger::Totals;
 
 /// Leases a connected device holds at once: one to work on, one queued so it never idles
 /// while the controller answers.

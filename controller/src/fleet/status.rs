@@ -6,8 +6,8 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
 
-use crate::ledger::Totals;
 use crate::manifest::MicroMinerStatus;
+use micromine_store::ledger::Totals;
 
 /// Hashes per difficulty-1 share.
 const HASHES_PER_DIFFICULTY: f64 = 4_294_967_296.0;
@@ -141,8 +141,8 @@ pub struct DeviceView {
     /// What the device last said about its temperature, battery, power and load.
     pub readings: DeviceReadings,
     /// What pools made of the shares it found that went upstream (pool work only).
-    #[serde(skip_serializing_if = "crate::ledger::pool::PoolTotals::is_empty")]
-    pub pool: crate::ledger::pool::PoolTotals,
+    #[serde(skip_serializing_if = "micromine_store::ledger::pool::PoolTotals::is_empty")]
+    pub pool: micromine_store::ledger::pool::PoolTotals,
 }
 
 /// A device's own readings, as its agent last reported them. Each is absent when the

@@ -7,8 +7,6 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::{Fleet, lock, now_ms};
-use crate::ledger::AcceptedShare;
-use crate::ledger::pool::PoolVerdict;
 use crate::manifest::{MinerSet, StratumSource};
 use crate::stratum::client::{
     PoolAnswer, Submission, Timeouts, Upstream, UpstreamConfig, UpstreamEvent, UpstreamSink,
@@ -16,6 +14,8 @@ use crate::stratum::client::{
 use crate::stratum::message::RejectReason;
 use crate::stratum::passwords::{FilePasswords, Passwords};
 use crate::worksource::WorkHeader;
+use micromine_store::ledger::AcceptedShare;
+use micromine_store::ledger::pool::PoolVerdict;
 
 /// A running upstream and the settings it was started with.
 pub(super) struct Running {

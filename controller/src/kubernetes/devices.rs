@@ -688,8 +688,8 @@ mod tests {
     use super::*;
     use crate::fleet::status::{DeviceFlag, DeviceReadings};
     use crate::kubernetes::testing::{self, expect};
-    use crate::ledger::Totals;
     use http::{Method, StatusCode};
+    use micromine_store::ledger::Totals;
 
     const T0: i64 = 1_800_000_000_000;
 
@@ -970,8 +970,8 @@ mod tests {
     #[tokio::test]
     async fn specs_cordon_and_revoke_through_the_fleet_and_the_revocation_store() {
         let dir = tempfile::tempdir().unwrap();
-        let store = crate::store::Store::open(&dir.path().join("store.redb")).unwrap();
-        let ledger = crate::ledger::Ledger::open(store.clone()).unwrap();
+        let store = micromine_store::store::Store::open(&dir.path().join("store.redb")).unwrap();
+        let ledger = micromine_store::ledger::Ledger::open(store.clone()).unwrap();
         let fleet = Fleet::open(store, ledger).await.unwrap();
         let revocations = Arc::new(RevocationStore::open(&dir.path().join("revocations")).unwrap());
         let p = Arc::new(Mutex::new(publisher(1000)));

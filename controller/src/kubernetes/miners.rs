@@ -599,8 +599,8 @@ mod tests {
 
     use crate::kubernetes::testing::{Handle, Seen, answer, expect};
 
-    use crate::ledger::Ledger;
-    use crate::store::Store;
+    use micromine_store::ledger::Ledger;
+    use micromine_store::store::Store;
 
     fn with_conditions(conditions: &[(&str, &str, &str)]) -> MicroMinerStatus {
         let mut all = Vec::new();

@@ -33,8 +33,8 @@ use super::PoolUrl;
 use super::job::PoolJob;
 use super::message::{self, Incoming, MAX_LINE, RejectReason, Subscription};
 use super::passwords::Passwords;
-use crate::ledger::ShareKey;
 use crate::manifest::StratumPool;
+use micromine_store::ledger::ShareKey;
 
 /// Submissions waiting for the task; beyond this the fleet answers them itself.
 pub const SUBMISSION_QUEUE: usize = 4096;

@@ -12,9 +12,9 @@
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail, ensure};
-use micromine_controller::ledger::{AcceptedShare, Ledger, ShareKey, ShareOutcome};
-use micromine_controller::store::Store;
 use micromine_proto::work::{HEADER_PREFIX_LEN, Target, header_with_nonce, sha256d};
+use micromine_store::ledger::{AcceptedShare, Ledger, ShareKey, ShareOutcome};
+use micromine_store::store::Store;
 
 const DEVICES: usize = 64;
 const BATCH: usize = 16;
