@@ -425,6 +425,7 @@ micromine_neon_armv7_hash4:
     vdup.32 q8, r1
     vadd.i32 q8, q8, q9
     vrev32.8 q8, q8
+    @ The vldmia loads are of splats only, whose lanes are equal in either byte order.
     vldmia r0, {{d0-d15}}
     vadd.i32 q0, q0, q8
     vadd.i32 q4, q4, q8
@@ -449,7 +450,12 @@ micromine_neon_armv7_hash4:
     vadd.i32 q13, q13, q1
     vadd.i32 q14, q14, q2
     vadd.i32 q15, q15, q3
-    vstmia sp, {{d16-d31}}
+    @ (vst1.32 rather than one vstmia: it stores lane by lane whatever the byte order.)
+    mov r12, sp
+    vst1.32 {{d16-d19}}, [r12 :128]!
+    vst1.32 {{d20-d23}}, [r12 :128]!
+    vst1.32 {{d24-d27}}, [r12 :128]!
+    vst1.32 {{d28-d31}}, [r12 :128]
     add r12, r0, #256
     vldmia r12, {{d0-d15}}
     mm_input 2, 0, 60
