@@ -10,7 +10,7 @@
 //! `/proc/self/auxv`) have said the CPU has NEON.
 //!
 //! The arithmetic is the one `lanes.rs` writes for the other vector engines: Rust prepares
-//! per header, in a [`Context`], the state after round 3 with nonce word 0, the constant
+//! per header, in a `Context`, the state after round 3 with nonce word 0, the constant
 //! part of every schedule word and W + K where the word is constant; the assembly adds the
 //! nonce's word, computes only the schedule terms whose source word varies (the choice is
 //! made by the assembler, with `.if`, so none of it is decided at run time) and stops the
