@@ -22,7 +22,6 @@ use anyhow::Context as _;
 use http::{Request, Response};
 use kube::api::{Api, Patch, PatchParams};
 use kube::client::Body;
-use micromine_controller::edgedevice::EdgeDevice;
 use micromine_controller::fleet::status::{DeviceReadings, DeviceView};
 use micromine_controller::kubernetes::FIELD_MANAGER;
 use micromine_controller::kubernetes::devices::{
@@ -30,7 +29,8 @@ use micromine_controller::kubernetes::devices::{
     PUBLISH_PERIOD, WriteBudget,
 };
 use micromine_controller::kubernetes::miners::{STATUS_PERIOD, StatusGate};
-use micromine_controller::manifest::{Hashrate, MicroMiner, MicroMinerStatus, ShareCounts};
+use micromine_resources::edgedevice::EdgeDevice;
+use micromine_resources::microminer::{Hashrate, MicroMiner, MicroMinerStatus, ShareCounts};
 use micromine_store::ledger::Totals;
 
 const MINERS: usize = 1_000;

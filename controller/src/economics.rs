@@ -5,7 +5,7 @@
 //! difficulty `D`, so revenue follows accepted work (or hash rate), not the blocks that
 //! happened to be found. One block takes `D × 2^32` hashes on average.
 
-use crate::manifest::Economics;
+use micromine_resources::microminer::Economics;
 
 /// Hashes per unit of difficulty.
 pub const HASHES_PER_DIFFICULTY: f64 = 4_294_967_296.0;

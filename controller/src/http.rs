@@ -28,8 +28,8 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::fleet::Fleet;
-use crate::manifest::API_VERSION;
 use crate::standalone::ManifestStatus;
+use micromine_resources::microminer::API_VERSION;
 
 /// What the handlers read.
 #[derive(Clone)]

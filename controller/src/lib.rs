@@ -2,8 +2,6 @@
 //! of edge devices, re-verifies every share, and keeps a durable ledger.
 //!
 //! # Layout
-//! - `manifest`, `selector`: the `MicroMiner` resource and label selectors.
-//! - `edgedevice`, `crd`: the `EdgeDevice` resource; both CustomResourceDefinitions.
 //! - `scheduler`, `vardiff`: nonce ranges per device, share targets per device.
 //! - `economics`: energy cost against expected revenue.
 //! - `worksource`: where block headers come from (the builtin synthetic source).
@@ -21,21 +19,17 @@
 //! - `standalone`: the controller without a cluster (manifests directory + embedded store).
 //! - `quickstart`: a local fleet in one command.
 
-pub mod crd;
 pub mod economics;
-pub mod edgedevice;
 pub mod fleet;
 pub mod grpc;
 pub mod http;
 pub mod kubernetes;
 pub mod logging;
-pub mod manifest;
 pub mod periodic;
 pub mod pki;
 pub mod quickstart;
 pub mod revocation;
 pub mod scheduler;
-pub mod selector;
 pub mod span_relay;
 pub mod standalone;
 pub mod stratum;

@@ -6,13 +6,13 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
-use micromine_controller::crd;
 use micromine_controller::kubernetes::{self, run::KubernetesConfig, tokens::SecretTokens};
 use micromine_controller::pki::{self, CaRole, Pki};
 use micromine_controller::quickstart::{self, QuickstartConfig};
 use micromine_controller::revocation::RevocationStore;
 use micromine_controller::standalone::{self, ControllerConfig};
 use micromine_controller::tokens::{TokenSpec, TokenStore, now_unix_ms, parse_duration};
+use micromine_resources::crd;
 
 #[derive(Parser)]
 #[command(

@@ -439,11 +439,14 @@ mod tests {
 
     #[test]
     fn the_example_manifest_is_valid() {
-        let miners = crate::manifest::parse_str("examples/quickstart.yaml", EXAMPLE_MANIFEST)
-            .expect("valid");
+        let miners = micromine_resources::microminer::parse_str(
+            "examples/quickstart.yaml",
+            EXAMPLE_MANIFEST,
+        )
+        .expect("valid");
         assert_eq!(miners.len(), 1);
         assert_eq!(miners[0].key(), "default/quickstart");
-        let plant = crate::manifest::parse_str(
+        let plant = micromine_resources::microminer::parse_str(
             "examples/plant-3.yaml",
             include_str!("../../examples/plant-3.yaml"),
         )

@@ -24,13 +24,13 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::Fleet;
 use crate::grpc::{EnrollmentService, FleetService};
 use crate::http::{self, HttpState};
-use crate::manifest::{self, ManifestError, MicroMiner, MinerSet};
 use crate::periodic::Every;
 use crate::pki::Pki;
 use crate::revocation::{RevocationStore, Revocations};
 use crate::telemetry::{Metrics, MetricsOptions};
 use crate::tls::{self, ServerTls};
 use crate::tokens::{TokenSource, TokenStore};
+use micromine_resources::microminer::{self, ManifestError, MicroMiner, MinerSet};
 use micromine_store::ledger::Ledger;
 use micromine_store::store::Store;
 
@@ -591,7 +591,7 @@ impl ManifestWatcher {
             }
             changed = true;
             let text = String::from_utf8_lossy(&bytes);
-            let parsed = manifest::parse_str(&path.display().to_string(), &text);
+            let parsed = microminer::parse_str(&path.display().to_string(), &text);
             match parsed {
                 Ok(miners) => {
                     tracing::info!(file = %path.display(), miners = miners.len(), "manifest loaded");

@@ -248,7 +248,7 @@ fn observe_certificates(meter: &Meter, views: &Arc<ViewCache>, ca_expiry_unix_s:
 }
 
 /// One figure of a MicroMiner's economics status.
-type EconomicsFigure = fn(&crate::manifest::EconomicsStatus) -> f64;
+type EconomicsFigure = fn(&micromine_resources::microminer::EconomicsStatus) -> f64;
 
 /// Observes `pick` of every MicroMiner that has economics, labelled by MicroMiner.
 fn observe_economics(
@@ -676,7 +676,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::manifest::MinerSet;
+    use micromine_resources::microminer::MinerSet;
     use micromine_store::ledger::Ledger;
     use micromine_store::store::Store;
 
@@ -684,7 +684,7 @@ mod tests {
         let store = Store::open(&dir.join("store.redb")).unwrap();
         let ledger = Ledger::open(store.clone()).unwrap();
         let fleet = Fleet::open(store, ledger).await.unwrap();
-        let miners: MinerSet = crate::manifest::parse_str(
+        let miners: MinerSet = micromine_resources::microminer::parse_str(
             "test",
             "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {name: night, namespace: plant}\nspec:\n  selector: {}\n  workSource: {builtin: {networkDifficulty: 1}}\n",
         )

@@ -4,7 +4,7 @@
 use std::path::Path;
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
-use micromine_controller::crd;
+use micromine_resources::crd;
 
 const REGENERATE: &str =
     "regenerate with `cargo run -p micromine-controller -- crd --out-dir charts/micromine/crds`";

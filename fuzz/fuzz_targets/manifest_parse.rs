@@ -3,11 +3,11 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use micromine_controller::manifest;
+use micromine_resources::microminer;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);
-    if let Ok(miners) = manifest::parse_str("fuzz.yaml", &text) {
+    if let Ok(miners) = microminer::parse_str("fuzz.yaml", &text) {
         for miner in miners {
             assert!(miner.validate().is_ok(), "accepted an invalid MicroMiner");
         }

@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 use libfuzzer_sys::fuzz_target;
 use micromine_controller::fleet::state::{FleetState, Restored, ShareCheck};
 use micromine_controller::fleet::{Judged, judge};
-use micromine_controller::manifest;
+use micromine_resources::microminer;
 use micromine_proto::pb;
 use micromine_proto::work::{header_with_nonce, sha256d};
 
@@ -30,7 +30,7 @@ fn hello(hashrate: f64) -> pb::Hello {
 /// Two devices, each holding two leases.
 static FLEET: LazyLock<(FleetState, Vec<u64>)> = LazyLock::new(|| {
     let mut state = FleetState::new(Restored::default());
-    let miners = manifest::parse_str("fuzz.yaml", MANIFEST).expect("valid");
+    let miners = microminer::parse_str("fuzz.yaml", MANIFEST).expect("valid");
     state.apply_miners(&miners.into_iter().map(|m| (m.key(), m)).collect(), NOW);
     let mut ids = Vec::new();
     for device in ["me", "other"] {

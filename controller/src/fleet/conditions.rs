@@ -3,7 +3,7 @@
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
 
-use crate::manifest::DeviceCounts;
+use micromine_resources::microminer::DeviceCounts;
 
 /// A Kubernetes `Time` from Unix milliseconds.
 pub fn time_from_unix_ms(ms: i64) -> Option<Time> {

@@ -31,8 +31,8 @@ use micromine_proto::work::{header_with_nonce, sha256d};
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
-use crate::manifest::MinerSet;
 use crate::revocation::Revocations;
+use micromine_resources::microminer::MinerSet;
 use micromine_store::ledger::{
     AcceptedShare, Ledger, LedgerError, Rejection, ShareKey, ShareOutcome, Totals,
 };
@@ -703,7 +703,7 @@ mod tests {
         let store = Store::open(&dir.join("store.redb")).unwrap();
         let ledger = Ledger::open(store.clone()).unwrap();
         let fleet = Fleet::open(store, ledger).await.unwrap();
-        let miners: MinerSet = crate::manifest::parse_str(
+        let miners: MinerSet = micromine_resources::microminer::parse_str(
             "test",
             "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {name: m}\nspec:\n  selector: {}\n  workSource: {builtin: {networkDifficulty: 1.0e9}}\n",
         )

@@ -15,17 +15,17 @@ use super::status::{
     DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow, is_held_back, stops_hashing,
 };
 use crate::economics;
-use crate::manifest::{
-    DeviceCounts, Economics, EconomicsStatus, Hashrate, Limits, MicroMiner, MicroMinerStatus,
-    MinerSet, PoolStatus, ShareCounts,
-};
 use crate::scheduler::{AssignmentId, HeaderId, Lease, NONCE_SPACE, Scheduler};
-use crate::selector;
 use crate::stratum::client::ResumeHint;
 use crate::stratum::client::UpstreamEvent;
 use crate::stratum::work::{Change, PoolSessionRecord, StratumWork};
 use crate::vardiff::Vardiff;
 use crate::worksource::{BuiltinSource, ChainTip, Source, WorkHeader};
+use micromine_resources::microminer::{
+    DeviceCounts, Economics, EconomicsStatus, Hashrate, Limits, MicroMiner, MicroMinerStatus,
+    MinerSet, PoolStatus,
+};
+use micromine_resources::selector;
 use micromine_store::ledger::Totals;
 
 /// Leases a connected device holds at once: one to work on, one queued so it never idles
@@ -1597,7 +1597,7 @@ impl FleetState {
                     now_ms,
                 ),
                 hashrate: Hashrate { nominal, effective },
-                shares: ShareCounts::from_totals(&t),
+                shares: crate::fleet::status::share_counts(&t),
                 blocks_found: t.blocks,
                 last_share_time: t
                     .last_share_unix_ms
@@ -1779,7 +1779,7 @@ mod tests {
         let text = format!(
             "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {{name: {name}}}\nspec:\n  selector: {{matchLabels: {{site: {site}}}}}\n  workSource: {{builtin: {{networkDifficulty: {difficulty}}}}}\n  sharesPerMinute: 60\n  assignmentSeconds: 10\n  paused: {paused}\n"
         );
-        crate::manifest::parse_str("test.yaml", &text)
+        micromine_resources::microminer::parse_str("test.yaml", &text)
             .expect("valid")
             .remove(0)
     }
@@ -1871,7 +1871,7 @@ mod tests {
     #[test]
     fn pool_jobs_drive_the_work_and_clean_jobs_make_older_work_stale() {
         let text = "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {site: x}}\n  workSource: {stratum: {url: 'stratum+tcp://pool:3333', user: a.b}}\n  sharesPerMinute: 60\n  assignmentSeconds: 10\n";
-        let miner = crate::manifest::parse_str("p.yaml", text)
+        let miner = micromine_resources::microminer::parse_str("p.yaml", text)
             .expect("valid")
             .remove(0);
         let key = miner.key();
@@ -2074,7 +2074,7 @@ mod tests {
     #[test]
     fn after_a_restart_pool_work_stays_if_the_pool_resumes_the_session_and_goes_if_not() {
         let text = "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {name: p}\nspec:\n  selector: {matchLabels: {site: x}}\n  workSource: {stratum: {url: 'stratum+tcp://pool:3333', user: a.b}}\n  sharesPerMinute: 60\n  assignmentSeconds: 10\n";
-        let miner = crate::manifest::parse_str("p.yaml", text)
+        let miner = micromine_resources::microminer::parse_str("p.yaml", text)
             .expect("valid")
             .remove(0);
         let key = miner.key();
@@ -2214,7 +2214,7 @@ mod tests {
         let text = format!(
             "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata: {{name: a}}\nspec:\n  selector: {{matchLabels: {{site: x}}}}\n  workSource: {{builtin: {{networkDifficulty: 1e12}}}}\n  economics:\n    energyPricePerKWh: 0.12\n    coinPrice: {block_value}\n    blockReward: 1\n    networkDifficulty: 1\n    deviceWattsByClass: {{gateway: 8}}\n"
         );
-        crate::manifest::parse_str("test.yaml", &text)
+        micromine_resources::microminer::parse_str("test.yaml", &text)
             .expect("valid")
             .remove(0)
     }

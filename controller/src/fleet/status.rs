@@ -6,7 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 
 use serde::Serialize;
 
-use crate::manifest::MicroMinerStatus;
+use micromine_resources::microminer::{MicroMinerStatus, ShareCounts};
 use micromine_store::ledger::Totals;
 
 /// Hashes per difficulty-1 share.
@@ -231,6 +231,17 @@ pub struct FleetView {
     pub sessions: usize,
     /// Live leases.
     pub assignments: usize,
+}
+
+/// The counts operators see, from the ledger's totals: stale shares apart from the other
+/// rejections.
+pub fn share_counts(t: &Totals) -> ShareCounts {
+    let stale = t.rejected.stale;
+    ShareCounts {
+        accepted: t.accepted,
+        rejected: t.rejected.total().saturating_sub(stale),
+        stale,
+    }
 }
 
 #[cfg(test)]

@@ -7,13 +7,13 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::{Fleet, lock, now_ms};
-use crate::manifest::{MinerSet, StratumSource};
 use crate::stratum::client::{
     PoolAnswer, Submission, Timeouts, Upstream, UpstreamConfig, UpstreamEvent, UpstreamSink,
 };
 use crate::stratum::message::RejectReason;
 use crate::stratum::passwords::{FilePasswords, Passwords};
 use crate::worksource::WorkHeader;
+use micromine_resources::microminer::{MinerSet, StratumSource};
 use micromine_store::ledger::AcceptedShare;
 use micromine_store::ledger::pool::PoolVerdict;
 

@@ -27,13 +27,13 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::FIELD_MANAGER;
-use crate::edgedevice::{DeviceCapacity, EdgeDevice, EdgeDeviceStatus};
 use crate::fleet::conditions::{self, time_from_unix_ms};
 use crate::fleet::status::DeviceView;
 use crate::fleet::{Fleet, now_ms};
-use crate::manifest::{API_VERSION, ShareCounts};
 use crate::periodic::Every;
 use crate::revocation::RevocationStore;
+use micromine_resources::edgedevice::{DeviceCapacity, EdgeDevice, EdgeDeviceStatus};
+use micromine_resources::microminer::API_VERSION;
 
 /// A device's live figures are refreshed at most this often.
 pub const REFRESH_INTERVAL_MS: i64 = 60_000;
@@ -418,7 +418,7 @@ fn status_of(device: &DeviceView, conditions: Vec<Condition>) -> EdgeDeviceStatu
         last_heartbeat_time: time_from_unix_ms(device.last_seen_unix_ms),
         assigned_miner: device.miner.clone(),
         hashrate: Some(device.effective_hashrate),
-        shares: Some(ShareCounts::from_totals(&device.shares)),
+        shares: Some(crate::fleet::status::share_counts(&device.shares)),
         temperature_c: device
             .connected
             .then_some(device.readings.temperature_c)
@@ -979,7 +979,7 @@ mod tests {
         let object = |unschedulable: bool, revoked: bool| {
             let mut d = EdgeDevice::new(
                 "gw-1",
-                crate::edgedevice::EdgeDeviceSpec {
+                micromine_resources::edgedevice::EdgeDeviceSpec {
                     unschedulable,
                     revoked,
                 },

@@ -22,7 +22,7 @@ use super::devices::{MINER_REFRESH_WRITES_PER_MINUTE, SharedBudget, WriteBudget}
 use super::{FIELD_MANAGER, FINALIZER};
 use crate::fleet::conditions;
 use crate::fleet::{Fleet, now_ms};
-use crate::manifest::{API_VERSION, MicroMiner, MicroMinerStatus, MinerSet};
+use micromine_resources::microminer::{API_VERSION, MicroMiner, MicroMinerStatus, MinerSet};
 
 /// How often a served MicroMiner is looked at again when nothing else happens. Its status
 /// is written when a condition, the device counts or the generation changed; the hash
@@ -654,7 +654,7 @@ mod tests {
     #[test]
     fn pool_events_tell_connection_failover_and_return() {
         let status = |state: &str, url: &str, failover: bool| MicroMinerStatus {
-            pool: Some(crate::manifest::PoolStatus {
+            pool: Some(micromine_resources::microminer::PoolStatus {
                 state: state.into(),
                 url: Some(url.into()),
                 failover,
@@ -879,7 +879,7 @@ mod tests {
                     jiff::Timestamp::UNIX_EPOCH,
                 ),
             }],
-            shares: crate::manifest::ShareCounts {
+            shares: micromine_resources::microminer::ShareCounts {
                 accepted,
                 ..Default::default()
             },

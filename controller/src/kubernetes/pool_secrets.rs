@@ -4,8 +4,8 @@
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
-use crate::manifest::StratumPool;
 use crate::stratum::passwords::{DEFAULT_PASSWORD, Lookup, Passwords};
+use micromine_resources::microminer::StratumPool;
 
 /// Looks pool passwords up in Secrets.
 #[derive(Clone)]
@@ -61,7 +61,7 @@ mod tests {
 
     use super::*;
     use crate::kubernetes::testing::{client, expect};
-    use crate::manifest::SecretKeyRef;
+    use micromine_resources::microminer::SecretKeyRef;
 
     fn pool(secret: Option<(&str, &str)>) -> StratumPool {
         StratumPool {

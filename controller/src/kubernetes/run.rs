@@ -32,13 +32,13 @@ use super::devices::{
 use super::leader::LeaderElector;
 use super::miners::{self, ChangeWatch, Context};
 use super::tokens::{self as secret_tokens, SecretTokens};
-use crate::edgedevice::EdgeDevice;
 use crate::fleet::now_ms;
 use crate::http;
-use crate::manifest::MicroMiner;
 use crate::periodic::Every;
 use crate::revocation::RevocationStore;
 use crate::standalone::{self, ControllerConfig, StartError, revocations_dir};
+use micromine_resources::edgedevice::EdgeDevice;
+use micromine_resources::microminer::MicroMiner;
 
 /// How long a new leader keeps trying to open the ledger while the previous leader may
 /// still be closing it.

@@ -29,11 +29,11 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 
-use super::PoolUrl;
 use super::job::PoolJob;
 use super::message::{self, Incoming, MAX_LINE, RejectReason, Subscription};
 use super::passwords::Passwords;
-use crate::manifest::StratumPool;
+use micromine_resources::microminer::StratumPool;
+use micromine_resources::pool_url::PoolUrl;
 use micromine_store::ledger::ShareKey;
 
 /// Submissions waiting for the task; beyond this the fleet answers them itself.

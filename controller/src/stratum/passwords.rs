@@ -6,7 +6,7 @@ use std::future::Future;
 use std::path::PathBuf;
 use std::pin::Pin;
 
-use crate::manifest::StratumPool;
+use micromine_resources::microminer::StratumPool;
 
 /// The password used when a pool names no password source; most pools ignore it.
 pub const DEFAULT_PASSWORD: &str = "x";
@@ -88,7 +88,7 @@ mod tests {
             .expect_err("missing file");
         assert!(missing.starts_with("passwordFile "), "{missing}");
         let mut secret = pool(None);
-        secret.password_secret_ref = Some(crate::manifest::SecretKeyRef {
+        secret.password_secret_ref = Some(micromine_resources::microminer::SecretKeyRef {
             name: "s".into(),
             key: "k".into(),
         });

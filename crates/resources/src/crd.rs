@@ -8,7 +8,7 @@ use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomRe
 use kube::CustomResourceExt;
 
 use crate::edgedevice::EdgeDevice;
-use crate::manifest::MicroMiner;
+use crate::microminer::MicroMiner;
 
 /// The first line of every generated file, so nobody edits one by hand.
 pub const HEADER: &str =
@@ -228,7 +228,7 @@ mod tests {
     /// `examples/*.yaml` (MicroMiners only, for `run --manifests examples`) and
     /// `examples/kubernetes/*.yaml` (with the Kubernetes objects around them).
     fn example_documents() -> Vec<(std::path::PathBuf, Value)> {
-        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../examples");
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
         let mut documents = Vec::new();
         for dir in [root.clone(), root.join("kubernetes")] {
             for entry in std::fs::read_dir(&dir).unwrap() {

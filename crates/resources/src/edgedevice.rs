@@ -10,7 +10,7 @@ use kube::CustomResource;
 use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
-use crate::manifest::ShareCounts;
+use crate::microminer::ShareCounts;
 
 /// What an operator may decide about one device.
 // Printer columns repeat `type_` and `priority` by design; clippy reads them as duplicates.

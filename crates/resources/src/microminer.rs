@@ -245,7 +245,7 @@ impl StratumPool {
     /// The problems of this pool's settings, as (field under the pool, problem).
     pub fn problems(&self) -> Vec<(&'static str, String)> {
         let mut problems = Vec::new();
-        if let Err(e) = crate::stratum::PoolUrl::parse(&self.url) {
+        if let Err(e) = crate::pool_url::PoolUrl::parse(&self.url) {
             problems.push(("url", e));
         }
         if self.user.trim().is_empty() {
@@ -512,19 +512,6 @@ pub struct ShareCounts {
     pub rejected: u64,
     /// Rejected because the work was no longer current.
     pub stale: u64,
-}
-
-impl ShareCounts {
-    /// The counts operators see, from the ledger's totals: stale shares apart from the
-    /// other rejections.
-    pub fn from_totals(t: &micromine_store::ledger::Totals) -> ShareCounts {
-        let stale = t.rejected.stale;
-        ShareCounts {
-            accepted: t.accepted,
-            rejected: t.rejected.total().saturating_sub(stale),
-            stale,
-        }
-    }
 }
 
 impl MicroMiner {
