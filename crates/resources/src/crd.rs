@@ -2,7 +2,7 @@
 //! types, as `micromine-controller crd` prints them and `charts/micromine/crds/` holds them
 //! (a test fails when the two drift apart).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use k8s_openapi::apiextensions_apiserver::pkg::apis::apiextensions::v1::CustomResourceDefinition;
 use kube::CustomResourceExt;
@@ -39,14 +39,40 @@ pub fn to_yaml_stream() -> Result<String, serde_saphyr::ser::Error> {
     Ok(out)
 }
 
+/// Why the definitions could not be written out.
+#[derive(Debug, thiserror::Error)]
+pub enum WriteError {
+    /// A definition did not serialize (a bug in the types, not in the input).
+    #[error("serializing a CustomResourceDefinition: {0}")]
+    Serialize(#[from] serde_saphyr::ser::Error),
+    /// The directory or a file could not be written.
+    #[error("{action} {}: {source}", path.display())]
+    Io {
+        /// `creating` or `writing`.
+        action: &'static str,
+        /// The directory or file.
+        path: PathBuf,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
 /// Writes each definition to `dir/<file_name>`, replacing what is there. Returns the paths.
-pub fn write_files(dir: &Path) -> anyhow::Result<Vec<std::path::PathBuf>> {
-    std::fs::create_dir_all(dir).map_err(|e| anyhow::anyhow!("creating {}: {e}", dir.display()))?;
+pub fn write_files(dir: &Path) -> Result<Vec<PathBuf>, WriteError> {
+    std::fs::create_dir_all(dir).map_err(|source| WriteError::Io {
+        action: "creating",
+        path: dir.to_path_buf(),
+        source,
+    })?;
     let mut written = Vec::new();
     for crd in definitions() {
         let path = dir.join(file_name(&crd));
-        std::fs::write(&path, to_yaml(&crd)?)
-            .map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
+        std::fs::write(&path, to_yaml(&crd)?).map_err(|source| WriteError::Io {
+            action: "writing",
+            path: path.clone(),
+            source,
+        })?;
         written.push(path);
     }
     Ok(written)
