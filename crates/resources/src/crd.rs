@@ -85,6 +85,22 @@ mod tests {
     use super::*;
     use serde_json::{Value, json};
 
+    #[test]
+    fn write_files_writes_both_and_names_the_path_it_could_not_create() {
+        let dir = tempfile::tempdir().unwrap();
+        let written = write_files(&dir.path().join("crds")).unwrap();
+        assert_eq!(written.len(), 2);
+        assert!(written.iter().all(|path| path.exists()));
+        let blocker = dir.path().join("a-file");
+        std::fs::write(&blocker, "").unwrap();
+        let err = write_files(&blocker.join("crds")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with(&format!("creating {}: ", blocker.join("crds").display())),
+            "{err}"
+        );
+    }
+
     fn schema(crd: &CustomResourceDefinition) -> Value {
         serde_json::to_value(
             crd.spec.versions[0]
@@ -253,7 +269,7 @@ mod tests {
 
     /// `examples/*.yaml` (MicroMiners only, for `run --manifests examples`) and
     /// `examples/kubernetes/*.yaml` (with the Kubernetes objects around them).
-    fn example_documents() -> Vec<(std::path::PathBuf, Value)> {
+    fn example_documents() -> Vec<(PathBuf, Value)> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../examples");
         let mut documents = Vec::new();
         for dir in [root.clone(), root.join("kubernetes")] {
