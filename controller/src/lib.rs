@@ -2,9 +2,6 @@
 //! of edge devices, re-verifies every share, and keeps a durable ledger.
 //!
 //! # Layout
-//! - `scheduler`, `vardiff`: nonce ranges per device, share targets per device.
-//! - `economics`: energy cost against expected revenue.
-//! - `worksource`: where block headers come from (the builtin synthetic source).
 //! - `stratum`: the controller as a Stratum V1 proxy towards a pool.
 //! - `pki`, `tokens`, `revocation`, `tls`: the fleet CA, bootstrap tokens, revoked
 //!   devices, the TLS listener.
@@ -19,7 +16,6 @@
 //! - `standalone`: the controller without a cluster (manifests directory + embedded store).
 //! - `quickstart`: a local fleet in one command.
 
-pub mod economics;
 pub mod fleet;
 pub mod grpc;
 pub mod http;
@@ -29,12 +25,9 @@ pub mod periodic;
 pub mod pki;
 pub mod quickstart;
 pub mod revocation;
-pub mod scheduler;
 pub mod span_relay;
 pub mod standalone;
 pub mod stratum;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;
-pub mod vardiff;
-pub mod worksource;

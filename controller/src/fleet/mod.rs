@@ -16,6 +16,7 @@
 pub mod conditions;
 mod honesty;
 pub mod persist;
+pub mod source;
 pub mod state;
 pub mod status;
 mod upstream;
@@ -117,7 +118,7 @@ pub enum Judged {
         /// The ledger record.
         record: AcceptedShare,
         /// The header it was found on.
-        header: Arc<crate::worksource::WorkHeader>,
+        header: Arc<micromine_work::worksource::WorkHeader>,
         /// Its hash, when it is a block.
         block_hash: Option<[u8; 32]>,
     },
@@ -568,7 +569,7 @@ impl Fleet {
     }
 
     /// Every live lease (who scans which nonces of which header), by id.
-    pub fn leases(&self) -> Vec<crate::scheduler::Lease> {
+    pub fn leases(&self) -> Vec<micromine_work::scheduler::Lease> {
         lock(&self.state).leases()
     }
 

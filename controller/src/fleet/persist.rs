@@ -9,10 +9,10 @@ use redb::{ReadTransaction, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::state::Restored;
-use crate::scheduler::Lease;
 use crate::stratum::work::PoolSessionRecord;
-use crate::worksource::{ChainTip, WorkHeader};
 use micromine_store::store::{JsonTable, StoreError, get_json, list_json, put_json, remove_json};
+use micromine_work::scheduler::Lease;
+use micromine_work::worksource::{ChainTip, WorkHeader};
 
 const META: JsonTable = TableDefinition::new("fleet_meta");
 const HEADERS: JsonTable = TableDefinition::new("fleet_headers");

@@ -14,19 +14,20 @@ use super::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp};
 use super::status::{
     DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow, is_held_back, stops_hashing,
 };
-use crate::economics;
-use crate::scheduler::{AssignmentId, HeaderId, Lease, NONCE_SPACE, Scheduler};
+use crate::fleet::source::Source;
 use crate::stratum::client::ResumeHint;
 use crate::stratum::client::UpstreamEvent;
 use crate::stratum::work::{Change, PoolSessionRecord, StratumWork};
-use crate::vardiff::Vardiff;
-use crate::worksource::{BuiltinSource, ChainTip, Source, WorkHeader};
 use micromine_resources::microminer::{
     DeviceCounts, Economics, EconomicsStatus, Hashrate, Limits, MicroMiner, MicroMinerStatus,
     MinerSet, PoolStatus,
 };
 use micromine_resources::selector;
 use micromine_store::ledger::Totals;
+use micromine_work::economics;
+use micromine_work::scheduler::{AssignmentId, HeaderId, Lease, NONCE_SPACE, Scheduler};
+use micromine_work::vardiff::Vardiff;
+use micromine_work::worksource::{BuiltinSource, ChainTip, WorkHeader};
 
 /// Leases a connected device holds at once: one to work on, one queued so it never idles
 /// while the controller answers.

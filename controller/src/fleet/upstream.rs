@@ -12,10 +12,10 @@ use crate::stratum::client::{
 };
 use crate::stratum::message::RejectReason;
 use crate::stratum::passwords::{FilePasswords, Passwords};
-use crate::worksource::WorkHeader;
 use micromine_resources::microminer::{MinerSet, StratumSource};
 use micromine_store::ledger::AcceptedShare;
 use micromine_store::ledger::pool::PoolVerdict;
+use micromine_work::worksource::WorkHeader;
 
 /// A running upstream and the settings it was started with.
 pub(super) struct Running {

@@ -17,8 +17,8 @@ use serde::{Deserialize, Serialize};
 
 use super::client::{ResumeHint, UpstreamEvent};
 use super::job::{PoolJob, rolled_version, version_bits};
-use crate::scheduler::HeaderId;
-use crate::worksource::{UpstreamWork, WorkHeader};
+use micromine_work::scheduler::HeaderId;
+use micromine_work::worksource::{UpstreamWork, WorkHeader};
 
 /// The difficulty a pool assumes before its first `mining.set_difficulty`.
 const DEFAULT_POOL_DIFFICULTY: f64 = 1.0;
