@@ -2,7 +2,6 @@
 //! of edge devices, re-verifies every share, and keeps a durable ledger.
 //!
 //! # Layout
-//! - `stratum`: the controller as a Stratum V1 proxy towards a pool.
 //! - `pki`, `tokens`, `revocation`, `tls`: the fleet CA, bootstrap tokens, revoked
 //!   devices, the TLS listener.
 //! - `fleet`: the live state that ties devices, miners, assignments and shares together.
@@ -27,7 +26,6 @@ pub mod quickstart;
 pub mod revocation;
 pub mod span_relay;
 pub mod standalone;
-pub mod stratum;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;

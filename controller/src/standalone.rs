@@ -233,7 +233,7 @@ async fn start_serving(
     let fleet = Fleet::open(store.clone(), ledger).await?;
     match (&config.manifests, pool_secrets) {
         (Some(dir), _) => fleet.set_passwords(Arc::new(
-            crate::stratum::passwords::FilePasswords::new(dir.clone()),
+            micromine_stratum::passwords::FilePasswords::new(dir.clone()),
         )),
         (None, Some(secrets)) => fleet.set_passwords(Arc::new(secrets)),
         (None, None) => {}

@@ -350,7 +350,7 @@ fn observe_fleet(meter: &Meter, views: &Arc<ViewCache>, options: MetricsOptions)
             for miner in &view.miners {
                 let Some(pool) = &miner.status.pool else { continue };
                 // Every reason always, so a rate over a first rejection is not lost.
-                let rejected = crate::stratum::message::RejectReason::ALL.map(|reason| {
+                let rejected = micromine_stratum::message::RejectReason::ALL.map(|reason| {
                     let count = pool.rejected_by_reason.get(reason.as_str()).copied();
                     (reason.as_str(), count.unwrap_or(0))
                 });

@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use micromine_controller::stratum::message::{Incoming, parse_line};
+use micromine_stratum::message::{Incoming, parse_line};
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

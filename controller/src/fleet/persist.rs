@@ -9,8 +9,8 @@ use redb::{ReadTransaction, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::state::Restored;
-use crate::stratum::work::PoolSessionRecord;
 use micromine_store::store::{JsonTable, StoreError, get_json, list_json, put_json, remove_json};
+use micromine_stratum::work::PoolSessionRecord;
 use micromine_work::scheduler::Lease;
 use micromine_work::worksource::{ChainTip, WorkHeader};
 

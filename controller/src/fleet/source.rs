@@ -3,7 +3,7 @@
 use micromine_work::scheduler::HeaderId;
 use micromine_work::worksource::{BuiltinSource, WorkHeader};
 
-use crate::stratum::work::StratumWork;
+use micromine_stratum::work::StratumWork;
 
 /// A MicroMiner's work source at run time.
 #[derive(Debug, Clone)]

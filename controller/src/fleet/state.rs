@@ -15,15 +15,15 @@ use super::status::{
     DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow, is_held_back, stops_hashing,
 };
 use crate::fleet::source::Source;
-use crate::stratum::client::ResumeHint;
-use crate::stratum::client::UpstreamEvent;
-use crate::stratum::work::{Change, PoolSessionRecord, StratumWork};
 use micromine_resources::microminer::{
     DeviceCounts, Economics, EconomicsStatus, Hashrate, Limits, MicroMiner, MicroMinerStatus,
     MinerSet, PoolStatus,
 };
 use micromine_resources::selector;
 use micromine_store::ledger::Totals;
+use micromine_stratum::client::ResumeHint;
+use micromine_stratum::client::UpstreamEvent;
+use micromine_stratum::work::{Change, PoolSessionRecord, StratumWork};
 use micromine_work::economics;
 use micromine_work::scheduler::{AssignmentId, HeaderId, Lease, NONCE_SPACE, Scheduler};
 use micromine_work::vardiff::Vardiff;
@@ -1827,8 +1827,8 @@ mod tests {
             .collect()
     }
 
-    fn pool_job(id: &str, clean: bool) -> crate::stratum::job::PoolJob {
-        crate::stratum::job::PoolJob {
+    fn pool_job(id: &str, clean: bool) -> micromine_stratum::job::PoolJob {
+        micromine_stratum::job::PoolJob {
             id: id.into(),
             prev_hash: [3; 32],
             coinb1: vec![1, 2],

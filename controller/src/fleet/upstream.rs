@@ -7,14 +7,14 @@ use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use super::{Fleet, lock, now_ms};
-use crate::stratum::client::{
-    PoolAnswer, Submission, Timeouts, Upstream, UpstreamConfig, UpstreamEvent, UpstreamSink,
-};
-use crate::stratum::message::RejectReason;
-use crate::stratum::passwords::{FilePasswords, Passwords};
 use micromine_resources::microminer::{MinerSet, StratumSource};
 use micromine_store::ledger::AcceptedShare;
 use micromine_store::ledger::pool::PoolVerdict;
+use micromine_stratum::client::{
+    PoolAnswer, Submission, Timeouts, Upstream, UpstreamConfig, UpstreamEvent, UpstreamSink,
+};
+use micromine_stratum::message::RejectReason;
+use micromine_stratum::passwords::{FilePasswords, Passwords};
 use micromine_work::worksource::WorkHeader;
 
 /// A running upstream and the settings it was started with.

@@ -4,8 +4,8 @@
 use k8s_openapi::api::core::v1::Secret;
 use kube::Api;
 
-use crate::stratum::passwords::{DEFAULT_PASSWORD, Lookup, Passwords};
 use micromine_resources::microminer::StratumPool;
+use micromine_stratum::passwords::{DEFAULT_PASSWORD, Lookup, Passwords};
 
 /// Looks pool passwords up in Secrets.
 #[derive(Clone)]

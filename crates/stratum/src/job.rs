@@ -225,7 +225,7 @@ mod tests {
     fn vectors() -> serde_json::Value {
         let path = concat!(
             env!("CARGO_MANIFEST_DIR"),
-            "/../proto/tests/vectors/blocks.json"
+            "/../../proto/tests/vectors/blocks.json"
         );
         serde_json::from_str(&std::fs::read_to_string(path).expect("test vectors"))
             .expect("vectors are JSON")

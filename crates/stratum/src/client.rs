@@ -1061,7 +1061,7 @@ mod tests {
     use tokio::net::TcpListener;
 
     use super::*;
-    use crate::stratum::passwords::FilePasswords;
+    use crate::passwords::FilePasswords;
 
     /// What an upstream reported, for the tests to wait on.
     #[derive(Default)]

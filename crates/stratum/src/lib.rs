@@ -1,5 +1,6 @@
 //! The controller as a Stratum V1 proxy: one worker towards the pool, many devices behind.
 //!
+//! # Layout
 //! - [`message`]: the line protocol, every field checked.
 //! - [`job`]: a pool job and the headers built from it (coinbase, merkle root, version
 //!   rolling).
@@ -7,6 +8,7 @@
 //!   reconnection with backoff, failover to the next pool and back.
 //! - [`work`]: the fleet's side: which job is current, extranonce2 allocation per header,
 //!   and what each header needs for its shares to be submitted.
+//! - [`passwords`]: pool passwords from files or Secrets, never from the manifest.
 //!
 //! Devices never see any of this: they get header-only assignments exactly as with the
 //! builtin source, with their own (lower) share targets; only shares that also meet the
