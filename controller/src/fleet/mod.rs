@@ -543,7 +543,7 @@ impl Fleet {
             }
         };
         let revocations = lock(&self.revocations).clone();
-        let mut state = lock(&self.state);
+        let state = lock(&self.state);
         let (mut miners, mut devices) = state.view(now_ms(), &totals);
         for miner in &mut miners {
             if let Some(pool) = miner.status.pool.as_mut() {

@@ -94,8 +94,8 @@ impl FleetState {
 }
 
 /// Sets the `Profitable` condition from what the MicroMiner's schedulable devices could
-/// earn at its duty cycle against what they would draw, as last judged by the tick (the
-/// first view before any tick judges it itself).
+/// earn at its duty cycle against what they would draw, as last judged by the tick (before
+/// the first tick has judged, judged here).
 pub(super) fn set_profitable(
     runtime: &mut MinerRuntime,
     economics: &Economics,

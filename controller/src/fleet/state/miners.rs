@@ -115,6 +115,7 @@ impl FleetState {
         for name in names {
             self.rematch_device(&name, now_ms, &mut fx);
         }
+        self.update_conditions(now_ms);
         fx
     }
 
@@ -183,6 +184,13 @@ impl FleetState {
     /// Applies what a MicroMiner's pool connection reported: new jobs, difficulty,
     /// sessions. Stale work is cancelled at once and devices get work from the new job.
     pub fn upstream_event(&mut self, miner: &str, event: UpstreamEvent, now_ms: i64) -> Effects {
+        let fx = self.apply_upstream_event(miner, event, now_ms);
+        // Also after a disconnection that changes no work: PoolConnected turns false.
+        self.update_conditions(now_ms);
+        fx
+    }
+
+    fn apply_upstream_event(&mut self, miner: &str, event: UpstreamEvent, now_ms: i64) -> Effects {
         let mut fx = Effects::default();
         let Some(runtime) = self.miners.get_mut(miner) else {
             return fx;
@@ -325,6 +333,7 @@ impl FleetState {
             tracing::info!(device = name, "device schedulable again");
             self.top_up(name, now_ms, &mut fx);
         }
+        self.update_conditions(now_ms);
         fx
     }
 }

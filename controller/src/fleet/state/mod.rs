@@ -388,6 +388,7 @@ pub enum Scope<'a> {
     Miner(&'a str),
 }
 
+mod conditions;
 mod energy;
 mod leases;
 mod miners;

@@ -967,3 +967,44 @@ fn the_prune_floor_keeps_every_header_a_share_may_still_name() {
         "retired with its leases cancelled, not ended"
     );
 }
+
+/// A view is a read: looking at the fleet changes no condition, and a condition's
+/// transition time is when the fleet changed (the tick that saw the device mining), not
+/// when someone happened to look.
+#[test]
+fn views_change_nothing_and_transitions_carry_the_time_of_the_change() {
+    let ready = |s: &FleetState, now: i64| {
+        let (miners, _) = s.view(now, &|_| Totals::default());
+        miners[0]
+            .status
+            .conditions
+            .iter()
+            .find(|c| c.type_ == "Ready")
+            .cloned()
+            .expect("a Ready condition")
+    };
+    let mut s = FleetState::new(Restored::default());
+    s.apply_miners(&set(&[miner("a", "x", 1.0, false)]), NOW);
+    assert_eq!(ready(&s, NOW).reason, "NoDevices");
+    s.connect("d1", &hello("x", vec![]), NOW + 1_000);
+    // Until the fleet's own clock comes round, the condition is as it was, however often
+    // and whenever it is looked at.
+    let before = ready(&s, NOW + 1_500);
+    assert_eq!(
+        (before.status.as_str(), before.reason.as_str()),
+        ("False", "NoDevices")
+    );
+    assert_eq!(ready(&s, NOW + 1_900), before);
+    s.tick(NOW + 2_000);
+    let after = ready(&s, NOW + 9_000);
+    assert_eq!(
+        (after.status.as_str(), after.reason.as_str()),
+        ("True", "Mining")
+    );
+    assert_eq!(
+        after.last_transition_time,
+        crate::fleet::conditions::time_from_unix_ms(NOW + 2_000).expect("time"),
+        "the tick's time, not the view's"
+    );
+    assert_eq!(ready(&s, NOW + 60_000), after);
+}

@@ -48,6 +48,7 @@ impl FleetState {
         for name in names {
             self.top_up(&name, now_ms, &mut fx);
         }
+        self.update_conditions(now_ms);
         fx
     }
 }

@@ -1,12 +1,30 @@
 //! What operators see: miners' and devices' views, and the read-only counts.
 
-use super::energy::set_profitable;
 use super::*;
 
 impl FleetState {
-    /// Everything operators see, with ledger totals looked up through `totals`.
+    /// What a device is doing as operators see it: `offline`, `unschedulable`, what the
+    /// agent reports while held back (`throttled:...`, `paused:...`, ...), `mining` or
+    /// `idle`.
+    pub(super) fn device_state<'a>(&self, d: &'a DeviceRuntime) -> &'a str {
+        if d.session.is_none() {
+            "offline"
+        } else if self.unschedulable.contains(&d.record.name) {
+            "unschedulable"
+        } else if is_held_back(&d.reported_state) {
+            &d.reported_state
+        } else if self.scheduler.lease_count(&d.record.name) > 0 {
+            "mining"
+        } else {
+            "idle"
+        }
+    }
+
+    /// Everything operators see, with ledger totals looked up through `totals`. A pure
+    /// read: conditions change in `tick` and where their events happen
+    /// (`update_conditions`), so a transition's time never depends on who looked when.
     pub fn view(
-        &mut self,
+        &self,
         now_ms: i64,
         totals: &dyn Fn(Scope<'_>) -> Totals,
     ) -> (Vec<MinerView>, Vec<DeviceView>) {
@@ -17,17 +35,7 @@ impl FleetState {
                 let connected = d.session.is_some();
                 let leases = self.scheduler.leases_of(&d.record.name).len();
                 let unschedulable = self.unschedulable.contains(&d.record.name);
-                let state = if !connected {
-                    "offline".to_string()
-                } else if unschedulable {
-                    "unschedulable".to_string()
-                } else if is_held_back(&d.reported_state) {
-                    d.reported_state.clone()
-                } else if leases > 0 {
-                    "mining".to_string()
-                } else {
-                    "idle".to_string()
-                };
+                let state = self.device_state(d).to_string();
                 DeviceView {
                     name: d.record.name.clone(),
                     labels: d.record.labels.clone(),
@@ -61,7 +69,7 @@ impl FleetState {
             .collect();
         let economies = self.economies();
         let mut miners = Vec::new();
-        for (key, runtime) in self.miners.iter_mut() {
+        for (key, runtime) in &self.miners {
             let mut counts = DeviceCounts::default();
             let mut nominal = 0.0;
             for d in devices
@@ -82,11 +90,10 @@ impl FleetState {
             let t = totals(Scope::Miner(key));
             let effective = runtime.effective.hashrate(now_ms);
             let network_difficulty = runtime.source.network_difficulty();
-            let economics_status = match (runtime.spec.spec.economics.clone(), economies.get(key)) {
-                (Some(ref economics), Some(economy)) => {
+            let economics_status = match (&runtime.spec.spec.economics, economies.get(key)) {
+                (Some(economics), Some(economy)) => {
                     let difficulty = economics.network_difficulty.unwrap_or(network_difficulty);
                     let joules = self.energy_joules.get(key).copied().unwrap_or(0.0);
-                    set_profitable(runtime, economics, economy, difficulty, now_ms);
                     let energy_k_wh = joules / 3.6e6;
                     Some(EconomicsStatus {
                         power_watts: economy.working_watts,
@@ -99,63 +106,11 @@ impl FleetState {
                         ),
                     })
                 }
-                _ => {
-                    runtime.conditions.retain(|c| c.type_ != "Profitable");
-                    None
-                }
+                _ => None,
             };
-            let status = MicroMinerStatus {
-                observed_generation: runtime.spec.metadata.generation,
-                conditions: crate::fleet::conditions::update(
-                    &mut runtime.conditions,
-                    if runtime.spec.spec.paused {
-                        Some(crate::fleet::conditions::SPEC_PAUSED)
-                    } else if runtime.unprofitable_pause {
-                        Some((
-                            "Unprofitable",
-                            "spec.economics.pauseWhenUnprofitable: energy costs more than the work is expected to earn",
-                        ))
-                    } else {
-                        None
-                    },
-                    &counts,
-                    runtime.spec.metadata.generation,
-                    now_ms,
-                ),
-                hashrate: Hashrate { nominal, effective },
-                shares: crate::fleet::status::share_counts(&t),
-                blocks_found: t.blocks,
-                last_share_time: t
-                    .last_share_unix_ms
-                    .and_then(crate::fleet::conditions::time_from_unix_ms),
-                devices: counts,
-                economics: economics_status,
-                pool: None,
-            };
-            let mut status = status;
-            if let Some(work) = runtime.source.stratum() {
+            let pool = runtime.source.stratum().map(|work| {
                 let connection = work.status();
-                let connected = connection.state == "Connected";
-                let message = match (&connection.url, &connection.last_error) {
-                    (Some(url), _) if connected => format!("mining for {url}"),
-                    (_, Some(error)) => error.clone(),
-                    _ => "connecting to the pool".to_string(),
-                };
-                crate::fleet::conditions::set(
-                    &mut runtime.conditions,
-                    "PoolConnected",
-                    connected,
-                    if connected {
-                        "Connected"
-                    } else {
-                        "PoolUnreachable"
-                    },
-                    &message,
-                    runtime.spec.metadata.generation,
-                    now_ms,
-                );
-                status.conditions = runtime.conditions.clone();
-                status.pool = Some(PoolStatus {
+                PoolStatus {
                     state: connection.state.to_string(),
                     url: connection.url,
                     failover: connection.pool_index > 0,
@@ -166,10 +121,21 @@ impl FleetState {
                     accepted: 0,
                     rejected: 0,
                     rejected_by_reason: BTreeMap::new(),
-                });
-            } else {
-                runtime.conditions.retain(|c| c.type_ != "PoolConnected");
-            }
+                }
+            });
+            let status = MicroMinerStatus {
+                observed_generation: runtime.spec.metadata.generation,
+                conditions: runtime.conditions.clone(),
+                hashrate: Hashrate { nominal, effective },
+                shares: crate::fleet::status::share_counts(&t),
+                blocks_found: t.blocks,
+                last_share_time: t
+                    .last_share_unix_ms
+                    .and_then(crate::fleet::conditions::time_from_unix_ms),
+                devices: counts,
+                economics: economics_status,
+                pool,
+            };
             miners.push(MinerView {
                 key: key.clone(),
                 status,
