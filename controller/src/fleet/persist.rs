@@ -8,10 +8,9 @@ use micromine_proto::pb;
 use redb::{ReadTransaction, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
-use super::state::Restored;
 use micromine_store::store::{JsonTable, StoreError, get_json, list_json, put_json, remove_json};
 use micromine_stratum::work::PoolSessionRecord;
-use micromine_work::scheduler::Lease;
+use micromine_work::scheduler::{HeaderId, Lease};
 use micromine_work::worksource::{ChainTip, WorkHeader};
 
 const META: JsonTable = TableDefinition::new("fleet_meta");
@@ -247,6 +246,27 @@ pub fn apply(txn: &WriteTransaction, ops: &[PersistOp]) -> Result<(), StoreError
         }
     }
     Ok(())
+}
+
+/// What was restored from the store at start.
+#[derive(Debug, Default)]
+pub struct Restored {
+    /// Id counters.
+    pub ids: FleetIds,
+    /// Headers that leases refer to.
+    pub headers: Vec<WorkHeader>,
+    /// Leases alive at the last shutdown or crash.
+    pub leases: Vec<LeaseRecord>,
+    /// Chain tips of builtin sources.
+    pub tips: BTreeMap<String, ChainTip>,
+    /// Known devices.
+    pub devices: Vec<DeviceRecord>,
+    /// Stored headers nothing refers to any more.
+    pub unreferenced_headers: Vec<HeaderId>,
+    /// Energy drawn for each MicroMiner, joules.
+    pub energy_joules: BTreeMap<String, f64>,
+    /// Pool sessions of MicroMiners with pool work, to resume.
+    pub pool_sessions: BTreeMap<String, PoolSessionRecord>,
 }
 
 /// Reads everything back at start. Headers no lease refers to are listed apart, for

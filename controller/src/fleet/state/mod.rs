@@ -10,7 +10,7 @@ use micromine_proto::pb::{self, RejectReason, controller_message::Kind};
 use micromine_proto::work::Target;
 
 use super::honesty::HonestyWindow;
-use super::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp};
+use super::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp, Restored};
 use super::status::{
     DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow, is_held_back, stops_hashing,
 };
@@ -237,27 +237,6 @@ pub struct RecordedShare {
     pub header: Arc<WorkHeader>,
     /// Its sha256d, when it was a block.
     pub block_hash: Option<[u8; 32]>,
-}
-
-/// What was restored from the store at start.
-#[derive(Debug, Default)]
-pub struct Restored {
-    /// Id counters.
-    pub ids: FleetIds,
-    /// Headers that leases refer to.
-    pub headers: Vec<WorkHeader>,
-    /// Leases alive at the last shutdown or crash.
-    pub leases: Vec<LeaseRecord>,
-    /// Chain tips of builtin sources.
-    pub tips: BTreeMap<String, ChainTip>,
-    /// Known devices.
-    pub devices: Vec<DeviceRecord>,
-    /// Stored headers nothing refers to any more.
-    pub unreferenced_headers: Vec<HeaderId>,
-    /// Energy drawn for each MicroMiner, joules.
-    pub energy_joules: BTreeMap<String, f64>,
-    /// Pool sessions of MicroMiners with pool work, to resume.
-    pub pool_sessions: BTreeMap<String, PoolSessionRecord>,
 }
 
 /// The fleet: devices, MicroMiners, headers and leases.
