@@ -102,6 +102,13 @@ enum Command {
         /// series per device each, so think of the fleet's size first.
         #[arg(long)]
         per_device_metrics: bool,
+        /// Once every listener is bound, write the addresses they got to FILE as JSON,
+        /// `{"grpc":"127.0.0.1:40123","http":"127.0.0.1:40124"}` (replaced atomically; a
+        /// file left from an earlier run is removed at start). With port 0 in --listen or
+        /// --http-listen, this is how to learn the port the system picked. Standalone mode
+        /// only.
+        #[arg(long, value_name = "FILE", conflicts_with = "kubernetes")]
+        listen_addresses_file: Option<PathBuf>,
     },
     /// Bootstrap tokens for enrolling devices.
     Token {
@@ -323,6 +330,28 @@ fn ca_command(command: CaCommand) -> Result<()> {
     Ok(())
 }
 
+/// Removes a listen-addresses file left by an earlier run (none is fine).
+fn remove_stale(path: &std::path::Path) -> Result<()> {
+    match std::fs::remove_file(path) {
+        Ok(()) => Ok(()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e).with_context(|| format!("--listen-addresses-file {}", path.display())),
+    }
+}
+
+/// Writes where the running controller's listeners are bound, whole or not at all, so a
+/// reader never sees half a document.
+fn write_listen_addresses(
+    path: &std::path::Path,
+    controller: &standalone::Controller,
+) -> Result<()> {
+    let json = serde_json::to_vec(&controller.listen_addresses())?;
+    micromine_host::files::write_file_atomic(path, &json, 0o644)
+        .with_context(|| format!("--listen-addresses-file {}", path.display()))?;
+    tracing::info!(file = %path.display(), "listen addresses written");
+    Ok(())
+}
+
 fn init_logging(format: LogFormat, default_level: &str) {
     micromine_controller::logging::init(matches!(format, LogFormat::Json), default_level);
 }
@@ -376,6 +405,7 @@ fn main() -> Result<()> {
             tls_sans,
             device_cert_ttl,
             per_device_metrics,
+            listen_addresses_file,
         } => {
             let rt = runtime()?;
             {
@@ -401,7 +431,18 @@ fn main() -> Result<()> {
             config.per_device_metrics = per_device_metrics;
             let result = rt.block_on(async move {
                 if !kubernetes {
+                    // A reader waiting for the file must never take the last run's
+                    // addresses for this one's.
+                    if let Some(path) = &listen_addresses_file {
+                        remove_stale(path)?;
+                    }
                     let controller = standalone::start(config).await?;
+                    if let Some(path) = &listen_addresses_file
+                        && let Err(e) = write_listen_addresses(path, &controller)
+                    {
+                        controller.stop().await;
+                        return Err(e);
+                    }
                     micromine_host::cli::wait_for_signal().await;
                     tracing::info!("shutting down");
                     controller.stop().await;

@@ -488,10 +488,29 @@ impl Controller {
         let _ = tokio::task::spawn_blocking(move || store.close()).await;
     }
 
+    /// Where the listeners are bound, as `run --listen-addresses-file` writes it.
+    pub fn listen_addresses(&self) -> ListenAddresses {
+        ListenAddresses {
+            grpc: self.grpc_addr,
+            http: self.http_addr,
+        }
+    }
+
     /// The `https://` URL agents on this machine use.
     pub fn grpc_url(&self) -> String {
         format!("https://127.0.0.1:{}", self.grpc_addr.port())
     }
+}
+
+/// The addresses a running controller's listeners are bound to (resolved: the port the
+/// system picked where port 0 was asked for). Serialized as
+/// `{"grpc":"127.0.0.1:40123","http":"127.0.0.1:40124"}` for `--listen-addresses-file`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ListenAddresses {
+    /// The gRPC (TLS) listener agents connect to.
+    pub grpc: SocketAddr,
+    /// The HTTP listener (health, status, metrics).
+    pub http: SocketAddr,
 }
 
 /// Manifest problems as the status API shows them.

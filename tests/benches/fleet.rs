@@ -23,7 +23,9 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use micromine_agent::simulate::LATENCY_BUCKETS_MS;
-use micromine_e2e::{Process, bin, free_port, get_json, get_text, run_to_end, wait_until};
+use micromine_e2e::{
+    ListenAddresses, Process, bin, get_json, get_text, listen_addresses, run_to_end, wait_until,
+};
 use serde_json::Value;
 
 struct Options {
@@ -68,10 +70,6 @@ fn options() -> Options {
     options
 }
 
-fn loopback() -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], free_port()))
-}
-
 /// One sample of a Prometheus text exposition, unlabelled.
 fn metric(http: SocketAddr, name: &str) -> Option<f64> {
     let text = get_text(http, "/metrics")?;
@@ -104,10 +102,14 @@ fn process_usage(pid: u32) -> (u64, u64, f64) {
     (kib("VmRSS:"), kib("VmHWM:"), cpu)
 }
 
-fn start_controller(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Process {
+/// Starts the controller on `grpc` and `http` (port 0: any) and returns it with the
+/// addresses it got.
+fn start_controller(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> (Process, ListenAddresses) {
     let (manifests, data) = (dir.join("manifests"), dir.join("data"));
     let (grpc, http_arg) = (grpc.to_string(), http.to_string());
-    let process = Process::start_with_env(
+    let addresses = dir.join("listen.json");
+    let addresses_arg = addresses.to_str().expect("utf-8");
+    let mut process = Process::start_with_env(
         "controller",
         &bin("micromine-controller"),
         &[
@@ -120,13 +122,16 @@ fn start_controller(dir: &Path, grpc: SocketAddr, http: SocketAddr) -> Process {
             &grpc,
             "--http-listen",
             &http_arg,
+            "--listen-addresses-file",
+            addresses_arg,
         ],
         &[("RUST_LOG", Path::new("warn"))],
     );
+    let bound = listen_addresses(&mut process, &addresses, Duration::from_secs(60));
     wait_until("controller /readyz", Duration::from_secs(60), || {
-        get_json(http, "/readyz")
+        get_json(bound.http, "/readyz")
     });
-    process
+    (process, bound)
 }
 
 /// The cumulative buckets of a histogram: (upper bound, count), ascending.
@@ -207,8 +212,8 @@ fn main() {
         ),
     )
     .expect("write manifest");
-    let (grpc, http) = (loopback(), loopback());
-    let mut controller = start_controller(dir.path(), grpc, http);
+    let any = SocketAddr::from(([127, 0, 0, 1], 0));
+    let (mut controller, ListenAddresses { grpc, http }) = start_controller(dir.path(), any, any);
     let (idle_rss, _, _) = process_usage(controller.pid());
     let token = run_to_end(
         &bin("micromine-controller"),
@@ -328,7 +333,8 @@ fn main() {
     // A crash and a fresh start: how long until every device is back?
     controller.kill();
     let restarted = Instant::now();
-    controller = start_controller(dir.path(), grpc, http);
+    // Where the devices know it.
+    (controller, _) = start_controller(dir.path(), grpc, http);
     let ready = restarted.elapsed();
     // When half, nine in ten, 99 in 100 and all devices were back.
     let marks = [0.5, 0.9, 0.99, 1.0];

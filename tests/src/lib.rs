@@ -46,7 +46,10 @@ pub fn bin(name: &str) -> PathBuf {
     path
 }
 
-/// A loopback port that was free a moment ago.
+/// A loopback port that was free a moment ago: someone else may take it before it is
+/// used, so only for servers that cannot report the port they bound (Prometheus, a
+/// Kubernetes-mode controller). A standalone controller binds port 0 and says what it
+/// got ([`ControllerProcess::start`]).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
@@ -157,6 +160,11 @@ impl Process {
         })
     }
 
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child.try_wait().ok().flatten()
+    }
+
     /// Stderr so far.
     pub fn log(&self) -> String {
         self.lines.lock().expect("log lock").join("\n")
@@ -254,7 +262,10 @@ pub fn run_to_end_with_env(binary: &Path, args: &[&str], env: &[(&str, &Path)]) 
     String::from_utf8_lossy(&output.stdout).into_owned()
 }
 
-/// A standalone controller on fixed loopback ports, so a restart keeps its address.
+/// A standalone controller on loopback. [`ControllerProcess::start`] asks for port 0 and
+/// learns the ports the system picked from `--listen-addresses-file`, so tests never race
+/// each other for a port; [`ControllerProcess::start_on`] takes fixed addresses, for a
+/// restart that must come back where the agents know it.
 pub struct ControllerProcess {
     /// The process.
     pub process: Process,
@@ -262,32 +273,46 @@ pub struct ControllerProcess {
     pub grpc: SocketAddr,
     /// HTTP address.
     pub http: SocketAddr,
+    /// Holds the listen-addresses file (none for [`ControllerProcess::adopt`]).
+    _addresses: Option<tempfile::TempDir>,
 }
 
+/// Any free loopback port: the controller binds it and reports what it got.
+const ANY_LOOPBACK_PORT: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 0);
+
 impl ControllerProcess {
-    /// Starts `micromine-controller run` and waits until it is ready.
-    pub fn start(
-        manifests: &Path,
-        data_dir: &Path,
-        grpc: SocketAddr,
-        http: SocketAddr,
-    ) -> ControllerProcess {
-        ControllerProcess::start_with(manifests, data_dir, grpc, http, &[])
+    /// Starts `micromine-controller run` on loopback ports the system picks and waits
+    /// until it is ready.
+    pub fn start(manifests: &Path, data_dir: &Path) -> ControllerProcess {
+        ControllerProcess::start_with(manifests, data_dir, &[])
     }
 
     /// [`ControllerProcess::start`] with extra command-line arguments.
-    pub fn start_with(
-        manifests: &Path,
-        data_dir: &Path,
-        grpc: SocketAddr,
-        http: SocketAddr,
-        extra: &[&str],
-    ) -> ControllerProcess {
-        ControllerProcess::start_with_env(manifests, data_dir, grpc, http, extra, &[])
+    pub fn start_with(manifests: &Path, data_dir: &Path, extra: &[&str]) -> ControllerProcess {
+        ControllerProcess::start_with_env(manifests, data_dir, extra, &[])
     }
 
     /// [`ControllerProcess::start_with`] and extra environment variables (`OTEL_*`).
     pub fn start_with_env(
+        manifests: &Path,
+        data_dir: &Path,
+        extra: &[&str],
+        env: &[(&str, &Path)],
+    ) -> ControllerProcess {
+        ControllerProcess::start_on(
+            manifests,
+            data_dir,
+            ANY_LOOPBACK_PORT,
+            ANY_LOOPBACK_PORT,
+            extra,
+            env,
+        )
+    }
+
+    /// Starts the controller on the given addresses (port 0: any), e.g. those of the one
+    /// it replaces, and waits until it is ready.
+    pub fn start_on(
         manifests: &Path,
         data_dir: &Path,
         grpc: SocketAddr,
@@ -295,9 +320,12 @@ impl ControllerProcess {
         extra: &[&str],
         env: &[(&str, &Path)],
     ) -> ControllerProcess {
-        let (manifests, data_dir) = (
+        let addresses = tempfile::tempdir().expect("tempdir");
+        let file = addresses.path().join("listen.json");
+        let (manifests, data_dir, file_arg) = (
             manifests.display().to_string(),
             data_dir.display().to_string(),
+            file.display().to_string(),
         );
         let (grpc_arg, http_arg) = (grpc.to_string(), http.to_string());
         let mut args = vec![
@@ -310,17 +338,32 @@ impl ControllerProcess {
             &grpc_arg,
             "--http-listen",
             &http_arg,
+            "--listen-addresses-file",
+            &file_arg,
         ];
         args.extend_from_slice(extra);
-        let process =
+        let mut process =
             Process::start_with_env("controller", &bin("micromine-controller"), &args, env);
+        let bound = listen_addresses(&mut process, &file, Duration::from_secs(30));
         wait_until("controller /readyz", Duration::from_secs(30), || {
-            get_json(http, "/readyz")
+            get_json(bound.http, "/readyz")
         });
+        ControllerProcess {
+            process,
+            grpc: bound.grpc,
+            http: bound.http,
+            _addresses: Some(addresses),
+        }
+    }
+
+    /// A controller the caller started on addresses it chose: Kubernetes mode, whose
+    /// listeners change with its role and which has no `--listen-addresses-file`.
+    pub fn adopt(process: Process, grpc: SocketAddr, http: SocketAddr) -> ControllerProcess {
         ControllerProcess {
             process,
             grpc,
             http,
+            _addresses: None,
         }
     }
 
@@ -351,6 +394,39 @@ impl ControllerProcess {
     }
 }
 
+/// Where a controller's listeners are bound, from its `--listen-addresses-file`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ListenAddresses {
+    /// gRPC.
+    pub grpc: SocketAddr,
+    /// HTTP.
+    pub http: SocketAddr,
+}
+
+/// Waits for `controller` to write its `--listen-addresses-file` at `file`, and reads it;
+/// panics with the controller's log if it exits first.
+pub fn listen_addresses(
+    controller: &mut Process,
+    file: &Path,
+    timeout: Duration,
+) -> ListenAddresses {
+    wait_until("the controller's listen addresses", timeout, || {
+        if let Some(status) = controller.exited() {
+            panic!(
+                "the controller exited ({status}) before it was listening:\n{}",
+                controller.log()
+            );
+        }
+        // Written atomically: once there, it is whole.
+        let json: Value = serde_json::from_slice(&std::fs::read(file).ok()?).ok()?;
+        let address = |key: &str| -> Option<SocketAddr> { json[key].as_str()?.parse().ok() };
+        Some(ListenAddresses {
+            grpc: address("grpc")?,
+            http: address("http")?,
+        })
+    })
+}
+
 /// Creates a bootstrap token with the controller CLI.
 pub fn create_token(data_dir: &Path, uses: u32) -> String {
     run_to_end(
@@ -368,12 +444,12 @@ pub fn create_token(data_dir: &Path, uses: u32) -> String {
     .to_string()
 }
 
-/// A loopback address with a port that was free a moment ago.
+/// A loopback address with a port that was free a moment ago (see [`free_port`]).
 pub fn loopback() -> SocketAddr {
     SocketAddr::from(([127, 0, 0, 1], free_port()))
 }
 
-/// A controller on fresh loopback ports with `manifest` as its only MicroMiner file.
+/// A controller on loopback ports of its own with `manifest` as its only MicroMiner file.
 pub struct Fixture {
     /// Holds the directories.
     pub dir: tempfile::TempDir,
@@ -391,8 +467,7 @@ impl Fixture {
         std::fs::create_dir_all(&manifests).expect("mkdir");
         std::fs::write(manifests.join("test.yaml"), manifest).expect("write manifest");
         let data = dir.path().join("data");
-        let controller =
-            ControllerProcess::start_with(&manifests, &data, loopback(), loopback(), extra);
+        let controller = ControllerProcess::start_with(&manifests, &data, extra);
         Fixture {
             dir,
             data,
@@ -408,12 +483,13 @@ impl Fixture {
             .process
             .signal("TERM", Duration::from_secs(30));
         assert!(status.success(), "the controller stopped cleanly: {status}");
-        self.controller = ControllerProcess::start_with(
+        self.controller = ControllerProcess::start_on(
             &self.dir.path().join("manifests"),
             &self.data,
             self.controller.grpc,
             self.controller.http,
             extra,
+            &[],
         );
     }
 

@@ -1,18 +1,11 @@
 //! A standalone controller and separate agent processes on loopback: reclaiming the work
 //! of a killed agent, surviving a controller crash, and the engine an agent chooses.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use micromine_agent::engine::EngineKind;
-use micromine_e2e::{
-    ControllerProcess, create_token, free_port, start_agent, test_manifest, wait_until,
-};
+use micromine_e2e::{ControllerProcess, create_token, start_agent, test_manifest, wait_until};
 use serde_json::Value;
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 fn u64_of(v: &Value) -> u64 {
     v.as_u64().unwrap_or_default()
@@ -27,12 +20,7 @@ fn a_killed_agents_range_is_reclaimed_and_handed_out_again() {
     // difficulty so no block rolls the header under our feet.
     std::fs::write(manifests.join("e2e.yaml"), test_manifest("e2e", 2, 1e12)).expect("write");
     let data = dir.path().join("data");
-    let controller = ControllerProcess::start(
-        &manifests,
-        &data,
-        loopback(free_port()),
-        loopback(free_port()),
-    );
+    let controller = ControllerProcess::start(&manifests, &data);
     let token = create_token(&data, 2);
 
     let mut first = start_agent(
@@ -141,8 +129,7 @@ fn the_ledger_survives_a_controller_crash_and_agents_come_back_by_themselves() {
     std::fs::create_dir_all(&manifests).expect("mkdir");
     std::fs::write(manifests.join("e2e.yaml"), test_manifest("e2e", 5, 0.02)).expect("write");
     let data = dir.path().join("data");
-    let (grpc, http) = (loopback(free_port()), loopback(free_port()));
-    let mut controller = ControllerProcess::start(&manifests, &data, grpc, http);
+    let mut controller = ControllerProcess::start(&manifests, &data);
     let token = create_token(&data, 1);
     let _agent = start_agent(
         &controller,
@@ -158,7 +145,15 @@ fn the_ledger_survives_a_controller_crash_and_agents_come_back_by_themselves() {
     });
     controller.process.kill();
 
-    let controller = ControllerProcess::start(&manifests, &data, grpc, http);
+    // Where the agent knows it.
+    let controller = ControllerProcess::start_on(
+        &manifests,
+        &data,
+        controller.grpc,
+        controller.http,
+        &[],
+        &[],
+    );
     let after = controller.status().expect("status")["totals"].clone();
     assert!(
         u64_of(&after["accepted"]) >= u64_of(&before["accepted"]),
@@ -191,12 +186,7 @@ fn manifest_edits_take_effect_and_broken_ones_disturb_nothing() {
     let good = test_manifest("e2e", 5, 1e12);
     std::fs::write(&file, &good).expect("write");
     let data = dir.path().join("data");
-    let controller = ControllerProcess::start(
-        &manifests,
-        &data,
-        loopback(free_port()),
-        loopback(free_port()),
-    );
+    let controller = ControllerProcess::start(&manifests, &data);
     let token = create_token(&data, 1);
     let _agent = start_agent(
         &controller,
@@ -288,12 +278,7 @@ fn an_agent_times_its_engines_once_per_cpu_and_the_device_shows_the_choice() {
     std::fs::create_dir_all(&manifests).expect("mkdir");
     std::fs::write(manifests.join("e2e.yaml"), test_manifest("e2e", 2, 1e12)).expect("write");
     let data = dir.path().join("data");
-    let controller = ControllerProcess::start(
-        &manifests,
-        &data,
-        loopback(free_port()),
-        loopback(free_port()),
-    );
+    let controller = ControllerProcess::start(&manifests, &data);
     let token = create_token(&data, 1);
     let state = dir.path().join("gw");
     let available: Vec<&str> = EngineKind::available().map(EngineKind::name).collect();

@@ -109,11 +109,7 @@ impl Cluster {
         ];
         let process =
             Process::start_with_env(identity, &bin("micromine-controller"), &args, &self.env());
-        ControllerProcess {
-            process,
-            grpc,
-            http,
-        }
+        ControllerProcess::adopt(process, grpc, http)
     }
 
     /// Starts a replica and waits until it leads, serves, and has published its CA.

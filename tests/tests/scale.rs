@@ -3,19 +3,13 @@
 //! devices come back spread over time, not in one wave; a link that slows down and then
 //! drops costs no share; links that keep dropping (`--churn`) cost none either.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::TcpListener;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use micromine_e2e::proxy::{FlakyProxy, Link};
-use micromine_e2e::{
-    ControllerProcess, Process, bin, create_token, free_port, get_text, number, wait_until,
-};
+use micromine_e2e::{ControllerProcess, Process, bin, create_token, get_text, number, wait_until};
 use serde_json::Value;
-
-fn loopback(port: u16) -> SocketAddr {
-    SocketAddr::from(([127, 0, 0, 1], port))
-}
 
 /// A MicroMiner for every simulated device: builtin work, a share every 5 s per device,
 /// ranges of 5 s of hashing (at least 65,536 nonces, 30 s at 2 kH/s, so leases stay held
@@ -35,12 +29,7 @@ impl Fleet {
         std::fs::create_dir_all(&manifests).expect("mkdir");
         std::fs::write(manifests.join("sim.yaml"), MANIFEST).expect("write manifest");
         let data = dir.path().join("data");
-        let controller = ControllerProcess::start(
-            &manifests,
-            &data,
-            loopback(free_port()),
-            loopback(free_port()),
-        );
+        let controller = ControllerProcess::start(&manifests, &data);
         let token = create_token(&data, devices);
         Fleet {
             dir,
@@ -89,11 +78,13 @@ impl Fleet {
 
     fn restart_killed(&mut self) {
         let (grpc, http) = (self.controller.grpc, self.controller.http);
-        self.controller = ControllerProcess::start(
+        self.controller = ControllerProcess::start_on(
             &self.dir.path().join("manifests"),
             &self.dir.path().join("data"),
             grpc,
             http,
+            &[],
+            &[],
         );
     }
 

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use micromine_e2e::stratum_pool::{PoolConfig, PoolEvent, TestPool};
 use micromine_e2e::{
-    ControllerProcess, Process, create_token, get_text, loopback, number, start_agent, wait_until,
+    ControllerProcess, Process, create_token, get_text, number, start_agent, wait_until,
 };
 use serde_json::Value;
 
@@ -52,8 +52,7 @@ impl Proxy {
         std::fs::write(manifests.join("pool.pass"), format!("{PASSWORD}\n")).expect("password");
         std::fs::write(manifests.join("pool.yaml"), manifest).expect("manifest");
         let data = dir.path().join("data");
-        let controller =
-            ControllerProcess::start_with_env(&manifests, &data, loopback(), loopback(), &[], env);
+        let controller = ControllerProcess::start_with_env(&manifests, &data, &[], env);
         Proxy {
             dir,
             data,
@@ -687,7 +686,7 @@ fn a_crashed_controller_resumes_its_pool_session_and_the_work_devices_hold() {
     let before = pool.submissions().len();
     let (grpc, http) = (proxy.controller.grpc, proxy.controller.http);
     proxy.controller.process.kill();
-    proxy.controller = ControllerProcess::start_with_env(
+    proxy.controller = ControllerProcess::start_on(
         &proxy.dir.path().join("manifests"),
         &proxy.data,
         grpc,

@@ -12,8 +12,8 @@ use std::time::Duration;
 
 use micromine_e2e::raw::{self, RawSession};
 use micromine_e2e::{
-    ControllerProcess, create_token, get_text, loopback, start_agent, start_agent_with,
-    test_manifest, wait_until,
+    ControllerProcess, create_token, get_text, start_agent, start_agent_with, test_manifest,
+    wait_until,
 };
 use micromine_proto::pb::{self, agent_message::Kind as AgentKind};
 use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
@@ -168,8 +168,6 @@ fn traced_controller(dir: &Path, collector: &Collector) -> ControllerProcess {
     ControllerProcess::start_with_env(
         &manifests,
         &dir.join("data"),
-        loopback(),
-        loopback(),
         &[],
         &collector.env("e2e-controller"),
     )
