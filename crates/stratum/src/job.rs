@@ -13,7 +13,7 @@
 
 use micromine_proto::work::{BlockHeader, merkle_root_from_branch, sha256d};
 
-use super::message::{ProtocolError, hex_field, u32_field};
+use super::fields::{ProtocolError, hex_field, u32_field};
 
 /// The longest merkle branch accepted: 2^32 transactions per block is beyond any chain.
 const MAX_BRANCH: usize = 32;

@@ -2,6 +2,7 @@
 //!
 //! # Layout
 //! - [`message`]: the line protocol, every field checked.
+//! - [`fields`]: the checked reading of params' fields, and the error naming a bad one.
 //! - [`job`]: a pool job and the headers built from it (coinbase, merkle root, version
 //!   rolling).
 //! - [`client`]: the connection to the pool: handshake, submissions, timeouts, keepalive,
@@ -15,6 +16,7 @@
 //! pool's difficulty go upstream.
 
 pub mod client;
+pub mod fields;
 pub mod job;
 pub mod message;
 pub mod passwords;

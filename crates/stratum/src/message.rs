@@ -6,6 +6,7 @@
 
 use serde_json::{Value, json};
 
+use super::fields::{ProtocolError, hex_field, u32_field};
 use super::job::PoolJob;
 
 /// The longest line accepted from a pool. Coinbases with many outputs make long notifies,
@@ -15,67 +16,6 @@ pub const MAX_LINE: usize = 256 * 1024;
 pub const MAX_EXTRANONCE2: usize = 16;
 /// The largest `extranonce1` accepted from a pool, bytes.
 const MAX_EXTRANONCE1: usize = 32;
-
-/// Something a pool sent that does not follow the protocol.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{method}: {field} {problem}")]
-pub struct ProtocolError {
-    /// The method (or `response`) the problem is in.
-    pub method: String,
-    /// The parameter or field.
-    pub field: String,
-    /// What is wrong with it.
-    pub problem: String,
-}
-
-impl ProtocolError {
-    /// A problem with `field` of `method`.
-    pub fn new(method: &str, field: &str, problem: impl Into<String>) -> ProtocolError {
-        ProtocolError {
-            method: method.to_string(),
-            field: field.to_string(),
-            problem: problem.into(),
-        }
-    }
-}
-
-/// Reads a hex string parameter, of exactly `len` bytes when given.
-pub fn hex_field(
-    method: &str,
-    field: &str,
-    value: &Value,
-    len: Option<usize>,
-) -> Result<Vec<u8>, ProtocolError> {
-    let text = value.as_str().ok_or_else(|| {
-        ProtocolError::new(method, field, format!("must be a hex string, got {value}"))
-    })?;
-    let bytes = hex::decode(text)
-        .map_err(|e| ProtocolError::new(method, field, format!("is not hex ({e})")))?;
-    if let Some(len) = len
-        && bytes.len() != len
-    {
-        return Err(ProtocolError::new(
-            method,
-            field,
-            format!(
-                "must be {len} bytes ({} hex digits), got {}",
-                2 * len,
-                bytes.len()
-            ),
-        ));
-    }
-    Ok(bytes)
-}
-
-/// Reads a u32 sent as 8 big-endian hex digits.
-pub fn u32_field(method: &str, field: &str, value: &Value) -> Result<u32, ProtocolError> {
-    let text = value.as_str().filter(|s| s.len() == 8).ok_or_else(|| {
-        ProtocolError::new(method, field, format!("must be 8 hex digits, got {value}"))
-    })?;
-    u32::from_str_radix(text, 16).map_err(|_| {
-        ProtocolError::new(method, field, format!("must be 8 hex digits, got {value}"))
-    })
-}
 
 /// An error a pool answered a request with.
 #[derive(Debug, Clone, PartialEq, Eq)]
