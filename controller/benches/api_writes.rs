@@ -22,13 +22,13 @@ use anyhow::Context as _;
 use http::{Request, Response};
 use kube::api::{Api, Patch, PatchParams};
 use kube::client::Body;
-use micromine_controller::fleet::status::{DeviceReadings, DeviceView};
 use micromine_controller::kubernetes::FIELD_MANAGER;
 use micromine_controller::kubernetes::devices::{
     self, DEVICE_REFRESH_WRITES_PER_MINUTE, DevicePublisher, MINER_REFRESH_WRITES_PER_MINUTE,
     PUBLISH_PERIOD, WriteBudget,
 };
 use micromine_controller::kubernetes::miners::{STATUS_PERIOD, StatusGate};
+use micromine_controller::status::{DeviceReadings, DeviceView};
 use micromine_resources::edgedevice::EdgeDevice;
 use micromine_resources::microminer::{Hashrate, MicroMiner, MicroMinerStatus, ShareCounts};
 use micromine_store::ledger::Totals;

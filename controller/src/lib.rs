@@ -5,6 +5,8 @@
 //! - `pki`, `tokens`, `revocation`, `tls`: the fleet CA, bootstrap tokens, revoked
 //!   devices, the TLS listener.
 //! - `fleet`: the live state that ties devices, miners, assignments and shares together.
+//! - `status`: the fleet as operators see it (views of miners and devices), and the
+//!   window that turns accepted share difficulty into an effective hash rate.
 //! - `grpc`: the `Enrollment` and `Fleet` services.
 //! - `http`: health, metrics, the log level and the status API.
 //! - `telemetry`, `logging`: Prometheus metrics; logs and OTLP traces.
@@ -26,6 +28,7 @@ pub mod quickstart;
 pub mod revocation;
 pub mod span_relay;
 pub mod standalone;
+pub mod status;
 pub mod telemetry;
 pub mod tls;
 pub mod tokens;

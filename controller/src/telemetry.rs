@@ -20,7 +20,7 @@ use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
 use crate::fleet::Fleet;
-use crate::fleet::status::{DeviceReadings, FleetView};
+use crate::status::{DeviceReadings, FleetView};
 
 /// Scrapes within this long of each other share one fleet view: each observable
 /// instrument asks for it, and a view walks every device.

@@ -18,7 +18,6 @@ mod honesty;
 pub mod persist;
 pub mod source;
 pub mod state;
-pub mod status;
 mod upstream;
 
 use std::collections::HashMap;
@@ -33,13 +32,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::revocation::Revocations;
+use crate::status::FleetView;
 use micromine_resources::microminer::MinerSet;
 use micromine_store::ledger::{
     AcceptedShare, Ledger, LedgerError, Rejection, ShareKey, ShareOutcome, Totals,
 };
 use micromine_store::store::{Store, StoreError};
 use state::{Effects, FleetState, RecordedShare, Scope, ShareCheck};
-use status::FleetView;
 
 /// Messages to one device's session. Errors end the stream with that status.
 pub type Outbound = mpsc::Sender<Result<pb::ControllerMessage, tonic::Status>>;

@@ -28,10 +28,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::FIELD_MANAGER;
 use crate::fleet::conditions::{self, time_from_unix_ms};
-use crate::fleet::status::DeviceView;
 use crate::fleet::{Fleet, now_ms};
 use crate::periodic::Every;
 use crate::revocation::RevocationStore;
+use crate::status::DeviceView;
 use micromine_resources::edgedevice::{DeviceCapacity, EdgeDevice, EdgeDeviceStatus};
 use micromine_resources::microminer::API_VERSION;
 
@@ -317,7 +317,7 @@ fn set_conditions(conditions: &mut Vec<Condition>, device: &DeviceView, now_ms: 
         );
     }
 
-    let held_back = crate::fleet::status::is_held_back(&device.state).then(|| {
+    let held_back = crate::status::is_held_back(&device.state).then(|| {
         device
             .state
             .split_once(':')
@@ -418,7 +418,7 @@ fn status_of(device: &DeviceView, conditions: Vec<Condition>) -> EdgeDeviceStatu
         last_heartbeat_time: time_from_unix_ms(device.last_seen_unix_ms),
         assigned_miner: device.miner.clone(),
         hashrate: Some(device.effective_hashrate),
-        shares: Some(crate::fleet::status::share_counts(&device.shares)),
+        shares: Some(crate::status::share_counts(&device.shares)),
         temperature_c: device
             .connected
             .then_some(device.readings.temperature_c)
@@ -686,8 +686,8 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
-    use crate::fleet::status::{DeviceFlag, DeviceReadings};
     use crate::kubernetes::testing::{self, expect};
+    use crate::status::{DeviceFlag, DeviceReadings};
     use http::{Method, StatusCode};
     use micromine_store::ledger::Totals;
 

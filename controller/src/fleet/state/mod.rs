@@ -11,10 +11,10 @@ use micromine_proto::work::Target;
 
 use super::honesty::HonestyWindow;
 use super::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp, Restored};
-use super::status::{
+use crate::fleet::source::Source;
+use crate::status::{
     DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow, is_held_back, stops_hashing,
 };
-use crate::fleet::source::Source;
 use micromine_resources::microminer::{
     DeviceCounts, Economics, EconomicsStatus, Hashrate, Limits, MicroMiner, MicroMinerStatus,
     MinerSet, PoolStatus,

@@ -127,7 +127,7 @@ impl FleetState {
                 observed_generation: runtime.spec.metadata.generation,
                 conditions: runtime.conditions.clone(),
                 hashrate: Hashrate { nominal, effective },
-                shares: crate::fleet::status::share_counts(&t),
+                shares: crate::status::share_counts(&t),
                 blocks_found: t.blocks,
                 last_share_time: t
                     .last_share_unix_ms
