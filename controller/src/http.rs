@@ -4,7 +4,7 @@
 //! - `GET /healthz`: the process is alive.
 //! - `GET /readyz`: the store is open and the manifests were read (standalone), or this
 //!   replica leads or stands by (Kubernetes mode; `role` says which).
-//! - `GET /metrics`: Prometheus text format (see `telemetry`).
+//! - `GET /metrics`: Prometheus text format (see `metrics`).
 //! - `GET /loglevel`, `PUT /loglevel` (body: a `RUST_LOG` filter, from loopback only): the
 //!   log filter, changeable while running.
 //! - `GET /api/v1/status`: the whole fleet (MicroMiners, devices, totals, manifest errors).
@@ -44,7 +44,7 @@ pub struct HttpState {
     /// [`standby_router`]).
     pub role: &'static str,
     /// What `/metrics` exposes.
-    pub metrics: Option<Arc<crate::telemetry::Metrics>>,
+    pub metrics: Option<Arc<crate::metrics::Metrics>>,
 }
 
 /// The router, separate from serving so tests can drive it directly.

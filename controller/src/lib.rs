@@ -9,7 +9,8 @@
 //!   window that turns accepted share difficulty into an effective hash rate.
 //! - `grpc`: the `Enrollment` and `Fleet` services.
 //! - `http`: health, metrics, the log level and the status API.
-//! - `telemetry`, `logging`: Prometheus metrics; logs and OTLP traces.
+//! - `metrics`: the Prometheus metrics (share and assignment latencies, the fleet's gauges).
+//! - `logging`: logs, and traces over OTLP.
 //! - `span_relay`: trace context for assignments; agents' in-band spans, checked and
 //!   passed on.
 //! - `periodic`: the ticker periodic tasks share.
@@ -22,6 +23,7 @@ pub mod grpc;
 pub mod http;
 pub mod kubernetes;
 pub mod logging;
+pub mod metrics;
 pub mod periodic;
 pub mod pki;
 pub mod quickstart;
@@ -29,6 +31,5 @@ pub mod revocation;
 pub mod span_relay;
 pub mod standalone;
 pub mod status;
-pub mod telemetry;
 pub mod tls;
 pub mod tokens;

@@ -24,10 +24,10 @@ use tokio_util::sync::CancellationToken;
 use crate::fleet::Fleet;
 use crate::grpc::{EnrollmentService, FleetService};
 use crate::http::{self, HttpState};
+use crate::metrics::{Metrics, MetricsOptions};
 use crate::periodic::Every;
 use crate::pki::Pki;
 use crate::revocation::{RevocationStore, Revocations};
-use crate::telemetry::{Metrics, MetricsOptions};
 use crate::tls::{self, ServerTls};
 use crate::tokens::{TokenSource, TokenStore};
 use micromine_resources::microminer::{self, ManifestError, MicroMiner, MinerSet};
@@ -141,7 +141,7 @@ pub enum StartError {
     Revocations(#[from] crate::revocation::RevocationError),
     /// Metrics could not be set up.
     #[error(transparent)]
-    Metrics(#[from] crate::telemetry::MetricsError),
+    Metrics(#[from] crate::metrics::MetricsError),
     /// The store could not be opened.
     #[error("store {path}: {source}")]
     Store {

@@ -67,7 +67,7 @@ struct Dispatch {
     asked: Option<std::time::Instant>,
 }
 
-type SharedMetrics = Arc<Mutex<Option<Arc<crate::telemetry::Metrics>>>>;
+type SharedMetrics = Arc<Mutex<Option<Arc<crate::metrics::Metrics>>>>;
 
 struct Link {
     session: u64,
@@ -247,12 +247,12 @@ impl Fleet {
     }
 
     /// Records latencies and outcomes in `metrics` from now on.
-    pub fn set_metrics(&self, metrics: Arc<crate::telemetry::Metrics>) {
+    pub fn set_metrics(&self, metrics: Arc<crate::metrics::Metrics>) {
         *lock(&self.metrics) = Some(metrics);
     }
 
     /// The metrics in use, if any.
-    pub fn metrics(&self) -> Option<Arc<crate::telemetry::Metrics>> {
+    pub fn metrics(&self) -> Option<Arc<crate::metrics::Metrics>> {
         lock(&self.metrics).clone()
     }
 
