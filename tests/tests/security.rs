@@ -109,6 +109,16 @@ fn enrollment_spends_a_token_use_and_bad_tokens_are_refused() {
 /// A client configuration trusting the controller's CA, with `identity` (or none) and
 /// only the `h2` protocol, i.e. not declaring itself as enrolling.
 fn fleet_client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Arc<rustls::ClientConfig> {
+    client_config_with_alpn(ca_pem, identity, &[b"h2"])
+}
+
+/// A client configuration trusting the controller's CA, with `identity` (or none),
+/// offering the protocols `alpn`.
+fn client_config_with_alpn(
+    ca_pem: &str,
+    identity: Option<(&str, &str)>,
+    alpn: &[&[u8]],
+) -> Arc<rustls::ClientConfig> {
     let mut roots = rustls::RootCertStore::empty();
     for cert in CertificateDer::pem_slice_iter(ca_pem.as_bytes()) {
         roots.add(cert.expect("CA parses")).expect("CA usable");
@@ -128,7 +138,7 @@ fn fleet_client_config(ca_pem: &str, identity: Option<(&str, &str)>) -> Arc<rust
             )
             .expect("identity"),
     };
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    config.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
     Arc::new(config)
 }
 
@@ -228,6 +238,62 @@ async fn certificates_that_are_missing_foreign_or_expired_are_refused_at_the_han
             "no {reason:?} in the controller's log:\n{log}"
         );
     }
+}
+
+/// `Fleet.Renew` with a fresh CSR; the new certificate on success.
+async fn try_renew(url: &str, config: Arc<rustls::ClientConfig>) -> Result<String, tonic::Status> {
+    let channel = tls::connect(url, config)
+        .await
+        .map_err(|e| tonic::Status::unavailable(e.to_string()))?;
+    let (_key, csr_der) =
+        micromine_agent::identity::generate_key_and_csr("gw-alpn").expect("a CSR");
+    let renewed = FleetClient::new(channel)
+        .renew(pb::RenewRequest { csr_der })
+        .await?
+        .into_inner();
+    Ok(renewed.certificate_pem)
+}
+
+/// A client offering the enrollment ALPN gets a handshake without client authentication,
+/// so it can enroll before it has a certificate. That must not be a way around the
+/// certificate for `Fleet`: such a connection carries no client identity, even when the
+/// client holds a valid certificate, and `Session` and `Renew` refuse it. The same calls
+/// with the same certificate over the fleet ALPN go through, so the refusal is the
+/// ALPN's doing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_made_for_enrollment_is_refused_on_session_and_renew() {
+    let f = Fixture::start(&manifest(), &[]);
+    let url = f.controller.url();
+    let device: DeviceIdentity = enroll(&f.controller, &f.data, "gw-alpn").await;
+    let identity = Some((device.cert_pem.as_str(), device.key_pem.as_str()));
+    let enrolling = client_config_with_alpn(
+        &device.ca_pem,
+        identity,
+        &[b"h2", micromine_proto::ENROLL_ALPN],
+    );
+    let fleet = client_config_with_alpn(&device.ca_pem, identity, &[b"h2"]);
+
+    let session = try_session(&url, enrolling.clone())
+        .await
+        .expect_err("a session over the enrollment ALPN");
+    assert_eq!(session.code(), tonic::Code::Unauthenticated, "{session:?}");
+    assert!(
+        session.message().contains("client certificate"),
+        "{session:?}"
+    );
+    let renew = try_renew(&url, enrolling)
+        .await
+        .expect_err("a renewal over the enrollment ALPN");
+    assert_eq!(renew.code(), tonic::Code::Unauthenticated, "{renew:?}");
+
+    try_session(&url, fleet.clone())
+        .await
+        .expect("the same certificate opens a session over the fleet ALPN");
+    let renewed = try_renew(&url, fleet).await.expect("and renews over it");
+    assert!(
+        renewed.starts_with("-----BEGIN CERTIFICATE-----"),
+        "{renewed}"
+    );
 }
 
 #[test]
