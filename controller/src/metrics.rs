@@ -19,7 +19,6 @@ use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
-use crate::fleet::Fleet;
 use crate::status::{DeviceReadings, FleetView};
 
 /// Scrapes within this long of each other share one fleet view: each observable
@@ -84,9 +83,16 @@ impl std::fmt::Debug for Metrics {
     }
 }
 
+/// What the fleet's gauges read: the fleet, seen only through its views, so that the
+/// metrics, which the fleet records into, need not know the fleet.
+pub trait FleetViews: Send + Sync {
+    /// The fleet as operators see it now.
+    fn view(&self) -> FleetView;
+}
+
 /// A fleet view shared by the instruments of one scrape.
 struct ViewCache {
-    fleet: Weak<Fleet>,
+    fleet: Weak<dyn FleetViews>,
     last: Mutex<Option<(Instant, Arc<FleetView>)>>,
 }
 
@@ -107,8 +113,8 @@ impl ViewCache {
 impl Metrics {
     /// Instruments observing `fleet` (weakly: metrics never keep a fleet alive).
     /// `ca_expiry_unix_s`: when each CA the fleet trusts expires.
-    pub fn new(
-        fleet: &Arc<Fleet>,
+    pub fn new<F: FleetViews + 'static>(
+        fleet: &Arc<F>,
         options: MetricsOptions,
         ca_expiry_unix_s: Vec<i64>,
     ) -> Result<Arc<Metrics>, MetricsError> {
@@ -121,8 +127,9 @@ impl Metrics {
             .map_err(|e| MetricsError::Exporter(e.to_string()))?;
         let provider = SdkMeterProvider::builder().with_reader(exporter).build();
         let meter = provider.meter("micromine-controller");
+        let fleet: Weak<F> = Arc::downgrade(fleet);
         let views = Arc::new(ViewCache {
-            fleet: Arc::downgrade(fleet),
+            fleet,
             last: Mutex::new(None),
         });
         observe_fleet(&meter, &views, options);
@@ -676,6 +683,7 @@ mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
 
     use super::*;
+    use crate::fleet::Fleet;
     use micromine_resources::microminer::MinerSet;
     use micromine_store::ledger::Ledger;
     use micromine_store::store::Store;

@@ -690,6 +690,12 @@ fn rejected_result(share: &pb::Share, reason: RejectReason) -> pb::ShareResult {
     }
 }
 
+impl crate::metrics::FleetViews for Fleet {
+    fn view(&self) -> FleetView {
+        Fleet::view(self)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
