@@ -222,6 +222,9 @@ pub struct SimulationReport {
     pub accepted: u64,
     /// Shares rejected, in total.
     pub rejected: u64,
+    /// Shares found and not answered yet, all devices: what devices hold while offline
+    /// (and what is on its way).
+    pub unanswered: u64,
     /// Accepted shares per second over the interval.
     pub accepted_per_second: f64,
     /// Hashes per second over the interval, all devices.
@@ -238,13 +241,14 @@ impl std::fmt::Display for SimulationReport {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(
             f,
-            "{:>6.0}s devices {} sessions {} accepted {} ({:.0}/s) rejected {} hashing {:.2} MH/s link drops {} failed {} assignment latency p50 {:.1} ms p99 {:.1} ms ({} samples)",
+            "{:>6.0}s devices {} sessions {} accepted {} ({:.0}/s) rejected {} unanswered {} hashing {:.2} MH/s link drops {} failed {} assignment latency p50 {:.1} ms p99 {:.1} ms ({} samples)",
             self.elapsed_seconds,
             self.started,
             self.sessions,
             self.accepted,
             self.accepted_per_second,
             self.rejected,
+            self.unanswered,
             self.hashes_per_second / 1e6,
             self.link_drops,
             self.failed,
@@ -381,7 +385,8 @@ pub async fn run(
             }
             _ = every.tick() => {
                 let now = Instant::now();
-                let (accepted, rejected, hashes, sessions, link_drops) = totals(&devices);
+                let Totals { accepted, rejected, unanswered, hashes, sessions, link_drops } =
+                    totals(&devices);
                 let seconds = now.duration_since(last.0).as_secs_f64().max(1e-3);
                 let line = SimulationReport {
                     elapsed_seconds: started_at.elapsed().as_secs_f64(),
@@ -389,6 +394,7 @@ pub async fn run(
                     sessions,
                     accepted,
                     rejected,
+                    unanswered,
                     accepted_per_second: accepted.saturating_sub(last.1) as f64 / seconds,
                     hashes_per_second: hashes.saturating_sub(last.2) as f64 / seconds,
                     link_drops,
@@ -423,16 +429,33 @@ pub async fn run(
     tally
 }
 
-fn totals(devices: &[Device]) -> (u64, u64, u64, u64, u64) {
-    devices.iter().fold((0, 0, 0, 0, 0), |t, d| {
+/// The devices' counters added up, for a progress line.
+#[derive(Default)]
+struct Totals {
+    accepted: u64,
+    rejected: u64,
+    unanswered: u64,
+    hashes: u64,
+    sessions: u64,
+    link_drops: u64,
+}
+
+fn totals(devices: &[Device]) -> Totals {
+    devices.iter().fold(Totals::default(), |t, d| {
         let c = &d.counters;
-        (
-            t.0 + c.accepted.load(Ordering::Relaxed),
-            t.1 + c.rejected.load(Ordering::Relaxed),
-            t.2 + c.hashes.load(Ordering::Relaxed),
-            t.3 + c.open_sessions.load(Ordering::Relaxed),
-            t.4 + c.link_drops.load(Ordering::Relaxed),
-        )
+        let (found, accepted, rejected) = (
+            c.found.load(Ordering::Relaxed),
+            c.accepted.load(Ordering::Relaxed),
+            c.rejected.load(Ordering::Relaxed),
+        );
+        Totals {
+            accepted: t.accepted + accepted,
+            rejected: t.rejected + rejected,
+            unanswered: t.unanswered + found.saturating_sub(accepted + rejected),
+            hashes: t.hashes + c.hashes.load(Ordering::Relaxed),
+            sessions: t.sessions + c.open_sessions.load(Ordering::Relaxed),
+            link_drops: t.link_drops + c.link_drops.load(Ordering::Relaxed),
+        }
     })
 }
 

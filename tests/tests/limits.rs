@@ -109,8 +109,17 @@ fn the_duty_cycle_bounds_the_cpu_the_agent_takes() {
     let fleet = Fixture::start(&with_limits("    dutyCycle: 0.25\n"), &[]);
     let token = create_token(&fleet.data, 1);
     let agent = fleet.mining_agent(&token, "lim-duty");
-    // Past the start-up benchmark (which runs at full speed), mining at the duty cycle.
-    std::thread::sleep(Duration::from_secs(2));
+    // Measure only once the duty cycle is in force, past the start-up benchmark (which
+    // runs at full speed): when the agent's own report of how busy its hashing thread
+    // was over its last report interval shows it held back. Checked independently below.
+    wait_until(
+        "the agent to report hashing at its duty cycle",
+        Duration::from_secs(30),
+        || {
+            let duty = fleet.controller.device("lim-duty")?["readings"]["dutyCycle"].as_f64()?;
+            (duty > 0.0 && duty <= 0.3).then_some(())
+        },
+    );
     let (cpu0, wall0) = (cpu_time(agent.pid()), Instant::now());
     std::thread::sleep(Duration::from_secs(4));
     let share = (cpu_time(agent.pid()) - cpu0).as_secs_f64() / wall0.elapsed().as_secs_f64();

@@ -114,6 +114,15 @@ impl Fleet {
     }
 }
 
+/// The simulator's latest progress line (`--json`).
+fn last_progress(simulator: &Process) -> Option<Value> {
+    simulator
+        .stdout()
+        .lines()
+        .rev()
+        .find_map(|l| serde_json::from_str::<Value>(l).ok())
+}
+
 /// Sessions in which the controller let the device keep work it held (its log says so).
 fn resumed_sessions(simulator: &Process) -> usize {
     simulator
@@ -328,8 +337,16 @@ fn a_slow_then_broken_link_costs_no_share_not_even_at_a_stop() {
         Duration::from_secs(30),
         || (fleet.sessions()? == 0).then_some(()),
     );
-    // Long enough for the fleet (10 shares a second) to find shares offline.
-    std::thread::sleep(Duration::from_secs(3));
+    // The fleet (10 shares a second) finds shares offline: wait until the simulator says
+    // its devices, none of them connected, hold some the controller has not answered.
+    wait_until(
+        "the devices to hold shares found offline",
+        Duration::from_secs(30),
+        || {
+            let line = last_progress(&simulator)?;
+            (number(&line, "/sessions") == 0 && number(&line, "/unanswered") >= 10).then_some(())
+        },
+    );
     proxy.set(Link::Up);
     let tally = stop_and_tally(&mut simulator, &fleet.tally_path());
     assert_tally_matches_ledger(&tally, &fleet.controller, DEVICES as usize);
