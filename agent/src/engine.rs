@@ -13,7 +13,7 @@ pub fn prepare(prefix: &[u8; HEADER_PREFIX_LEN], target: Target) -> Work {
 /// The engine the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum EngineRequest {
-    /// The fastest this CPU runs, as measured at start (`crate::calibrate`).
+    /// The fastest this CPU runs, as timed at start (the `calibrate` module).
     Auto,
     /// This engine, which the CPU runs.
     Named(EngineKind),

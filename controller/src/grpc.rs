@@ -22,7 +22,8 @@ use crate::fleet::{Fleet, Outbound};
 use crate::pki::{Pki, validate_device_name};
 use crate::revocation::Revocations;
 use crate::tls::{peer_addr, peer_device_name};
-use crate::tokens::{RedeemError, TokenSource, now_unix_ms};
+use crate::token_source::{RedeemError, TokenSource};
+use crate::tokens::now_unix_ms;
 
 /// A session must say `Hello` this soon after opening.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(15);

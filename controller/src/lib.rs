@@ -4,6 +4,8 @@
 //! # Layout
 //! - `pki`, `tokens`, `revocation`, `tls`: the fleet CA, bootstrap tokens, revoked
 //!   devices, the TLS listener.
+//! - `token_source`: where enrollment redeems tokens (files, or Secrets in Kubernetes
+//!   mode).
 //! - `fleet`: the live state that ties devices, miners, assignments and shares together.
 //! - `status`: the fleet as operators see it (views of miners and devices), and the
 //!   window that turns accepted share difficulty into an effective hash rate.
@@ -32,4 +34,5 @@ pub mod span_relay;
 pub mod standalone;
 pub mod status;
 pub mod tls;
+pub mod token_source;
 pub mod tokens;

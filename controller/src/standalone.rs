@@ -28,8 +28,10 @@ use crate::metrics::{Metrics, MetricsOptions};
 use crate::periodic::Every;
 use crate::pki::Pki;
 use crate::revocation::{RevocationStore, Revocations};
+use crate::status::ManifestStatus;
 use crate::tls::{self, ServerTls};
-use crate::tokens::{TokenSource, TokenStore};
+use crate::token_source::TokenSource;
+use crate::tokens::TokenStore;
 use micromine_resources::microminer::{self, ManifestError, MicroMiner, MinerSet};
 use micromine_store::ledger::Ledger;
 use micromine_store::store::Store;
@@ -511,16 +513,6 @@ pub struct ListenAddresses {
     pub grpc: SocketAddr,
     /// The HTTP listener (health, status, metrics).
     pub http: SocketAddr,
-}
-
-/// Manifest problems as the status API shows them.
-#[derive(Debug, Clone, Default, serde::Serialize)]
-#[serde(rename_all = "camelCase")]
-pub struct ManifestStatus {
-    /// MicroMiners in effect.
-    pub miners: usize,
-    /// Current problems, one per file, in the words of [`ManifestError`].
-    pub errors: Vec<String>,
 }
 
 fn report_manifests(scan: &ManifestScan, status: &Mutex<ManifestStatus>) {

@@ -244,6 +244,16 @@ pub fn share_counts(t: &Totals) -> ShareCounts {
     }
 }
 
+/// Manifest problems as the status API shows them.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ManifestStatus {
+    /// MicroMiners in effect.
+    pub miners: usize,
+    /// Current problems, one per file, in the words of `ManifestError`.
+    pub errors: Vec<String>,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
