@@ -70,9 +70,14 @@ enum Command {
         /// Trust this CA bundle instead of the fingerprint in the token.
         #[arg(long)]
         ca_file: Option<PathBuf>,
-        /// Each device's hash rate, H/s: what it reports and what it really hashes.
+        /// Each device's hash rate, H/s: what it really hashes and reports having hashed.
         #[arg(long, default_value_t = 1000.0, value_name = "H/s")]
         hashrate: f64,
+        /// The full-speed rate each device claims when it connects (default: --hashrate).
+        /// The controller sizes work by it and starts each device's share difficulty from
+        /// it; a claim off the mark shows how vardiff finds the real rate from the shares.
+        #[arg(long, value_name = "H/s")]
+        claimed_hashrate: Option<f64>,
         /// Link drops per device per minute (0.1: each device loses its link about every
         /// ten minutes, and reconnects with backoff).
         #[arg(long, default_value_t = 0.0, value_name = "RATE")]
@@ -226,6 +231,7 @@ fn run(cli: Cli) -> Result<()> {
             state_dir,
             ca_file,
             hashrate,
+            claimed_hashrate,
             churn,
             name_prefix,
             hash_threads,
@@ -270,6 +276,9 @@ fn run(cli: Cli) -> Result<()> {
                 state_dir,
                 ca_file,
                 hashrate: positive("--hashrate", hashrate)?,
+                claimed_hashrate: claimed_hashrate
+                    .map(|c| positive("--claimed-hashrate", c))
+                    .transpose()?,
                 churn_per_minute: churn,
                 hash_threads: hash_threads.max(1),
                 ramp_per_second: positive("--ramp", ramp)?,

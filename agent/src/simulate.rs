@@ -33,8 +33,12 @@ use crate::telemetry::AgentTelemetry;
 pub struct SimulatedDevice {
     /// The hashing threads all devices of the simulation share.
     pub pool: Arc<PacedPool>,
-    /// The device's hash rate, H/s: what it reports and what it really hashes.
+    /// The device's hash rate, H/s: what it really hashes, and what it says it hashed.
     pub hashrate: f64,
+    /// The full-speed rate it claims in `Hello`, H/s: usually `hashrate`; otherwise a
+    /// device that misjudges itself, whose share difficulty the controller has to find
+    /// from its shares.
+    pub claimed_hashrate: f64,
     /// Link drops per device per minute (0: a steady link).
     pub churn_per_minute: f64,
     /// Where the time from asking for work to being given it is recorded.
@@ -47,20 +51,21 @@ impl std::fmt::Debug for SimulatedDevice {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("SimulatedDevice")
             .field("hashrate", &self.hashrate)
+            .field("claimed_hashrate", &self.claimed_hashrate)
             .field("churn_per_minute", &self.churn_per_minute)
             .finish_non_exhaustive()
     }
 }
 
 impl SimulatedDevice {
-    /// What the device reports in `Hello`: one core hashing at the simulated rate.
+    /// What the device reports in `Hello`: one core hashing at the claimed rate.
     pub fn capacity(&self, engine: EngineKind) -> pb::Capacity {
         pb::Capacity {
             cores: 1,
             mining_threads: 1,
             arch: crate::capacity::arch().to_string(),
             memory_bytes: 512 << 20,
-            nominal_hashrate: self.hashrate,
+            nominal_hashrate: self.claimed_hashrate,
             hash_engine: format!("{} (simulated)", engine.name()),
             hash_engine_basis: "simulated".to_string(),
             hash_engine_rates: Default::default(),
@@ -195,6 +200,8 @@ pub struct SimulateConfig {
     pub ca_file: Option<PathBuf>,
     /// Each device's hash rate, H/s.
     pub hashrate: f64,
+    /// The rate each device claims in `Hello` (default: `hashrate`).
+    pub claimed_hashrate: Option<f64>,
     /// Link drops per device per minute.
     pub churn_per_minute: f64,
     /// Hashing threads shared by all devices.
@@ -373,6 +380,7 @@ pub async fn run(
                     simulation: Some(SimulatedDevice {
                         pool: pool.clone(),
                         hashrate: config.hashrate,
+                        claimed_hashrate: config.claimed_hashrate.unwrap_or(config.hashrate),
                         churn_per_minute: config.churn_per_minute,
                         latency: latency.clone(),
                         local_address: device_address(&config.controller, devices.len()),
@@ -551,6 +559,7 @@ mod tests {
         let device = SimulatedDevice {
             pool: Arc::new(PacedPool::new(1)),
             hashrate: 1000.0,
+            claimed_hashrate: 1000.0,
             churn_per_minute: 2.0,
             latency: Arc::default(),
             local_address: None,
