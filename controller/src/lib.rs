@@ -17,7 +17,9 @@
 //!   passed on.
 //! - `periodic`: the ticker periodic tasks share.
 //! - `kubernetes`: the reconcilers of Kubernetes mode.
-//! - `standalone`: the controller without a cluster (manifests directory + embedded store).
+//! - `serve`: the serving core both modes start: store, fleet, PKI, tokens, the gRPC and
+//!   HTTP listeners and the periodic tasks.
+//! - `manifests_dir`: standalone mode's MicroMiners, read from a watched directory.
 //! - `quickstart`: a local fleet in one command.
 
 pub mod fleet;
@@ -25,13 +27,14 @@ pub mod grpc;
 pub mod http;
 pub mod kubernetes;
 pub mod logging;
+pub mod manifests_dir;
 pub mod metrics;
 pub mod periodic;
 pub mod pki;
 pub mod quickstart;
 pub mod revocation;
+pub mod serve;
 pub mod span_relay;
-pub mod standalone;
 pub mod status;
 pub mod tls;
 pub mod token_source;

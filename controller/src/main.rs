@@ -10,7 +10,7 @@ use micromine_controller::kubernetes::{self, run::KubernetesConfig, tokens::Secr
 use micromine_controller::pki::{self, CaRole, Pki};
 use micromine_controller::quickstart::{self, QuickstartConfig};
 use micromine_controller::revocation::RevocationStore;
-use micromine_controller::standalone::{self, ControllerConfig};
+use micromine_controller::serve::{self, ControllerConfig};
 use micromine_controller::tokens::{TokenSpec, TokenStore, now_unix_ms, parse_duration};
 use micromine_resources::crd;
 
@@ -341,10 +341,7 @@ fn remove_stale(path: &std::path::Path) -> Result<()> {
 
 /// Writes where the running controller's listeners are bound, whole or not at all, so a
 /// reader never sees half a document.
-fn write_listen_addresses(
-    path: &std::path::Path,
-    controller: &standalone::Controller,
-) -> Result<()> {
+fn write_listen_addresses(path: &std::path::Path, controller: &serve::Controller) -> Result<()> {
     let json = serde_json::to_vec(&controller.listen_addresses())?;
     micromine_host::files::write_file_atomic(path, &json, 0o644)
         .with_context(|| format!("--listen-addresses-file {}", path.display()))?;
@@ -436,7 +433,7 @@ fn main() -> Result<()> {
                     if let Some(path) = &listen_addresses_file {
                         remove_stale(path)?;
                     }
-                    let controller = standalone::start(config).await?;
+                    let controller = serve::start(config).await?;
                     if let Some(path) = &listen_addresses_file
                         && let Err(e) = write_listen_addresses(path, &controller)
                     {
@@ -482,7 +479,7 @@ fn main() -> Result<()> {
                     anyhow::Ok(SecretTokens::new(client, &namespace).list().await?)
                 })?
             } else {
-                TokenStore::open(&standalone::tokens_dir(&data_dir))?.list()?
+                TokenStore::open(&serve::tokens_dir(&data_dir))?.list()?
             };
             println!(
                 "{:<18} {:>5} {:>15} LABELS",
@@ -535,7 +532,7 @@ fn main() -> Result<()> {
                 })?
             } else {
                 let pki = Pki::load_or_create(&pki_dir.unwrap_or_else(|| data_dir.join("pki")))?;
-                let store = TokenStore::open(&standalone::tokens_dir(&data_dir))?;
+                let store = TokenStore::open(&serve::tokens_dir(&data_dir))?;
                 store.create(&spec, pki.ca_fingerprint())?
             };
             println!("{token}");
@@ -549,7 +546,7 @@ fn main() -> Result<()> {
             init_logging(cli.log_format, "warn");
             match command {
                 DeviceCommand::Revoke { name, data_dir } => {
-                    let store = RevocationStore::open(&standalone::revocations_dir(&data_dir))?;
+                    let store = RevocationStore::open(&serve::revocations_dir(&data_dir))?;
                     let revocation = store.revoke(&name, now_unix_ms())?;
                     println!(
                         "device {name} revoked at {} (Unix ms): a running controller cuts its session within seconds",
@@ -557,7 +554,7 @@ fn main() -> Result<()> {
                     );
                 }
                 DeviceCommand::Unrevoke { name, data_dir } => {
-                    let store = RevocationStore::open(&standalone::revocations_dir(&data_dir))?;
+                    let store = RevocationStore::open(&serve::revocations_dir(&data_dir))?;
                     match store.unblock(&name)? {
                         Some(_) => println!(
                             "device {name} may enroll again with a new token once a running controller has read this (within a second); its revoked certificates stay refused"

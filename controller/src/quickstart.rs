@@ -17,7 +17,7 @@ use micromine_agent::engine::EngineRequest;
 use micromine_agent::session::{self, AgentConfig, AgentCounters, AgentError};
 use tokio_util::sync::CancellationToken;
 
-use crate::standalone::{self, ControllerConfig, StartError};
+use crate::serve::{self, ControllerConfig, StartError};
 use crate::status::FleetView;
 use crate::tokens::{TokenError, TokenSpec};
 
@@ -126,7 +126,7 @@ pub async fn run(
     let mut controller_config = ControllerConfig::new(manifests.clone(), data_dir.clone());
     controller_config.listen = SocketAddr::from(([127, 0, 0, 1], 0));
     controller_config.http_listen = config.http_listen;
-    let controller = standalone::start(controller_config).await?;
+    let controller = serve::start(controller_config).await?;
     let spec = TokenSpec {
         ttl: Duration::from_secs(3600),
         uses: config.devices as u32,

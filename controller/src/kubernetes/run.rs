@@ -36,7 +36,7 @@ use crate::fleet::now_ms;
 use crate::http;
 use crate::periodic::Every;
 use crate::revocation::RevocationStore;
-use crate::standalone::{self, ControllerConfig, StartError, revocations_dir};
+use crate::serve::{self, ControllerConfig, StartError, revocations_dir};
 use micromine_resources::edgedevice::EdgeDevice;
 use micromine_resources::microminer::MicroMiner;
 
@@ -314,10 +314,10 @@ async fn watch_fleet(
 async fn start_with_patience(
     config: ControllerConfig,
     secrets: SecretTokens,
-) -> Result<standalone::Controller, StartError> {
+) -> Result<serve::Controller, StartError> {
     let deadline = tokio::time::Instant::now() + STORE_OPEN_PATIENCE;
     loop {
-        match standalone::start_for_kubernetes(config.clone(), secrets.clone()).await {
+        match serve::start_for_kubernetes(config.clone(), secrets.clone()).await {
             Err(StartError::Store { path, source }) if tokio::time::Instant::now() < deadline => {
                 tracing::warn!(path = %path.display(), error = %source, "the ledger is not free yet; retrying");
                 tokio::time::sleep(Duration::from_secs(1)).await;
