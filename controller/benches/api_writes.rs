@@ -28,7 +28,7 @@ use micromine_controller::kubernetes::devices::{
     PUBLISH_PERIOD, WriteBudget,
 };
 use micromine_controller::kubernetes::miners::{STATUS_PERIOD, StatusGate};
-use micromine_controller::status::{DeviceReadings, DeviceView};
+use micromine_fleet::status::{DeviceReadings, DeviceView};
 use micromine_resources::edgedevice::EdgeDevice;
 use micromine_resources::microminer::{Hashrate, MicroMiner, MicroMinerStatus, ShareCounts};
 use micromine_store::ledger::Totals;

@@ -393,7 +393,7 @@ impl pb::enrollment_server::Enrollment for EnrollmentService {
         // The agent's trace context arrives in the metadata; it must become the span's
         // parent before the span is first entered.
         let span = tracing::info_span!("enroll");
-        crate::span_relay::adopt_parent(&span, request.metadata());
+        adopt_parent(&span, request.metadata());
         self.enroll_traced(request).instrument(span).await
     }
 }
@@ -464,5 +464,26 @@ impl EnrollmentService {
             not_after_unix_ms: issued.not_after_unix_ms,
             device_name: req.device_name,
         }))
+    }
+}
+/// Makes `span` a child of the context in a request's gRPC metadata, if it carries one.
+fn adopt_parent(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
+    let headers: std::collections::HashMap<String, String> = ["traceparent", "tracestate"]
+        .into_iter()
+        .filter_map(|key| {
+            let value = metadata.get(key)?.to_str().ok()?;
+            Some((key.to_string(), value.to_string()))
+        })
+        .collect();
+    if headers.is_empty() {
+        return;
+    }
+    use opentelemetry::propagation::TextMapPropagator as _;
+    use opentelemetry::trace::TraceContextExt as _;
+    use tracing_opentelemetry::OpenTelemetrySpanExt as _;
+    let parent = opentelemetry_sdk::propagation::TraceContextPropagator::new().extract(&headers);
+    if parent.span().span_context().is_valid() {
+        // Fails only when the span has already started its trace; it then keeps its own.
+        let _ = span.set_parent(parent);
     }
 }

@@ -28,7 +28,7 @@ use serde_json::json;
 use tokio::net::TcpListener;
 
 use crate::fleet::Fleet;
-use crate::status::ManifestStatus;
+use micromine_fleet::status::ManifestStatus;
 use micromine_resources::microminer::API_VERSION;
 
 /// What the handlers read.

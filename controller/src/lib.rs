@@ -6,15 +6,13 @@
 //!   devices, the TLS listener.
 //! - `token_source`: where enrollment redeems tokens (files, or Secrets in Kubernetes
 //!   mode).
-//! - `fleet`: the live state that ties devices, miners, assignments and shares together.
-//! - `status`: the fleet as operators see it (views of miners and devices), and the
-//!   window that turns accepted share difficulty into an effective hash rate.
+//! - `fleet`: the async shell around the fleet's state machine (`micromine-fleet`): it
+//!   owns the store and the ledger, turns effects into writes and messages, and talks to
+//!   the pools.
 //! - `grpc`: the `Enrollment` and `Fleet` services.
 //! - `http`: health, metrics, the log level and the status API.
 //! - `metrics`: the Prometheus metrics (share and assignment latencies, the fleet's gauges).
 //! - `logging`: logs, and traces over OTLP.
-//! - `span_relay`: trace context for assignments; agents' in-band spans, checked and
-//!   passed on.
 //! - `periodic`: the ticker periodic tasks share.
 //! - `kubernetes`: the reconcilers of Kubernetes mode.
 //! - `serve`: the serving core both modes start: store, fleet, PKI, tokens, the gRPC and
@@ -34,8 +32,6 @@ pub mod pki;
 pub mod quickstart;
 pub mod revocation;
 pub mod serve;
-pub mod span_relay;
-pub mod status;
 pub mod tls;
 pub mod token_source;
 pub mod tokens;

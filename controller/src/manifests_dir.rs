@@ -8,7 +8,7 @@ use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 
-use crate::status::ManifestStatus;
+use micromine_fleet::status::ManifestStatus;
 use micromine_resources::microminer::{self, ManifestError, MicroMiner, MinerSet};
 
 /// Puts what a scan found where the status API reads it.

@@ -19,7 +19,7 @@ use opentelemetry::metrics::{Counter, Histogram, Meter, MeterProvider as _};
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use prometheus::{Encoder, TextEncoder};
 
-use crate::status::{DeviceReadings, FleetView};
+use micromine_fleet::status::{DeviceReadings, FleetView};
 
 /// Scrapes within this long of each other share one fleet view: each observable
 /// instrument asks for it, and a view walks every device.
@@ -205,7 +205,7 @@ impl Metrics {
     }
 
     /// Spans an agent sent in-band and what became of them.
-    pub fn agent_spans(&self, outcome: crate::span_relay::Outcome, count: u64) {
+    pub fn agent_spans(&self, outcome: micromine_fleet::span_relay::Outcome, count: u64) {
         self.agent_spans
             .add(count, &[KeyValue::new("outcome", outcome.as_str())]);
     }

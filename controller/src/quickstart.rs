@@ -18,8 +18,8 @@ use micromine_agent::session::{self, AgentConfig, AgentCounters, AgentError};
 use tokio_util::sync::CancellationToken;
 
 use crate::serve::{self, ControllerConfig, StartError};
-use crate::status::FleetView;
 use crate::tokens::{TokenError, TokenSpec};
+use micromine_fleet::status::FleetView;
 
 /// The MicroMiner quickstart applies, from `examples/quickstart.yaml`.
 pub const EXAMPLE_MANIFEST: &str = include_str!("../../examples/quickstart.yaml");
@@ -308,7 +308,7 @@ pub fn progress_lines(view: &FleetView, elapsed: Duration) -> Vec<String> {
 }
 
 /// `profitable`, `unprofitable`, or `not judged yet`, from the Profitable condition.
-fn profitable_word(m: &crate::status::MinerView) -> &'static str {
+fn profitable_word(m: &micromine_fleet::status::MinerView) -> &'static str {
     match m
         .status
         .conditions

@@ -28,10 +28,10 @@ use crate::metrics::{Metrics, MetricsOptions};
 use crate::periodic::Every;
 use crate::pki::Pki;
 use crate::revocation::{RevocationStore, Revocations};
-use crate::status::ManifestStatus;
 use crate::tls::{self, ServerTls};
 use crate::token_source::TokenSource;
 use crate::tokens::TokenStore;
+use micromine_fleet::status::ManifestStatus;
 use micromine_store::ledger::Ledger;
 use micromine_store::store::Store;
 

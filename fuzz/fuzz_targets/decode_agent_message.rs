@@ -24,7 +24,7 @@ fuzz_target!(|data: &[u8]| {
                 .into_iter()
                 .collect();
             for span in &batch.spans {
-                let _ = micromine_controller::span_relay::admit(
+                let _ = micromine_fleet::span_relay::admit(
                     span,
                     "fuzz",
                     &known,

@@ -6,8 +6,8 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
-use micromine_controller::fleet::persist::Restored;
-use micromine_controller::fleet::state::{FleetState, ShareCheck};
+use micromine_fleet::persist::Restored;
+use micromine_fleet::state::{FleetState, ShareCheck};
 use micromine_controller::fleet::{Judged, judge};
 use micromine_resources::microminer;
 use micromine_proto::pb;

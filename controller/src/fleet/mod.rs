@@ -1,6 +1,6 @@
 //! The live fleet: devices, MicroMiners, leases and shares, tied together.
 //!
-//! [`state::FleetState`] is the logic, a synchronous state machine behind one mutex. This
+//! [`micromine_fleet::state::FleetState`] is the logic, a synchronous state machine behind one mutex. This
 //! module is its async shell: it runs the lookups, hashes shares outside the lock, writes
 //! the ledger, and persists every state change. Effects are queued to the store in the
 //! same order the state produced them (the store queues a job when `write` is called), and
@@ -9,15 +9,10 @@
 //!
 //! A message waits for durability only when a crash could otherwise make the restarted
 //! controller contradict it (a header, an id reservation: see
-//! [`state::Effects::messages_wait_for_writes`]); a plain assignment leaves while its lease
+//! [`micromine_fleet::state::Effects::messages_wait_for_writes`]); a plain assignment leaves while its lease
 //! is still being written, so the fsync stays off the path of a device asking for work.
 //! Acknowledgements of shares always wait for the ledger.
 
-pub mod conditions;
-mod honesty;
-pub mod persist;
-pub mod source;
-pub mod state;
 mod upstream;
 
 use std::collections::HashMap;
@@ -32,13 +27,13 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 use crate::revocation::Revocations;
-use crate::status::FleetView;
+use micromine_fleet::state::{Effects, FleetState, RecordedShare, Scope, ShareCheck};
+use micromine_fleet::status::FleetView;
 use micromine_resources::microminer::MinerSet;
 use micromine_store::ledger::{
     AcceptedShare, Ledger, LedgerError, Rejection, ShareKey, ShareOutcome, Totals,
 };
 use micromine_store::store::{Store, StoreError};
-use state::{Effects, FleetState, RecordedShare, Scope, ShareCheck};
 
 /// Messages to one device's session. Errors end the stream with that status.
 pub type Outbound = mpsc::Sender<Result<pb::ControllerMessage, tonic::Status>>;
@@ -130,11 +125,11 @@ impl Fleet {
         // Shares still waiting for a pool's verdict belong to pool sessions that ended
         // with the previous process.
         ledger.settle_pending_pool_shares().await?;
-        let restored = persist::load(&store.read()?)?;
+        let restored = micromine_fleet::persist::load(&store.read()?)?;
         let unreferenced = restored.unreferenced_headers.clone();
         let cleaned = unreferenced.len();
         store
-            .write(move |txn| persist::forget_headers(txn, &unreferenced))
+            .write(move |txn| micromine_fleet::persist::forget_headers(txn, &unreferenced))
             .await?;
         tracing::info!(
             leases = restored.leases.len(),
@@ -215,9 +210,9 @@ impl Fleet {
             None
         } else {
             let ops = fx.persist;
-            Some(Box::pin(
-                self.store.write(move |txn| persist::apply(txn, &ops)),
-            ))
+            Some(Box::pin(self.store.write(move |txn| {
+                micromine_fleet::persist::apply(txn, &ops)
+            })))
         };
         // The dispatcher lives as long as the runtime; if it is gone we are shutting down.
         let _ = self.dispatch.send(Dispatch {
@@ -346,7 +341,8 @@ impl Fleet {
                 .certified(device, labels, not_after_unix_ms, now_ms())
                 .persist;
             // Queued under the lock, so it lands in state order with everything else.
-            self.store.write(move |txn| persist::apply(txn, &ops))
+            self.store
+                .write(move |txn| micromine_fleet::persist::apply(txn, &ops))
         };
         durable.await?;
         Ok(())
@@ -494,9 +490,9 @@ impl Fleet {
     }
 
     /// Passes on the spans a device sent in-band that belong to traces of its own
-    /// assignments (see [`crate::span_relay`]); `over_rate` more were dropped unread.
+    /// assignments (see [`micromine_fleet::span_relay`]); `over_rate` more were dropped unread.
     pub fn relay_spans(&self, device: &str, spans: &[pb::AgentSpan], over_rate: usize) {
-        use crate::span_relay::{self, Outcome};
+        use micromine_fleet::span_relay::{self, Outcome};
         let traces = lock(&self.state).traces(device);
         let now = SystemTime::now();
         let mut counts: HashMap<Outcome, u64> = HashMap::new();
@@ -774,7 +770,7 @@ mod tests {
             let _ = release.send(());
         });
         let first = next_assignment(&mut first_inbox).await;
-        let stored = persist::load(&fleet.store.read().unwrap()).unwrap();
+        let stored = micromine_fleet::persist::load(&fleet.store.read().unwrap()).unwrap();
         assert!(
             stored
                 .headers
@@ -789,11 +785,11 @@ mod tests {
         let mut next_inbox = join(&fleet, "e");
         let early = next_assignment(&mut next_inbox).await;
         assert_eq!(early.header_prefix, first.header_prefix);
-        let stored = persist::load(&fleet.store.read().unwrap()).unwrap();
+        let stored = micromine_fleet::persist::load(&fleet.store.read().unwrap()).unwrap();
         assert!(!stored.leases.iter().any(|l| l.lease.id == early.id));
         release.send(()).unwrap();
         fleet.flush().await.unwrap();
-        let stored = persist::load(&fleet.store.read().unwrap()).unwrap();
+        let stored = micromine_fleet::persist::load(&fleet.store.read().unwrap()).unwrap();
         assert!(stored.leases.iter().any(|l| l.lease.id == early.id));
     }
 }

@@ -27,11 +27,11 @@ use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
 use super::FIELD_MANAGER;
-use crate::fleet::conditions::{self, time_from_unix_ms};
 use crate::fleet::{Fleet, now_ms};
 use crate::periodic::Every;
 use crate::revocation::RevocationStore;
-use crate::status::DeviceView;
+use micromine_fleet::conditions::{self, time_from_unix_ms};
+use micromine_fleet::status::DeviceView;
 use micromine_resources::edgedevice::{DeviceCapacity, EdgeDevice, EdgeDeviceStatus};
 use micromine_resources::microminer::API_VERSION;
 
@@ -317,7 +317,7 @@ fn set_conditions(conditions: &mut Vec<Condition>, device: &DeviceView, now_ms: 
         );
     }
 
-    let held_back = crate::status::is_held_back(&device.state).then(|| {
+    let held_back = micromine_fleet::status::is_held_back(&device.state).then(|| {
         device
             .state
             .split_once(':')
@@ -418,7 +418,7 @@ fn status_of(device: &DeviceView, conditions: Vec<Condition>) -> EdgeDeviceStatu
         last_heartbeat_time: time_from_unix_ms(device.last_seen_unix_ms),
         assigned_miner: device.miner.clone(),
         hashrate: Some(device.effective_hashrate),
-        shares: Some(crate::status::share_counts(&device.shares)),
+        shares: Some(micromine_fleet::status::share_counts(&device.shares)),
         temperature_c: device
             .connected
             .then_some(device.readings.temperature_c)
@@ -687,8 +687,8 @@ mod tests {
 
     use super::*;
     use crate::kubernetes::testing::{self, expect};
-    use crate::status::{DeviceFlag, DeviceReadings};
     use http::{Method, StatusCode};
+    use micromine_fleet::status::{DeviceFlag, DeviceReadings};
     use micromine_store::ledger::Totals;
 
     const T0: i64 = 1_800_000_000_000;

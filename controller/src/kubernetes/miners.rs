@@ -20,8 +20,8 @@ use serde_json::json;
 
 use super::devices::{MINER_REFRESH_WRITES_PER_MINUTE, SharedBudget, WriteBudget};
 use super::{FIELD_MANAGER, FINALIZER};
-use crate::fleet::conditions;
 use crate::fleet::{Fleet, now_ms};
+use micromine_fleet::conditions;
 use micromine_resources::microminer::{API_VERSION, MicroMiner, MicroMinerStatus, MinerSet};
 
 /// How often a served MicroMiner is looked at again when nothing else happens. Its status

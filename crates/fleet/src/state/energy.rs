@@ -130,7 +130,7 @@ pub(super) fn set_profitable(
             ),
         )
     };
-    crate::fleet::conditions::set(
+    crate::conditions::set(
         &mut runtime.conditions,
         "Profitable",
         verdict,

@@ -131,7 +131,7 @@ impl FleetState {
                 blocks_found: t.blocks,
                 last_share_time: t
                     .last_share_unix_ms
-                    .and_then(crate::fleet::conditions::time_from_unix_ms),
+                    .and_then(crate::conditions::time_from_unix_ms),
                 devices: counts,
                 economics: economics_status,
                 pool,

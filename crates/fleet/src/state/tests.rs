@@ -1003,7 +1003,7 @@ fn views_change_nothing_and_transitions_carry_the_time_of_the_change() {
     );
     assert_eq!(
         after.last_transition_time,
-        crate::fleet::conditions::time_from_unix_ms(NOW + 2_000).expect("time"),
+        crate::conditions::time_from_unix_ms(NOW + 2_000).expect("time"),
         "the tick's time, not the view's"
     );
     assert_eq!(ready(&s, NOW + 60_000), after);

@@ -56,25 +56,6 @@ pub fn trace_id(headers: &BTreeMap<String, String>) -> Option<[u8; 16]> {
         .then(|| span_context.trace_id().to_bytes())
 }
 
-/// Makes `span` a child of the context in a request's gRPC metadata, if it carries one.
-pub fn adopt_parent(span: &tracing::Span, metadata: &tonic::metadata::MetadataMap) {
-    let headers: HashMap<String, String> = ["traceparent", "tracestate"]
-        .into_iter()
-        .filter_map(|key| {
-            let value = metadata.get(key)?.to_str().ok()?;
-            Some((key.to_string(), value.to_string()))
-        })
-        .collect();
-    if headers.is_empty() {
-        return;
-    }
-    let parent = TraceContextPropagator::new().extract(&headers);
-    if parent.span().span_context().is_valid() {
-        // Fails only when the span has already started its trace; it then keeps its own.
-        let _ = span.set_parent(parent);
-    }
-}
-
 /// What became of a relayed span; the `outcome` label of `micromine_agent_spans_total`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Outcome {

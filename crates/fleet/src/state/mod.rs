@@ -9,9 +9,9 @@ use std::sync::Arc;
 use micromine_proto::pb::{self, RejectReason, controller_message::Kind};
 use micromine_proto::work::Target;
 
-use super::honesty::HonestyWindow;
-use super::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp, Restored};
-use crate::fleet::source::Source;
+use crate::honesty::HonestyWindow;
+use crate::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp, Restored};
+use crate::source::Source;
 use crate::status::{
     DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow, is_held_back, stops_hashing,
 };

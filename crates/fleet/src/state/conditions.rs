@@ -33,7 +33,7 @@ impl FleetState {
             }
             let generation = runtime.spec.metadata.generation;
             let paused = if runtime.spec.spec.paused {
-                Some(crate::fleet::conditions::SPEC_PAUSED)
+                Some(crate::conditions::SPEC_PAUSED)
             } else if runtime.unprofitable_pause {
                 Some((
                     "Unprofitable",
@@ -42,7 +42,7 @@ impl FleetState {
             } else {
                 None
             };
-            crate::fleet::conditions::update(
+            crate::conditions::update(
                 &mut runtime.conditions,
                 paused,
                 &counts.get(key).cloned().unwrap_or_default(),
@@ -58,7 +58,7 @@ impl FleetState {
                         (_, Some(error)) => error.clone(),
                         _ => "connecting to the pool".to_string(),
                     };
-                    crate::fleet::conditions::set(
+                    crate::conditions::set(
                         &mut runtime.conditions,
                         "PoolConnected",
                         connected,
