@@ -13,7 +13,7 @@
 //! - `identity`, `tls`: the device's key and certificate, enrollment, TLS to the controller.
 //! - `session`: the long-lived session with the controller, reconnects and resume.
 //! - `simulate`: a fleet of virtual devices in one process, for sizing and testing a
-//!   controller.
+//!   controller; `simulated`: what makes one session a simulated device.
 //! - `telemetry`: the agent's spans, sent in-band over the session or to a collector.
 //! - `backoff`: jittered exponential backoff.
 //! - `config`: what `run` is told (flags over the env file), the token file, and the checks
@@ -31,5 +31,6 @@ pub mod miner;
 pub mod sensors;
 pub mod session;
 pub mod simulate;
+pub mod simulated;
 pub mod telemetry;
 pub mod tls;

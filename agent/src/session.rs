@@ -34,7 +34,7 @@ use crate::governor::Governor;
 use crate::identity::{self, DeviceIdentity, IdentityError};
 use crate::miner::{FinishReason, Miner, MinerEvent, WorkOrder};
 use crate::sensors::{Readings, SensorPaths, SensorSource, Sensors, SyntheticSensors};
-use crate::simulate::SimulatedDevice;
+use crate::simulated::SimulatedDevice;
 use crate::telemetry::{AgentTelemetry, SdkSpan};
 use crate::tls;
 use opentelemetry::KeyValue;

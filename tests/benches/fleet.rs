@@ -22,7 +22,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use micromine_agent::simulate::LATENCY_BUCKETS_MS;
+use micromine_agent::simulated::LATENCY_BUCKETS_MS;
 use micromine_e2e::{
     ListenAddresses, Process, bin, get_json, get_text, listen_addresses, run_to_end, wait_until,
 };
