@@ -1,8 +1,8 @@
 //! The controller's durable state: what must survive a crash, and the one way it reaches
 //! the disk.
 //!
-//! Every share a device hears "accepted" for is on disk first (invariant 3), and is counted
-//! once however often it arrives (invariant 2). Both rules live here and nowhere else; the
+//! Every share a device hears "accepted" for is on disk first, and is counted once however
+//! often it arrives (invariant 3). Both rules live here and nowhere else; the
 //! fleet above only calls [`ledger::Ledger::record`] and waits for its answer.
 //!
 //! # Layout
