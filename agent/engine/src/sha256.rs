@@ -88,8 +88,11 @@ pub(crate) fn compress(state: &mut [u32; 8], block: &[u32; 16]) {
 /// `known`, the part of each of the 64 schedule words that does not vary: the word itself
 /// where it is constant, else the sum of the constant terms of its recurrence. A SIMD engine
 /// then adds only the varying terms per nonce.
-// Only the AVX2 engine splits words this way.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+// Only the vector engines (x86-64, aarch64 and ARMv7 NEON) split words this way.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "arm")),
+    allow(dead_code)
+)]
 pub(crate) fn constant_parts(known: &[u32; 16], varies: fn(usize) -> bool) -> [u32; 64] {
     let mut constant = [0u32; 64];
     let mut parts = [0u32; 64];
@@ -123,16 +126,22 @@ pub(crate) fn constant_parts(known: &[u32; 16], varies: fn(usize) -> bool) -> [u
 
 /// Which words of the first hash's second block vary with the nonce: word 3 (the nonce) and
 /// every schedule word from 18 on (16 and 17 read only words 0..3 and 9..15 without 3).
-// Only the AVX2 engine splits words this way.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+// Only the vector engines (x86-64, aarch64 and ARMv7 NEON) split words this way.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "arm")),
+    allow(dead_code)
+)]
 pub(crate) const fn header_word_varies(i: usize) -> bool {
     i == 3 || i >= 18
 }
 
 /// Which words of the second hash's block vary: the first digest (0..8) and every schedule
 /// word (each reads one of them).
-// Only the AVX2 engine splits words this way.
-#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code))]
+// Only the vector engines (x86-64, aarch64 and ARMv7 NEON) split words this way.
+#[cfg_attr(
+    not(any(target_arch = "x86_64", target_arch = "aarch64", target_arch = "arm")),
+    allow(dead_code)
+)]
 pub(crate) const fn digest_word_varies(i: usize) -> bool {
     i < 8 || i >= 16
 }
