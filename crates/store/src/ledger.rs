@@ -21,13 +21,17 @@
 //! `ledger_totals` maps `fleet`, `device/<name>` and `miner/<namespace/name>` to a fixed
 //! 74-byte little-endian record (no JSON on the hot path); `ledger_meta` holds the prune floor.
 //! Totals are also cached in memory, loaded at open and updated after each durable commit.
+//! After the store has reopened its database (a full disk, a failed fsync: see
+//! [`crate::store`]), the cache is loaded again from the reopened file before any later
+//! batch runs: the batch that failed may have reached the disk after all, and totals read
+//! from the disk only ever include what an earlier cache did, so they only grow.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
 use micromine_proto::pb::RejectReason;
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use crate::store::{self, Store, StoreError};
@@ -377,6 +381,35 @@ impl State {
         self.pool.lock().unwrap_or_else(PoisonError::into_inner)
     }
 
+    /// Replaces the cached totals with those read from the store after it reopened. Runs on
+    /// the writer thread between jobs, so every record job numbered up to `sequence` has run
+    /// and its outcome (durable or not) is what the snapshot holds: their late installs, with
+    /// sequences up to `sequence`, are then ignored, and later jobs' installs win.
+    fn reload(&self, sequence: u64, loaded: Cache, pool: pool::PoolCache) {
+        {
+            let mut cache = self.cache();
+            let fresh = |totals: Versioned| Versioned {
+                sequence,
+                totals: totals.totals,
+            };
+            cache.fleet = fresh(loaded.fleet);
+            cache.devices = loaded
+                .devices
+                .into_iter()
+                .map(|(name, totals)| (name, fresh(totals)))
+                .collect();
+            cache.miners = loaded
+                .miners
+                .into_iter()
+                .map(|(name, totals)| (name, fresh(totals)))
+                .collect();
+        }
+        *self.pool_cache() = pool
+            .into_iter()
+            .map(|(key, (_, totals))| (key, (sequence, totals)))
+            .collect();
+    }
+
     fn install(&self, sequence: u64, updated: Vec<(Kind, String, Totals)>) {
         let mut cache = self.cache();
         for (kind, name, totals) in updated {
@@ -409,23 +442,45 @@ struct Applied {
 impl Ledger {
     /// Opens the ledger on `store`, loading the persisted totals into memory so that the
     /// totals getters never touch the disk. Tables are created by the first write.
+    ///
+    /// The cache is loaded again whenever the store reopens its database (see the module docs).
     pub fn open(store: Store) -> Result<Ledger, LedgerError> {
-        let cache = load_cache(&store).map_err(|source| LedgerError::Store {
+        let snapshot = store.read().map_err(|source| LedgerError::Store {
             action: "loading share totals",
             source,
         })?;
-        let pool = pool::load(&store).map_err(|source| LedgerError::Store {
+        let cache = load_cache(&snapshot).map_err(|source| LedgerError::Store {
+            action: "loading share totals",
+            source,
+        })?;
+        let pool = pool::load(&snapshot).map_err(|source| LedgerError::Store {
             action: "loading pool verdict totals",
             source,
         })?;
-        Ok(Ledger {
-            store,
-            state: Arc::new(State {
-                cache: Mutex::new(cache),
-                pool: Mutex::new(pool),
-                sequence: AtomicU64::new(0),
-            }),
-        })
+        drop(snapshot);
+        let state = Arc::new(State {
+            cache: Mutex::new(cache),
+            pool: Mutex::new(pool),
+            sequence: AtomicU64::new(0),
+        });
+        // Weak: once every handle on this ledger is gone there is no cache left to reload.
+        let reloaded = Arc::downgrade(&state);
+        store.on_reopen(move |snapshot| {
+            let Some(state) = reloaded.upgrade() else {
+                return;
+            };
+            // Read on the writer thread, between jobs: no record job is running.
+            let sequence = state.sequence.load(Ordering::Relaxed);
+            match load_cache(snapshot).and_then(|cache| Ok((cache, pool::load(snapshot)?))) {
+                Ok((cache, pool)) => {
+                    state.reload(sequence, cache, pool);
+                    tracing::info!("share totals reloaded from the reopened store");
+                }
+                Err(e) => tracing::error!(error = %e,
+                    "reloading share totals from the reopened store failed; they may read low until each scope's next share"),
+            }
+        });
+        Ok(Ledger { store, state })
     }
 
     /// Records a batch as ONE store job, so it is atomic and shares the group commit with
@@ -529,10 +584,9 @@ fn validate(accepted: &[AcceptedShare], rejected: &[Rejection]) -> Result<(), Le
     Ok(())
 }
 
-fn load_cache(store: &Store) -> Result<Cache, StoreError> {
-    let txn = store.read()?;
+fn load_cache(txn: &ReadTransaction) -> Result<Cache, StoreError> {
     let mut cache = Cache::default();
-    let Some(table) = store::open_read_table(&txn, TOTALS)? else {
+    let Some(table) = store::open_read_table(txn, TOTALS)? else {
         return Ok(cache);
     };
     for entry in table.iter().map_err(StoreError::storage("ledger_totals"))? {
@@ -829,6 +883,83 @@ mod tests {
         let mut bad = Totals::default().encode();
         bad[0] = 9;
         assert!(Totals::decode(&bad).is_err());
+    }
+
+    #[tokio::test]
+    async fn after_the_store_reopens_totals_come_from_disk_and_an_uncertain_batch_counts_once() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("ledger.redb");
+        let (store, faults) = store::flaky::open(&path);
+        let ledger = Ledger::open(store.clone()).expect("open ledger");
+        let outcomes = ledger
+            .record(vec![share(1, 1, "d", false)], Vec::new())
+            .await
+            .expect("durable before the failure");
+        assert_eq!(outcomes, [ShareOutcome::Recorded]);
+
+        // fsync fails for the next batch: the device hears nothing, yet the batch reached the
+        // file (the OS has it), as after a failed fsync it may.
+        faults.sync.store(true, Ordering::SeqCst);
+        let uncertain = vec![share(1, 2, "d", false), share(1, 3, "d", false)];
+        assert!(
+            ledger.record(uncertain.clone(), Vec::new()).await.is_err(),
+            "a batch whose fsync failed is never acknowledged"
+        );
+        assert_eq!(
+            ledger.fleet_totals().accepted,
+            1,
+            "nothing counted that was not durable"
+        );
+        faults.sync.store(false, Ordering::SeqCst);
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        while store.health() != store::StoreHealth::Open {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the store never reopened"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+        }
+
+        // The reopened file holds the uncertain batch, and the totals say so before any other
+        // share arrives (a scope that never writes again would otherwise read low forever).
+        assert_eq!(ledger.fleet_totals().accepted, 3);
+        assert_eq!(ledger.device_totals("d").accepted, 3);
+        assert_eq!(ledger.miner_totals(MINER).accepted, 3);
+        // The device resubmits what it never heard back about: acknowledged, counted nowhere.
+        let resubmitted: Vec<AcceptedShare> = uncertain
+            .into_iter()
+            .map(|s| AcceptedShare {
+                resubmitted: true,
+                ..s
+            })
+            .collect();
+        assert_eq!(
+            ledger
+                .record(resubmitted, Vec::new())
+                .await
+                .expect("recorded after the reopen"),
+            [ShareOutcome::AlreadyRecorded, ShareOutcome::AlreadyRecorded]
+        );
+        assert_eq!(
+            ledger
+                .record(vec![share(1, 4, "d", false)], Vec::new())
+                .await
+                .expect("recorded after the reopen"),
+            [ShareOutcome::Recorded]
+        );
+        let cached = ledger.device_totals("d");
+        assert_eq!(cached.accepted, 4);
+        assert_eq!(cached.rejected.total(), 0);
+        drop(ledger);
+        drop(store);
+
+        let reopened = open(&path);
+        assert_eq!(
+            reopened.device_totals("d"),
+            cached,
+            "the cache was the disk"
+        );
+        assert_eq!(reopened.fleet_totals().accepted, 4);
     }
 
     #[tokio::test]

@@ -30,7 +30,24 @@
 //! to build on that uncertain state: it rolls the batch back to an ephemeral savepoint taken at
 //! the start of the batch (in the first job's transaction, while it is still clean), and if
 //! that fails too, as it does after an I/O error (redb latches those), it refuses every further
-//! write until reopened; reopening recovers whichever state last reached the disk intact.
+//! write until the database is reopened; reopening recovers whichever state last reached the
+//! disk intact.
+//!
+//! # A full or failing disk
+//!
+//! A disk that fills up latches redb the same way, whichever write hits `ENOSPC` first. The
+//! store does not wait for an operator to restart the process: once redb has latched an
+//! error, the writer reports the store as failed ([`Store::health`], with the reason, e.g.
+//! "no space left on device"), refuses every job at once with [`StoreError::Failed`] (so no
+//! caller is told "durable" for anything), and reopens the database itself with backoff
+//! ([`REOPEN_FIRST_DELAY`] doubling up to [`REOPEN_MAX_DELAY`]). It tries only once the file
+//! system takes (and fsyncs) a scratch megabyte beside the database, because redb reopens
+//! fine on a disk that is still full and fails again at its first new page; and a reopen
+//! counts only once an empty durable commit on the reopened file has succeeded. Because the
+//! batch that failed may or may not be on disk, whatever the layers above cache from the
+//! store must be read again from the reopened file: [`Store::on_reopen`] runs their reloads
+//! on the writer thread, before any later job, so no job can build on (or overtake) the
+//! stale cache.
 //!
 //! A consequence worth knowing: a [`Store::read`] snapshot may include writes of the batch that
 //! is being fsynced at that moment (a few milliseconds before their callers are answered).
@@ -42,8 +59,9 @@ use std::error::Error as StdError;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock, mpsc};
 use std::thread::{self, JoinHandle, ThreadId};
+use std::time::{Duration, Instant};
 
 use redb::{
     CommitError, ConcurrencyMode, Database, DatabaseError, Durability, Key, ReadOnlyTable,
@@ -62,6 +80,19 @@ pub const MAX_BATCH_JOBS: usize = 4096;
 /// Page cache of the database. The ledger's working set (recent headers' shares and the
 /// totals) is small; the rest of the file is cold and need not sit in memory.
 const CACHE_BYTES: usize = 256 * 1024 * 1024;
+
+/// How long after a latched failure the writer first tries to reopen the database: long
+/// enough that a disk that is still full is not hammered, short enough that a freed disk
+/// is noticed at once.
+pub const REOPEN_FIRST_DELAY: Duration = Duration::from_millis(250);
+
+/// The longest wait between two reopen attempts: each failure within a minute of the
+/// previous one doubles the wait up to this, so space that returns is used within about
+/// this much time.
+pub const REOPEN_MAX_DELAY: Duration = Duration::from_secs(8);
+
+/// After this long without a failure the next one starts again at [`REOPEN_FIRST_DELAY`].
+const FAILURES_FORGOTTEN_AFTER: Duration = Duration::from_secs(60);
 
 /// A table of JSON values keyed by string: the easy way for modules with low write rates
 /// (device records, headers, assignments) to keep their state without a schema of their own.
@@ -160,11 +191,12 @@ pub enum StoreError {
     /// A job panicked; its writes are discarded and the writer carries on.
     #[error("a store job panicked: {0}")]
     JobPanicked(String),
-    /// An earlier group commit failed and could not be rolled back, so the in-memory state may
-    /// hold writes whose callers were told they failed; the store refuses writes until reopened.
-    #[error("store refuses writes after an unrecoverable commit failure ({reason}); reopen it")]
+    /// redb latched a storage failure (a full disk, a failed fsync), so the in-memory state may
+    /// hold writes whose callers were told they failed; the store refuses writes (and, once it
+    /// has closed the database to reopen it, reads) until it has reopened the database.
+    #[error("the store failed ({reason}) and refuses writes until it has reopened the database")]
     Failed {
-        /// The original failure.
+        /// The original failure, e.g. "no space left on device".
         reason: String,
     },
     /// The writer has stopped ([`Store::close`] or the last handle dropped).
@@ -182,6 +214,19 @@ impl StoreError {
     }
 }
 
+/// Whether the store is making writes durable, for readiness probes and status.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreHealth {
+    /// Writes are being made durable.
+    Open,
+    /// A storage failure was latched: every write is refused until the writer has reopened
+    /// the database, which it keeps trying with backoff.
+    Failed {
+        /// What failed, e.g. "no space left on device".
+        reason: String,
+    },
+}
+
 /// Counters of the writer, for metrics, tests and the benchmark: `jobs / commits` is the
 /// group-commit factor, `submitted - jobs` the queue depth.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -196,6 +241,10 @@ pub struct StoreStats {
     pub commits: u64,
     /// The most jobs one commit has carried.
     pub largest_batch: u64,
+    /// Times the writer reopened the database after a latched failure.
+    pub reopens: u64,
+    /// Reopen attempts that failed (the disk was still full, fsync still failed).
+    pub failed_reopens: u64,
 }
 
 #[derive(Default)]
@@ -205,7 +254,19 @@ struct Counters {
     failed_jobs: AtomicU64,
     commits: AtomicU64,
     largest_batch: AtomicU64,
+    reopens: AtomicU64,
+    failed_reopens: AtomicU64,
 }
+
+/// Opens (or reopens) the database file: once at start, and again after a latched failure.
+type Opener = Box<dyn FnMut() -> Result<Database, StoreError> + Send>;
+
+/// Run on the writer thread with a snapshot of a reopened database, before any later job.
+type ReopenHook = Arc<dyn Fn(&ReadTransaction) + Send + Sync>;
+
+/// The open database, shared by readers and the writer; `None` while the writer has closed
+/// a failed one and not yet reopened it.
+type Slot = Arc<RwLock<Option<Database>>>;
 
 /// A handle on the embedded database. Cheap to clone; all clones share one writer thread.
 /// The writer stops, after finishing every queued job, on [`Store::close`] or when the last
@@ -216,12 +277,14 @@ pub struct Store {
 }
 
 struct Shared {
-    db: Arc<Database>,
+    db: Slot,
     path: PathBuf,
     sender: Mutex<Option<mpsc::Sender<Box<dyn Job>>>>,
     writer: Mutex<Option<JoinHandle<()>>>,
     writer_id: ThreadId,
     counters: Arc<Counters>,
+    health: Arc<Mutex<StoreHealth>>,
+    hooks: Arc<Mutex<Vec<ReopenHook>>>,
 }
 
 impl std::fmt::Debug for Store {
@@ -238,43 +301,68 @@ fn locked<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
+fn read_slot(slot: &RwLock<Option<Database>>) -> std::sync::RwLockReadGuard<'_, Option<Database>> {
+    // As above: nothing panics while the slot is locked.
+    slot.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn write_slot(
+    slot: &RwLock<Option<Database>>,
+) -> std::sync::RwLockWriteGuard<'_, Option<Database>> {
+    slot.write().unwrap_or_else(PoisonError::into_inner)
+}
+
 impl Store {
     /// Opens the database at `path`, creating it (and its directory) on first use, and starts
     /// the single writer thread that owns every write transaction: one writer means no write
     /// contention inside redb and lets every queued job share one fsync.
     pub fn open(path: &Path) -> Result<Store, StoreError> {
-        if let Some(parent) = path.parent()
-            && !parent.as_os_str().is_empty()
-        {
-            std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
-                path: parent.to_path_buf(),
-                source,
-            })?;
-        }
-        let db = Database::builder()
-            // Ephemeral savepoints and non-durable commits, which group commit relies on, are
-            // only available while this process is the file's only writer.
-            .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
-            .set_cache_size(CACHE_BYTES)
-            .create(path)
-            .map_err(|source| StoreError::Open {
-                path: path.to_path_buf(),
-                source: Box::new(source),
-            })?;
-        Store::start(db, path)
+        let file = path.to_path_buf();
+        Store::open_with(
+            path,
+            Box::new(move || {
+                if let Some(parent) = file.parent()
+                    && !parent.as_os_str().is_empty()
+                {
+                    std::fs::create_dir_all(parent).map_err(|source| StoreError::CreateDir {
+                        path: parent.to_path_buf(),
+                        source,
+                    })?;
+                }
+                Database::builder()
+                    // Ephemeral savepoints and non-durable commits, which group commit relies
+                    // on, are only available while this process is the file's only writer.
+                    .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
+                    .set_cache_size(CACHE_BYTES)
+                    .create(&file)
+                    .map_err(|source| StoreError::Open {
+                        path: file.clone(),
+                        source: Box::new(source),
+                    })
+            }),
+        )
     }
 
-    /// Starts the writer thread on an opened database.
-    fn start(db: Database, path: &Path) -> Result<Store, StoreError> {
-        let db = Arc::new(db);
+    /// Opens the database with `open`, which the writer calls again to reopen it after a
+    /// latched failure, and starts the writer thread. Tests open it on failing backends.
+    pub(crate) fn open_with(path: &Path, mut open: Opener) -> Result<Store, StoreError> {
+        let db: Slot = Arc::new(RwLock::new(Some(open()?)));
         let counters = Arc::new(Counters::default());
+        let health = Arc::new(Mutex::new(StoreHealth::Open));
+        let hooks: Arc<Mutex<Vec<ReopenHook>>> = Arc::default();
         let (sender, receiver) = mpsc::channel::<Box<dyn Job>>();
         let writer = {
-            let db = Arc::clone(&db);
-            let counters = Arc::clone(&counters);
+            let writer = Writer {
+                db: Arc::clone(&db),
+                open,
+                path: path.to_path_buf(),
+                counters: Arc::clone(&counters),
+                health: Arc::clone(&health),
+                hooks: Arc::clone(&hooks),
+            };
             thread::Builder::new()
                 .name("store-writer".to_owned())
-                .spawn(move || writer_loop(&db, &receiver, &counters))
+                .spawn(move || writer.run(&receiver))
                 .map_err(StoreError::SpawnWriter)?
         };
         let writer_id = writer.thread().id();
@@ -287,6 +375,8 @@ impl Store {
                 writer: Mutex::new(Some(writer)),
                 writer_id,
                 counters,
+                health,
+                hooks,
             }),
         })
     }
@@ -339,11 +429,33 @@ impl Store {
 
     /// A consistent snapshot for reading without blocking the writer. It may already include
     /// the writes of the group commit being fsynced at that moment (see the module docs).
+    ///
+    /// Fails with [`StoreError::Failed`] while the writer has closed a failed database and
+    /// not yet reopened it.
     pub fn read(&self) -> Result<ReadTransaction, StoreError> {
-        self.shared
-            .db
-            .begin_read()
-            .map_err(|e| StoreError::Begin(Box::new(e)))
+        let slot = read_slot(&self.shared.db);
+        let Some(db) = slot.as_ref() else {
+            return Err(StoreError::Failed {
+                reason: match self.health() {
+                    StoreHealth::Failed { reason } => reason,
+                    StoreHealth::Open => "the database is being reopened".to_owned(),
+                },
+            });
+        };
+        db.begin_read().map_err(|e| StoreError::Begin(Box::new(e)))
+    }
+
+    /// Whether writes are being made durable, or why not (see the module docs on a full disk).
+    pub fn health(&self) -> StoreHealth {
+        locked(&self.shared.health).clone()
+    }
+
+    /// Runs `reload` with a snapshot of the database each time the writer has reopened it
+    /// after a latched failure, on the writer thread, before any job queued later runs. The
+    /// batch that failed may or may not have reached the disk, so whatever a caller keeps in
+    /// memory from the store (the ledger's totals) must be read again here.
+    pub fn on_reopen(&self, reload: impl Fn(&ReadTransaction) + Send + Sync + 'static) {
+        locked(&self.shared.hooks).push(Arc::new(reload));
     }
 
     /// The writer's counters, so tests and the benchmark can see the group-commit factor.
@@ -355,6 +467,8 @@ impl Store {
             failed_jobs: c.failed_jobs.load(Ordering::Relaxed),
             commits: c.commits.load(Ordering::Relaxed),
             largest_batch: c.largest_batch.load(Ordering::Relaxed),
+            reopens: c.reopens.load(Ordering::Relaxed),
+            failed_reopens: c.failed_reopens.load(Ordering::Relaxed),
         }
     }
 
@@ -405,6 +519,8 @@ trait Job: Send {
     fn answer(self: Box<Self>, durability: Result<(), StoreError>);
     /// Answers the caller with `error` without running the closure.
     fn refuse(self: Box<Self>, error: StoreError);
+    /// The error the last run returned, if it failed.
+    fn failure(&self) -> Option<&StoreError>;
 }
 
 struct TypedJob<F, R> {
@@ -442,6 +558,10 @@ where
         // A caller that went away needs no answer.
         let _ = self.reply.send(Err(error));
     }
+
+    fn failure(&self) -> Option<&StoreError> {
+        self.result.as_ref().and_then(|r| r.as_ref().err())
+    }
 }
 
 fn panic_message(payload: &(dyn Any + Send)) -> String {
@@ -454,47 +574,351 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
     }
 }
 
-fn writer_loop(db: &Database, queue: &mpsc::Receiver<Box<dyn Job>>, counters: &Counters) {
-    // Set when a failed group commit could not be rolled back: from then on the in-memory
-    // state may hold writes whose callers were told they failed, and nothing may commit it.
-    let mut broken: Option<String> = None;
-    let mut batch: Vec<Box<dyn Job>> = Vec::new();
-    while let Ok(first) = queue.recv() {
-        batch.push(first);
-        while batch.len() < MAX_BATCH_JOBS {
-            match queue.try_recv() {
-                Ok(job) => batch.push(job),
-                Err(_) => break,
-            }
-        }
-        let jobs = batch.len();
-        // Counted before any answer goes out, so a caller that has its answer sees its job counted.
-        counters.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
-        run_batch(db, std::mem::take(&mut batch), counters, &mut broken);
-    }
-    tracing::debug!("store writer stopped");
+/// The writer thread's side of the store: the database, how to reopen it, and what it
+/// reports.
+struct Writer {
+    db: Slot,
+    open: Opener,
+    path: PathBuf,
+    counters: Arc<Counters>,
+    health: Arc<Mutex<StoreHealth>>,
+    hooks: Arc<Mutex<Vec<ReopenHook>>>,
 }
 
+/// A latched failure the writer is recovering from.
+struct Broken {
+    /// What failed, as [`StoreHealth::Failed`] reports it.
+    reason: String,
+    /// When the next reopen is tried.
+    retry_at: Instant,
+    /// The wait that led to `retry_at`; the one after a failed attempt is twice as long.
+    delay: Duration,
+}
+
+impl Writer {
+    fn run(mut self, queue: &mpsc::Receiver<Box<dyn Job>>) {
+        // Set while redb has latched a failure: from then on the in-memory state may hold
+        // writes whose callers were told they failed, and nothing may commit it.
+        let mut broken: Option<Broken> = None;
+        // The last failure and the wait it got, so that failures in quick succession (a disk
+        // that is still full after a reopen) back off further instead of spinning.
+        let mut last_failure: Option<(Instant, Duration)> = None;
+        let mut batch: Vec<Box<dyn Job>> = Vec::new();
+        loop {
+            let first = match broken.as_ref() {
+                None => match queue.recv() {
+                    Ok(job) => job,
+                    Err(_) => break,
+                },
+                Some(failed) => {
+                    match queue
+                        .recv_timeout(failed.retry_at.saturating_duration_since(Instant::now()))
+                    {
+                        Ok(job) => job,
+                        Err(mpsc::RecvTimeoutError::Timeout) => {
+                            if let Some(failed) = broken.take() {
+                                broken = self.reopen(failed, &mut last_failure);
+                            }
+                            continue;
+                        }
+                        Err(mpsc::RecvTimeoutError::Disconnected) => break,
+                    }
+                }
+            };
+            batch.push(first);
+            while batch.len() < MAX_BATCH_JOBS {
+                match queue.try_recv() {
+                    Ok(job) => batch.push(job),
+                    Err(_) => break,
+                }
+            }
+            let jobs = batch.len();
+            // Counted before any answer goes out, so a caller that has its answer sees its job
+            // counted.
+            self.counters.jobs.fetch_add(jobs as u64, Ordering::Relaxed);
+            if let Some(failed) = broken.as_ref() {
+                for job in batch.drain(..) {
+                    job.refuse(StoreError::Failed {
+                        reason: failed.reason.clone(),
+                    });
+                }
+                continue;
+            }
+            let (failure, answers) = {
+                let slot = read_slot(&self.db);
+                match slot.as_ref() {
+                    Some(db) => run_batch(db, std::mem::take(&mut batch), &self.counters),
+                    // Only a broken writer leaves the slot empty, and it refuses jobs above.
+                    None => {
+                        let reason = "the database is closed".to_owned();
+                        let refused = batch
+                            .drain(..)
+                            .map(|job| {
+                                let error = StoreError::Failed {
+                                    reason: reason.clone(),
+                                };
+                                (job, Err(error))
+                            })
+                            .collect();
+                        (Some(reason), refused)
+                    }
+                }
+            };
+            if let Some(reason) = failure {
+                let delay = match last_failure {
+                    Some((at, delay)) if at.elapsed() < FAILURES_FORGOTTEN_AFTER => {
+                        (delay * 2).min(REOPEN_MAX_DELAY)
+                    }
+                    _ => REOPEN_FIRST_DELAY,
+                };
+                last_failure = Some((Instant::now(), delay));
+                tracing::error!(path = %self.path.display(), reason, retry_in_ms = delay.as_millis() as u64,
+                    "store failed: every write is refused until the database is reopened");
+                self.set_health(StoreHealth::Failed {
+                    reason: reason.clone(),
+                });
+                broken = Some(Broken {
+                    reason,
+                    retry_at: Instant::now() + delay,
+                    delay,
+                });
+            }
+            // Only now, so a caller told of a failure finds the store's health saying so.
+            for (job, durability) in answers {
+                job.answer(durability);
+            }
+        }
+        tracing::debug!("store writer stopped");
+    }
+
+    fn set_health(&self, health: StoreHealth) {
+        *locked(&self.health) = health;
+    }
+
+    /// Closes the failed database and opens the file again, which recovers whichever state
+    /// last reached the disk intact; then lets the layers above reload what they cache.
+    /// Returns the failure to wait out again if it did not work.
+    fn reopen(
+        &mut self,
+        failed: Broken,
+        last_failure: &mut Option<(Instant, Duration)>,
+    ) -> Option<Broken> {
+        // It holds the file's lock, so it must be closed before the file can be opened again.
+        // A database with a latched failure writes nothing on close: the next open recovers.
+        if let Some(old) = write_slot(&self.db).take()
+            && let Err(e) = old.close()
+        {
+            tracing::debug!(error = %e, "closing the failed store database");
+        }
+        match self.try_open() {
+            Ok(db) => {
+                let hooks: Vec<ReopenHook> = locked(&self.hooks).clone();
+                match db.begin_read() {
+                    Ok(snapshot) => {
+                        for hook in &hooks {
+                            hook(&snapshot);
+                        }
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "reading the reopened store failed; cached totals may lag the disk until their next write")
+                    }
+                }
+                *write_slot(&self.db) = Some(db);
+                self.counters.reopens.fetch_add(1, Ordering::Relaxed);
+                *last_failure = Some((Instant::now(), failed.delay));
+                self.set_health(StoreHealth::Open);
+                tracing::warn!(path = %self.path.display(), failure = failed.reason, "store reopened; writes resume");
+                None
+            }
+            Err(reason) => {
+                self.counters.failed_reopens.fetch_add(1, Ordering::Relaxed);
+                let delay = (failed.delay * 2).min(REOPEN_MAX_DELAY);
+                tracing::warn!(path = %self.path.display(), reason, retry_in_ms = delay.as_millis() as u64,
+                    "reopening the store failed; will retry");
+                self.set_health(StoreHealth::Failed {
+                    reason: reason.clone(),
+                });
+                Some(Broken {
+                    reason,
+                    retry_at: Instant::now() + delay,
+                    delay,
+                })
+            }
+        }
+    }
+
+    fn try_open(&mut self) -> Result<Database, String> {
+        has_room(&self.path)?;
+        let db = (self.open)().map_err(|e| describe(&e))?;
+        // A file that opens may still refuse to commit (a failing fsync latches again), and
+        // only a durable commit shows that writes can be made durable again.
+        durable_commit(&db).map_err(|e| describe(&e))?;
+        Ok(db)
+    }
+}
+
+/// How much the store's file system must take before a reopen is tried: a full disk lets
+/// redb reopen (its header pages are already allocated) and then fail again at the first
+/// write that needs a new page, so without this check the store would flap between open and
+/// failed for as long as the disk stays full. A few group commits' worth of pages.
+const ROOM_TO_REOPEN: usize = 1024 * 1024;
+
+/// Whether the file system holding `path` has room ([`ROOM_TO_REOPEN`]) and can fsync:
+/// writes, syncs and removes a scratch file beside it.
+fn has_room(path: &Path) -> Result<(), String> {
+    use std::io::Write as _;
+    let scratch = path.with_extension("space-probe");
+    let probe = || -> std::io::Result<()> {
+        let mut file = std::fs::File::create(&scratch)?;
+        file.write_all(&vec![0u8; ROOM_TO_REOPEN])?;
+        file.sync_data()
+    };
+    let result = probe();
+    // Removed whatever happened, so the probe never holds the space it asked about.
+    let _ = std::fs::remove_file(&scratch);
+    result.map_err(|e| describe_io(&e))
+}
+
+/// What the operating system said, briefly: a full disk by its kind, since the text carries
+/// "(os error 28)", which says less.
+fn describe_io(error: &std::io::Error) -> String {
+    if error.kind() == std::io::ErrorKind::StorageFull {
+        "no space left on device".to_owned()
+    } else {
+        error.to_string()
+    }
+}
+
+/// What went wrong while one batch ran, to tell whether redb latched a failure and why.
+#[derive(Default)]
+struct Failures {
+    /// Something failed (a job, a commit, the fsync).
+    any: bool,
+    /// A failed group commit could not be rolled back.
+    unrecovered: bool,
+    /// The first storage failure's description, preferring an I/O error's (which says what
+    /// happened) to redb's "previous I/O error" (which only says that something did).
+    reason: Option<(bool, String)>,
+}
+
+impl Failures {
+    fn note(&mut self, error: &StoreError) {
+        self.any = true;
+        let Some(cause) = storage_cause(error) else {
+            return;
+        };
+        let is_io = matches!(cause, StorageError::Io(_));
+        if self.reason.as_ref().is_none_or(|(io, _)| is_io && !io) {
+            self.reason = Some((is_io, describe(error)));
+        }
+    }
+
+    fn note_job(&mut self, job: &dyn Job) {
+        match job.failure() {
+            Some(error) => self.note(error),
+            None => self.any = true,
+        }
+    }
+
+    /// Why the database must be reopened, if it must: a group commit that could not be
+    /// rolled back, or a failure redb latched (it then refuses every write transaction).
+    fn must_reopen(self, db: &Database) -> Option<String> {
+        if !self.any {
+            return None;
+        }
+        let latched = if self.unrecovered {
+            None
+        } else {
+            match db.begin_write() {
+                Ok(txn) => {
+                    abort(txn);
+                    return None;
+                }
+                Err(e @ TransactionError::Storage(_)) => Some(StoreError::Begin(Box::new(e))),
+                Err(_) => return None,
+            }
+        };
+        Some(match (self.reason, latched) {
+            (Some((_, reason)), _) => reason,
+            (None, Some(error)) => describe(&error),
+            (None, None) => "a group commit failed and could not be rolled back".to_owned(),
+        })
+    }
+}
+
+/// The redb storage failure behind `error`, if that is what it is.
+fn storage_cause(error: &StoreError) -> Option<&StorageError> {
+    match error {
+        StoreError::Open { source, .. } => match &**source {
+            DatabaseError::Storage(cause) => Some(cause),
+            _ => None,
+        },
+        StoreError::Begin(source) => match &**source {
+            TransactionError::Storage(cause) => Some(cause),
+            _ => None,
+        },
+        StoreError::JobCommit(CommitError::Storage(cause))
+        | StoreError::Commit(CommitError::Storage(cause))
+        | StoreError::Savepoint(SavepointError::Storage(cause))
+        | StoreError::Storage { source: cause, .. } => Some(cause),
+        StoreError::Table { source, .. } => match &**source {
+            TableError::Storage(cause) => Some(cause),
+            _ => None,
+        },
+        StoreError::GroupCommit { source, .. } => storage_cause(source),
+        _ => None,
+    }
+}
+
+/// A short description of what failed, for [`StoreHealth::Failed`] and the logs: what the
+/// operating system said if it said anything ("no space left on device"), otherwise the
+/// store's own error with its causes.
+fn describe(error: &StoreError) -> String {
+    let io = match (error, storage_cause(error)) {
+        (StoreError::CreateDir { source, .. }, _) => Some(source),
+        (_, Some(StorageError::Io(source))) => Some(source),
+        (_, Some(StorageError::PreviousIo)) => {
+            return "an earlier I/O error (redb refuses every write until reopened)".to_owned();
+        }
+        (_, Some(cause)) => return cause.to_string(),
+        _ => None,
+    };
+    match io {
+        Some(source) => describe_io(source),
+        None => {
+            let mut text = error.to_string();
+            let mut cause = StdError::source(error);
+            while let Some(inner) = cause {
+                text.push_str(": ");
+                text.push_str(&inner.to_string());
+                cause = inner.source();
+            }
+            text
+        }
+    }
+}
+
+/// Jobs with what to answer them: `Ok` for the job's own result (durable, or its own
+/// failure), `Err` for an error instead.
+type Answers = Vec<(Box<dyn Job>, Result<(), StoreError>)>;
+
+/// Runs one batch and makes it durable (see the module docs). Returns why the database must
+/// be reopened, if a failure left redb refusing writes, and the answers, which the caller
+/// sends once it has acted on that.
 fn run_batch(
     db: &Database,
     jobs: Vec<Box<dyn Job>>,
     counters: &Counters,
-    broken: &mut Option<String>,
-) {
-    if let Some(reason) = broken.as_ref() {
-        for job in jobs {
-            job.refuse(StoreError::Failed {
-                reason: reason.clone(),
-            });
-        }
-        return;
-    }
-    let (pending, savepoint) = match run_together(db, jobs) {
+) -> (Option<String>, Answers) {
+    let mut failures = Failures::default();
+    let mut answers: Answers = Vec::with_capacity(jobs.len());
+    let (pending, savepoint) = match run_together(db, jobs, &mut failures) {
         Together::Committed(jobs, savepoint) => (jobs, savepoint),
-        Together::Failed(jobs) => run_separately(db, jobs, counters),
+        Together::Failed(jobs) => run_separately(db, jobs, counters, &mut failures, &mut answers),
     };
     if pending.is_empty() {
-        return;
+        drop(savepoint);
+        return (failures.must_reopen(db), answers);
     }
     match durable_commit(db) {
         Ok(()) => {
@@ -502,30 +926,33 @@ fn run_batch(
             counters
                 .largest_batch
                 .fetch_max(pending.len() as u64, Ordering::Relaxed);
-            for job in pending {
-                job.answer(Ok(()));
-            }
+            answers.extend(pending.into_iter().map(|job| (job, Ok(()))));
         }
         Err(error) => {
-            tracing::error!(error = %error, jobs = pending.len(), "group commit failed");
+            failures.note(&error);
+            tracing::error!(error = %error, reason = describe(&error), jobs = pending.len(), "group commit failed");
             let rolled_back = match savepoint.as_ref() {
                 Some(savepoint) => roll_back(db, savepoint),
                 None => Err(StoreError::Savepoint(SavepointError::InvalidSavepoint)),
             };
             if let Err(rollback) = rolled_back {
-                tracing::error!(error = %rollback, "rolling back the failed group commit failed; the store refuses writes until reopened");
-                *broken = Some(error.to_string());
+                tracing::error!(error = %rollback, "rolling back the failed group commit failed; the store refuses writes until it has reopened the database");
+                failures.unrecovered = true;
             }
             let error = Arc::new(error);
             let jobs = pending.len();
-            for job in pending {
-                job.answer(Err(StoreError::GroupCommit {
+            answers.extend(pending.into_iter().map(|job| {
+                let failed = StoreError::GroupCommit {
                     jobs,
                     source: Arc::clone(&error),
-                }));
-            }
+                };
+                (job, Err(failed))
+            }));
         }
     }
+    // Savepoints pin the transaction tracker; none may outlive the batch (a reopen closes it).
+    drop(savepoint);
+    (failures.must_reopen(db), answers)
 }
 
 /// The outcome of running a whole batch in one transaction.
@@ -541,9 +968,13 @@ enum Together {
 /// even a non-durable one, costs far more than a typical job's few table writes, so with
 /// thousands of devices submitting shares a transaction per job kept the writer thread
 /// busy with commits alone.
-fn run_together(db: &Database, mut jobs: Vec<Box<dyn Job>>) -> Together {
-    let Ok(mut txn) = db.begin_write() else {
-        return Together::Failed(jobs);
+fn run_together(db: &Database, mut jobs: Vec<Box<dyn Job>>, failures: &mut Failures) -> Together {
+    let mut txn = match db.begin_write() {
+        Ok(txn) => txn,
+        Err(e) => {
+            failures.note(&StoreError::Begin(Box::new(e)));
+            return Together::Failed(jobs);
+        }
     };
     // Only possible while the transaction is still clean, before a job opens a table.
     let savepoint = match txn.ephemeral_savepoint() {
@@ -553,12 +984,14 @@ fn run_together(db: &Database, mut jobs: Vec<Box<dyn Job>>) -> Together {
             None
         }
     };
-    if txn.set_durability(Durability::None).is_err() {
+    if let Err(e) = txn.set_durability(Durability::None) {
+        failures.note(&StoreError::Durability(e));
         abort(txn);
         return Together::Failed(jobs);
     }
     for job in &mut jobs {
         if !job.run(&txn) {
+            failures.note_job(&**job);
             abort(txn);
             return Together::Failed(jobs);
         }
@@ -567,6 +1000,7 @@ fn run_together(db: &Database, mut jobs: Vec<Box<dyn Job>>) -> Together {
         Ok(()) => Together::Committed(jobs, savepoint),
         Err(e) => {
             tracing::warn!(error = %e, "committing a batch failed; committing its jobs one by one");
+            failures.note(&StoreError::JobCommit(e));
             Together::Failed(jobs)
         }
     }
@@ -579,6 +1013,8 @@ fn run_separately(
     db: &Database,
     jobs: Vec<Box<dyn Job>>,
     counters: &Counters,
+    failures: &mut Failures,
+    answers: &mut Answers,
 ) -> (Vec<Box<dyn Job>>, Option<Savepoint>) {
     let mut savepoint: Option<Savepoint> = None;
     let mut pending: Vec<Box<dyn Job>> = Vec::with_capacity(jobs.len());
@@ -587,7 +1023,9 @@ fn run_separately(
             Ok(txn) => txn,
             Err(e) => {
                 counters.failed_jobs.fetch_add(1, Ordering::Relaxed);
-                job.refuse(StoreError::Begin(Box::new(e)));
+                let error = StoreError::Begin(Box::new(e));
+                failures.note(&error);
+                answers.push((job, Err(error)));
                 continue;
             }
         };
@@ -603,7 +1041,9 @@ fn run_separately(
         if let Err(e) = txn.set_durability(Durability::None) {
             counters.failed_jobs.fetch_add(1, Ordering::Relaxed);
             abort(txn);
-            job.refuse(StoreError::Durability(e));
+            let error = StoreError::Durability(e);
+            failures.note(&error);
+            answers.push((job, Err(error)));
             continue;
         }
         if job.run(&txn) {
@@ -611,13 +1051,16 @@ fn run_separately(
                 Ok(()) => pending.push(job),
                 Err(e) => {
                     counters.failed_jobs.fetch_add(1, Ordering::Relaxed);
-                    job.answer(Err(StoreError::JobCommit(e)));
+                    let error = StoreError::JobCommit(e);
+                    failures.note(&error);
+                    answers.push((job, Err(error)));
                 }
             }
         } else {
             counters.failed_jobs.fetch_add(1, Ordering::Relaxed);
+            failures.note_job(&*job);
             abort(txn);
-            job.answer(Ok(()));
+            answers.push((job, Ok(())));
         }
     }
     (pending, savepoint)
@@ -769,9 +1212,6 @@ pub fn remove_json(
 #[cfg(test)]
 mod tests {
     use std::collections::BTreeSet;
-    use std::ops::Bound;
-
-    use redb::BackendError;
 
     use super::*;
 
@@ -818,7 +1258,7 @@ mod tests {
 
     async fn wait_submitted(store: &Store, n: u64) {
         while store.stats().submitted < n {
-            tokio::time::sleep(std::time::Duration::from_millis(1)).await;
+            tokio::time::sleep(Duration::from_millis(1)).await;
         }
     }
 
@@ -977,7 +1417,7 @@ mod tests {
         let other = store.clone();
         let closer = thread::spawn(move || store.close());
         // close() is now waiting for the held writer; release it and let it drain.
-        thread::sleep(std::time::Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(20));
         drop(release);
         closer.join().expect("close");
         held.await.expect("gate job");
@@ -1006,7 +1446,7 @@ mod tests {
             .map(|i| store.write(move |txn| put(txn, &format!("k{i}"), i)))
             .collect();
         let dropper = thread::spawn(move || drop(store));
-        thread::sleep(std::time::Duration::from_millis(20));
+        thread::sleep(Duration::from_millis(20));
         drop(release);
         dropper.join().expect("drop");
         held.await.expect("gate job");
@@ -1020,98 +1460,21 @@ mod tests {
         assert_eq!(keys(&store).len(), 50);
     }
 
-    /// A file backend whose fsync can be made to fail, as a full or dying disk does.
-    #[derive(Debug)]
-    struct FlakySync {
-        inner: redb::backends::FileBackend,
-        fail: Arc<std::sync::atomic::AtomicBool>,
-    }
-
-    impl redb::StorageBackend for FlakySync {
-        fn len(&self) -> std::io::Result<u64> {
-            self.inner.len()
-        }
-        fn read(&self, offset: u64, out: &mut [u8]) -> std::io::Result<()> {
-            self.inner.read(offset, out)
-        }
-        fn set_len(&self, len: u64) -> std::io::Result<()> {
-            self.inner.set_len(len)
-        }
-        fn sync_data(&self) -> std::io::Result<()> {
-            if self.fail.load(Ordering::SeqCst) {
-                return Err(std::io::Error::other("injected fsync failure"));
-            }
-            self.inner.sync_data()
-        }
-        fn write(&self, offset: u64, data: &[u8]) -> std::io::Result<()> {
-            self.inner.write(offset, data)
-        }
-        fn close(&self) -> std::io::Result<()> {
-            self.inner.close()
-        }
-        fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
-            self.inner.try_lock_range(start, end)
-        }
-        fn try_lock_shared_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<bool, BackendError> {
-            self.inner.try_lock_shared_range(start, end)
-        }
-        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-            self.inner.lock_range(start, end)
-        }
-        fn lock_shared_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<(), BackendError> {
-            self.inner.lock_shared_range(start, end)
-        }
-        fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
-            self.inner.unlock_range(start, end)
-        }
-        fn query_lock_range(
-            &self,
-            start: Bound<u64>,
-            end: Bound<u64>,
-        ) -> Result<bool, BackendError> {
-            self.inner.query_lock_range(start, end)
-        }
-    }
-
     #[tokio::test]
     async fn failed_group_commit_fails_the_whole_batch_and_stops_writes() {
         let dir = tempfile::tempdir().expect("tempdir");
         let path = dir.path().join("s.redb");
-        let fail = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let file = std::fs::OpenOptions::new()
-            .read(true)
-            .write(true)
-            .create(true)
-            .truncate(false)
-            .open(&path)
-            .expect("create file");
-        let backend = FlakySync {
-            inner: redb::backends::FileBackend::new(file).expect("file backend"),
-            fail: Arc::clone(&fail),
-        };
-        let db = Database::builder()
-            .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
-            .create_with_backend(backend)
-            .expect("create database");
-        let store = Store::start(db, &path).expect("start");
+        let (store, faults) = flaky::open(&path);
         store
             .write(|txn| put(txn, "before", 1))
             .await
             .expect("durable before the failure");
 
         let (release, held) = hold_writer(&store);
-        let injector = Arc::clone(&fail);
+        let injector = Arc::clone(&faults);
         let a = store.write(move |txn| {
             // The disk dies while this batch is being written.
-            injector.store(true, Ordering::SeqCst);
+            injector.sync.store(true, Ordering::SeqCst);
             put(txn, "a", 1)
         });
         let b = store.write(|txn| put(txn, "b", 2));
@@ -1128,15 +1491,17 @@ mod tests {
             }
         }
         // The failed fsync latches redb's storage, so the rollback fails too, and nothing may
-        // commit the failed batch's in-memory writes later.
+        // commit the failed batch's in-memory writes later: while fsync keeps failing, every
+        // reopen fails too, and every write is refused.
         assert!(matches!(
             store.write(|txn| put(txn, "after", 3)).await,
-            Err(StoreError::Failed { .. })
+            Err(StoreError::Failed { reason }) if reason.contains("injected fsync failure")
         ));
         assert_eq!(store.stats().commits, 2);
+        assert_eq!(store.stats().reopens, 0);
         drop(store);
 
-        fail.store(false, Ordering::SeqCst);
+        faults.sync.store(false, Ordering::SeqCst);
         let store = Store::open(&path).expect("reopen recovers the last intact state");
         // The failed fsync may or may not have left the batch on disk, but never half of it,
         // and nothing after the failure.
@@ -1145,6 +1510,92 @@ mod tests {
             ["a", "b", "before"].iter().map(|k| k.to_string()).collect();
         let without_batch: BTreeSet<String> = ["before"].iter().map(|k| k.to_string()).collect();
         assert!(found == with_batch || found == without_batch, "{found:?}");
+    }
+
+    #[tokio::test]
+    async fn a_full_disk_fails_writes_until_space_returns_then_the_store_reopens_itself() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("s.redb");
+        let (store, faults) = flaky::open(&path);
+        let reloads = Arc::new(AtomicU64::new(0));
+        let seen = Arc::clone(&reloads);
+        store.on_reopen(move |snapshot| {
+            // The hook sees the reopened file: what was durable before the failure is there.
+            let table = snapshot
+                .open_table(NUMBERS)
+                .expect("numbers in the reopened file");
+            assert!(table.get("before").expect("get").is_some());
+            seen.fetch_add(1, Ordering::SeqCst);
+        });
+        store
+            .write(|txn| put(txn, "before", 1))
+            .await
+            .expect("durable before the disk fills");
+        assert_eq!(store.health(), StoreHealth::Open);
+
+        faults.full.store(true, Ordering::SeqCst);
+        // Enough data that the commit has to write pages, which a full disk refuses.
+        let failed = store
+            .write(|txn| {
+                for i in 0..2000u64 {
+                    put(txn, &format!("full-{i}"), i)?;
+                }
+                Ok(())
+            })
+            .await;
+        assert!(failed.is_err(), "a write to a full disk is never durable");
+        let full = StoreHealth::Failed {
+            reason: "no space left on device".to_owned(),
+        };
+        assert_eq!(store.health(), full);
+        // Refused at once, and still after reopen attempts: the disk is still full.
+        let refused = || async {
+            match store.write(|txn| put(txn, "refused", 2)).await {
+                Err(StoreError::Failed { reason }) => assert_eq!(reason, "no space left on device"),
+                other => panic!("expected a refusal while the disk is full, got {other:?}"),
+            }
+        };
+        refused().await;
+        wait_for(|| store.stats().failed_reopens >= 2).await;
+        assert_eq!(store.health(), full, "no reopen succeeds on a full disk");
+        assert_eq!(store.stats().reopens, 0);
+        assert_eq!(reloads.load(Ordering::SeqCst), 0);
+        refused().await;
+
+        faults.full.store(false, Ordering::SeqCst);
+        wait_for(|| store.health() == StoreHealth::Open).await;
+        assert_eq!(store.stats().reopens, 1);
+        assert_eq!(
+            reloads.load(Ordering::SeqCst),
+            1,
+            "reloaded before writes resumed"
+        );
+        store
+            .write(|txn| put(txn, "after", 3))
+            .await
+            .expect("durable once space has returned");
+        let found = keys(&store);
+        assert!(
+            found.contains("before") && found.contains("after"),
+            "{found:?}"
+        );
+        assert!(!found.contains("refused"), "a refused job never ran");
+        // The failed batch is all there or not at all.
+        let batch = found.iter().filter(|k| k.starts_with("full-")).count();
+        assert!(batch == 0 || batch == 2000, "{batch} of the failed batch");
+        drop(store);
+
+        let store = Store::open(&path).expect("reopen from disk");
+        assert_eq!(keys(&store), found, "what was visible was durable");
+    }
+
+    /// Polls `done` every few milliseconds until it holds; panics after 20 s.
+    async fn wait_for(mut done: impl FnMut() -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !done() {
+            assert!(Instant::now() < deadline, "condition not met within 20 s");
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
     }
 
     #[tokio::test]
@@ -1227,5 +1678,135 @@ mod tests {
             get_json::<Doc>(&txn, DOCS, "broken"),
             Err(StoreError::Json { ref key, .. }) if key == "broken"
         ));
+    }
+}
+
+/// A file backend that fails like a full or dying disk when told to, for the store's and the
+/// ledger's tests of what a failure does and how the store recovers.
+#[cfg(test)]
+pub(crate) mod flaky {
+    use std::io;
+    use std::ops::Bound;
+    use std::path::Path;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    use redb::backends::FileBackend;
+    use redb::{BackendError, ConcurrencyMode, Database, DatabaseError, StorageError};
+
+    use super::{Store, StoreError};
+
+    /// What fails while set. Shared by every backend the store opens, so it also governs
+    /// the store's own reopen attempts.
+    #[derive(Debug, Default)]
+    pub(crate) struct Faults {
+        /// fsync reports failure (after doing nothing, as a dying disk would).
+        pub(crate) sync: AtomicBool,
+        /// Writes and growth fail with ENOSPC, as on a full disk.
+        pub(crate) full: AtomicBool,
+    }
+
+    #[derive(Debug)]
+    struct Flaky {
+        inner: FileBackend,
+        faults: Arc<Faults>,
+    }
+
+    fn no_space() -> io::Error {
+        io::Error::new(io::ErrorKind::StorageFull, "no space left on device")
+    }
+
+    impl redb::StorageBackend for Flaky {
+        fn len(&self) -> io::Result<u64> {
+            self.inner.len()
+        }
+        fn read(&self, offset: u64, out: &mut [u8]) -> io::Result<()> {
+            self.inner.read(offset, out)
+        }
+        fn set_len(&self, len: u64) -> io::Result<()> {
+            if self.faults.full.load(Ordering::SeqCst) && len > self.inner.len()? {
+                return Err(no_space());
+            }
+            self.inner.set_len(len)
+        }
+        fn sync_data(&self) -> io::Result<()> {
+            if self.faults.sync.load(Ordering::SeqCst) {
+                return Err(io::Error::other("injected fsync failure"));
+            }
+            self.inner.sync_data()
+        }
+        fn write(&self, offset: u64, data: &[u8]) -> io::Result<()> {
+            if self.faults.full.load(Ordering::SeqCst) {
+                return Err(no_space());
+            }
+            self.inner.write(offset, data)
+        }
+        fn close(&self) -> io::Result<()> {
+            self.inner.close()
+        }
+        fn try_lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<bool, BackendError> {
+            self.inner.try_lock_range(start, end)
+        }
+        fn try_lock_shared_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.try_lock_shared_range(start, end)
+        }
+        fn lock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.lock_range(start, end)
+        }
+        fn lock_shared_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<(), BackendError> {
+            self.inner.lock_shared_range(start, end)
+        }
+        fn unlock_range(&self, start: Bound<u64>, end: Bound<u64>) -> Result<(), BackendError> {
+            self.inner.unlock_range(start, end)
+        }
+        fn query_lock_range(
+            &self,
+            start: Bound<u64>,
+            end: Bound<u64>,
+        ) -> Result<bool, BackendError> {
+            self.inner.query_lock_range(start, end)
+        }
+    }
+
+    /// A store on `path` whose every open (the first and each reopen) goes through a backend
+    /// failing as `Faults` says.
+    pub(crate) fn open(path: &Path) -> (Store, Arc<Faults>) {
+        let faults = Arc::new(Faults::default());
+        let shared = Arc::clone(&faults);
+        let file_path = path.to_path_buf();
+        let store = Store::open_with(
+            path,
+            Box::new(move || {
+                let failed = |source: DatabaseError| StoreError::Open {
+                    path: file_path.clone(),
+                    source: Box::new(source),
+                };
+                let file = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .create(true)
+                    .truncate(false)
+                    .open(&file_path)
+                    .map_err(|e| failed(DatabaseError::Storage(StorageError::Io(e))))?;
+                let backend = Flaky {
+                    inner: FileBackend::new(file).map_err(failed)?,
+                    faults: Arc::clone(&shared),
+                };
+                Database::builder()
+                    .set_concurrency_mode(ConcurrencyMode::ExclusiveWriter)
+                    .create_with_backend(backend)
+                    .map_err(failed)
+            }),
+        )
+        .expect("open the store on a flaky backend");
+        (store, faults)
     }
 }

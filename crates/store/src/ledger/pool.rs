@@ -17,11 +17,11 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 
-use redb::{ReadableTable, TableDefinition, WriteTransaction};
+use redb::{ReadTransaction, ReadableTable, TableDefinition, WriteTransaction};
 use serde::{Deserialize, Serialize};
 
 use super::{Kind, Ledger, LedgerError, SHARE_KEY_LEN, ShareKey, parse_scope_key, scope_key};
-use crate::store::{self, Store, StoreError};
+use crate::store::{self, StoreError};
 
 const VERDICTS: TableDefinition<&[u8; SHARE_KEY_LEN], (bool, &str)> =
     TableDefinition::new("ledger_pool_verdicts");
@@ -300,11 +300,10 @@ fn decode(key: &str, text: &str) -> Result<PoolTotals, StoreError> {
     })
 }
 
-/// The persisted pool totals, for the cache at open.
-pub(super) fn load(store: &Store) -> Result<PoolCache, StoreError> {
-    let txn = store.read()?;
+/// The persisted pool totals, for the cache at open and after the store reopened.
+pub(super) fn load(txn: &ReadTransaction) -> Result<PoolCache, StoreError> {
     let mut cache = PoolCache::new();
-    let Some(table) = store::open_read_table(&txn, POOL_TOTALS)? else {
+    let Some(table) = store::open_read_table(txn, POOL_TOTALS)? else {
         return Ok(cache);
     };
     for entry in table
@@ -345,6 +344,7 @@ pub(super) fn prune(txn: &WriteTransaction, end: &[u8; SHARE_KEY_LEN]) -> Result
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     fn verdict(
         nonce: u32,
