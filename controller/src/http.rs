@@ -3,7 +3,9 @@
 //!
 //! - `GET /healthz`: the process is alive.
 //! - `GET /readyz`: the store is open and the manifests were read (standalone), or this
-//!   replica leads or stands by (Kubernetes mode; `role` says which).
+//!   replica leads or stands by (Kubernetes mode; `role` says which). Not ready (503) while
+//!   the store refuses writes, with the reason (`"store: no space left on device"`): no
+//!   share can be acknowledged then, and the store reopens itself once it can write again.
 //! - `GET /metrics`: Prometheus text format (see `metrics`).
 //! - `GET /loglevel`, `PUT /loglevel` (body: a `RUST_LOG` filter, from loopback only): the
 //!   log filter, changeable while running.
@@ -30,6 +32,7 @@ use tokio::net::TcpListener;
 use crate::fleet::Fleet;
 use micromine_fleet::status::ManifestStatus;
 use micromine_resources::microminer::API_VERSION;
+use micromine_store::store::{Store, StoreHealth};
 
 /// What the handlers read.
 #[derive(Clone)]
@@ -45,6 +48,8 @@ pub struct HttpState {
     pub role: &'static str,
     /// What `/metrics` exposes.
     pub metrics: Option<Arc<crate::metrics::Metrics>>,
+    /// The store, whose health `/readyz` reports.
+    pub store: Store,
 }
 
 /// The router, separate from serving so tests can drive it directly.
@@ -129,6 +134,19 @@ fn manifest_status(state: &HttpState) -> ManifestStatus {
 }
 
 async fn readyz(State(state): State<HttpState>) -> impl IntoResponse {
+    // Checked first: a controller that cannot make a share durable acknowledges none, and
+    // the operator (or a probe) should see why rather than a plain "not ready".
+    if let StoreHealth::Failed { reason } = state.store.health() {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({
+                "ready": false,
+                "store": "failed",
+                "reason": format!("store: {reason}"),
+                "role": state.role,
+            })),
+        );
+    }
     if state.ready.load(Ordering::Acquire) {
         // A pool outage does not make the controller unready: agents must still reach it
         // (to keep their sessions and hand in shares), so the pools are reported, not
@@ -236,15 +254,16 @@ mod tests {
     #[tokio::test]
     async fn the_log_filter_cannot_be_changed_from_another_machine() {
         let dir = tempfile::tempdir().unwrap();
-        let store = micromine_store::store::Store::open(&dir.path().join("store.redb")).unwrap();
+        let store = Store::open(&dir.path().join("store.redb")).unwrap();
         let ledger = micromine_store::ledger::Ledger::open(store.clone()).unwrap();
-        let fleet = Fleet::open(store, ledger).await.unwrap();
+        let fleet = Fleet::open(store.clone(), ledger).await.unwrap();
         let state = HttpState {
             fleet,
             manifests: Arc::default(),
             ready: Arc::default(),
             role: "standalone",
             metrics: None,
+            store,
         };
         let remote = SocketAddr::from(([10, 1, 2, 3], 40000));
         let app = router(state).layer(MockConnectInfo(remote));

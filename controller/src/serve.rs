@@ -352,6 +352,7 @@ async fn start_serving(
             "leader"
         },
         metrics: Some(metrics),
+        store: store.clone(),
     };
     let stop = shutdown.clone();
     tasks.push(tokio::spawn(async move {
