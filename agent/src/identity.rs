@@ -16,7 +16,6 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::fs;
-use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -29,7 +28,7 @@ use rcgen::{CertificateParams, DistinguishedName, DnType, KeyPair, PKCS_ECDSA_P2
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore};
 
-use micromine_host::files::{create_private_dir, write_file_atomic};
+use micromine_host::files::{FileError, create_private_dir, write_file_atomic};
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{PrivateKeyDer, UnixTime};
 use serde::{Deserialize, Serialize};
@@ -47,16 +46,8 @@ const ENROLL_TIMEOUT: Duration = Duration::from_secs(30);
 #[derive(Debug, thiserror::Error)]
 pub enum IdentityError {
     /// A credential file or the state directory could not be read or written.
-    #[error("{action} {path}: {source}")]
-    Io {
-        /// What was being done, e.g. "writing".
-        action: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// Some credential files exist and others do not: an interrupted save or a hand edit.
     #[error(
         "the device identity in {dir} is incomplete: {missing} is missing; remove the state directory's device files to enroll again"
@@ -156,11 +147,7 @@ impl DeviceIdentity {
         let paths = [KEY_FILE, CERT_FILE, CA_FILE, META_FILE].map(|f| state_dir.join(f));
         let mut present = Vec::with_capacity(paths.len());
         for path in &paths {
-            present.push(path.try_exists().map_err(|source| IdentityError::Io {
-                action: "checking",
-                path: path.clone(),
-                source,
-            })?);
+            present.push(path.try_exists().map_err(FileError::at("checking", path))?);
         }
         if present.iter().all(|p| !p) {
             return Ok(None);
@@ -207,11 +194,7 @@ impl DeviceIdentity {
     /// Writes the identity to `state_dir` (created with mode 0700), each file atomically,
     /// the key with mode 0600 and `device.json` last.
     pub fn save(&self, state_dir: &Path) -> Result<(), IdentityError> {
-        create_private_dir(state_dir).map_err(|source| IdentityError::Io {
-            action: "creating directory",
-            path: state_dir.to_path_buf(),
-            source,
-        })?;
+        create_private_dir(state_dir).map_err(FileError::at("creating directory", state_dir))?;
         let meta = DeviceMeta {
             name: self.name.clone(),
             not_after_unix_ms: self.not_after_unix_ms,
@@ -230,10 +213,12 @@ impl DeviceIdentity {
         ];
         for (name, contents, mode) in files {
             let path = state_dir.join(name);
-            write_file_atomic(&path, contents, mode).map_err(|source| IdentityError::Io {
-                action: "writing",
-                path,
-                source,
+            write_file_atomic(&path, contents, mode).map_err(|source| {
+                IdentityError::Io(FileError {
+                    action: "writing",
+                    path,
+                    source,
+                })
             })?;
         }
         Ok(())
@@ -489,10 +474,12 @@ fn corrupt(path: &Path, reason: String) -> IdentityError {
 }
 
 fn read(path: &Path) -> Result<String, IdentityError> {
-    fs::read_to_string(path).map_err(|source| IdentityError::Io {
-        action: "reading",
-        path: path.to_path_buf(),
-        source,
+    fs::read_to_string(path).map_err(|source| {
+        IdentityError::Io(FileError {
+            action: "reading",
+            path: path.to_path_buf(),
+            source,
+        })
     })
 }
 

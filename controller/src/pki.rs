@@ -28,7 +28,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use micromine_host::files::{create_private_dir, sync_parent, write_temp};
+use micromine_host::files::{FileError, create_private_dir, sync_parent, write_temp};
 use rand::TryRng;
 use rand::rngs::SysRng;
 use rcgen::{
@@ -66,16 +66,8 @@ const MAX_DEVICE_TTL: Duration = Duration::from_secs(5 * 365 * 24 * 3600);
 #[derive(Debug, thiserror::Error)]
 pub enum PkiError {
     /// A file or directory of the PKI could not be read or written.
-    #[error("{action} {path}: {source}")]
-    Io {
-        /// What was being done, e.g. "writing".
-        action: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// A PKI file exists but does not hold what it should.
     #[error("{path} is not a valid {what}: {reason}")]
     Corrupt {
@@ -246,11 +238,7 @@ impl Pki {
     /// certificate is made from whichever key won, so a crash between the two steps leaves
     /// a key that the next start completes with a certificate.
     pub fn load_or_create(dir: &Path) -> Result<Pki, PkiError> {
-        create_private_dir(dir).map_err(|source| PkiError::Io {
-            action: "creating directory",
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        create_private_dir(dir).map_err(FileError::at("creating directory", dir))?;
         let key_path = dir.join(CA_KEY_FILE);
         let cert_path = dir.join(CA_CERT_FILE);
         finish_interrupted_promotion(dir)?;
@@ -550,11 +538,7 @@ pub fn retire_previous_ca(dir: &Path) -> Result<CaCertificate, PkiError> {
         ));
     }
     let retired = load_ca_cert(&path, CaRole::Previous, None)?;
-    fs::remove_file(&path).map_err(|source| PkiError::Io {
-        action: "removing",
-        path: path.clone(),
-        source,
-    })?;
+    fs::remove_file(&path).map_err(FileError::at("removing", &path))?;
     sync_parent(&path);
     Ok(retired)
 }
@@ -618,11 +602,7 @@ fn load_ca_cert(
 }
 
 fn rename(from: &Path, to: &Path) -> Result<(), PkiError> {
-    fs::rename(from, to).map_err(|source| PkiError::Io {
-        action: "renaming",
-        path: from.to_path_buf(),
-        source,
-    })?;
+    fs::rename(from, to).map_err(FileError::at("renaming", from))?;
     sync_parent(to);
     Ok(())
 }
@@ -718,18 +698,22 @@ fn now_unix_s() -> i64 {
 }
 
 fn exists(path: &Path) -> Result<bool, PkiError> {
-    path.try_exists().map_err(|source| PkiError::Io {
-        action: "checking",
-        path: path.to_path_buf(),
-        source,
+    path.try_exists().map_err(|source| {
+        PkiError::Io(FileError {
+            action: "checking",
+            path: path.to_path_buf(),
+            source,
+        })
     })
 }
 
 fn read_to_string(path: &Path) -> Result<String, PkiError> {
-    fs::read_to_string(path).map_err(|source| PkiError::Io {
-        action: "reading",
-        path: path.to_path_buf(),
-        source,
+    fs::read_to_string(path).map_err(|source| {
+        PkiError::Io(FileError {
+            action: "reading",
+            path: path.to_path_buf(),
+            source,
+        })
     })
 }
 
@@ -737,10 +721,12 @@ fn read_to_string(path: &Path) -> Result<String, PkiError> {
 /// goes to a private temporary file first and is then hard-linked into place, which fails
 /// (like `create_new`) if another process got there first. Returns whether we won.
 fn publish_new(path: &Path, contents: &[u8], mode: u32) -> Result<bool, PkiError> {
-    let io_err = |action, source| PkiError::Io {
-        action,
-        path: path.to_path_buf(),
-        source,
+    let io_err = |action, source| {
+        PkiError::Io(FileError {
+            action,
+            path: path.to_path_buf(),
+            source,
+        })
     };
     let tmp = write_temp(path, contents, mode).map_err(|e| io_err("writing", e))?;
     let linked = fs::hard_link(&tmp, path);

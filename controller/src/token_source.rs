@@ -46,7 +46,7 @@ impl TokenSource {
                 .await
                 .map_err(|e| RedeemError::Unavailable(e.to_string()))?
                 .map_err(|e| match e {
-                    TokenError::Io { .. } => RedeemError::Unavailable(e.to_string()),
+                    TokenError::Io(_) => RedeemError::Unavailable(e.to_string()),
                     e => RedeemError::Refused(e.to_string()),
                 })
             }

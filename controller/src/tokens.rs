@@ -24,7 +24,7 @@ use rand::rngs::SysRng;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
-use micromine_host::files::{create_private_dir, write_file_atomic};
+use micromine_host::files::{FileError, create_private_dir, write_file_atomic};
 
 /// Tokens older than this are a liability, not a convenience.
 const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
@@ -35,16 +35,8 @@ const MAX_TTL: Duration = Duration::from_secs(365 * 24 * 3600);
 #[derive(Debug, thiserror::Error)]
 pub enum TokenError {
     /// The token directory or a token file could not be read or written.
-    #[error("{action} {path}: {source}")]
-    Io {
-        /// What was being done, e.g. "writing".
-        action: &'static str,
-        /// The file or directory.
-        path: PathBuf,
-        /// The underlying error.
-        #[source]
-        source: io::Error,
-    },
+    #[error(transparent)]
+    Io(#[from] FileError),
     /// A token file exists but is not a token record.
     #[error("token file {path} is corrupt: {reason}")]
     Corrupt {
@@ -239,11 +231,7 @@ pub struct TokenStore {
 impl TokenStore {
     /// Opens the token directory, creating it (mode 0700) if needed.
     pub fn open(dir: &Path) -> Result<TokenStore, TokenError> {
-        create_private_dir(dir).map_err(|source| TokenError::Io {
-            action: "creating directory",
-            path: dir.to_path_buf(),
-            source,
-        })?;
+        create_private_dir(dir).map_err(FileError::at("creating directory", dir))?;
         Ok(TokenStore {
             dir: dir.to_path_buf(),
             redeem_lock: Mutex::new(HashMap::new()),
@@ -315,11 +303,7 @@ impl TokenStore {
     /// skipped with a warning so one bad file does not hide the rest. Expired tokens are
     /// listed too (their expiry says so); `redeem` deletes them when presented.
     pub fn list(&self) -> Result<Vec<TokenRecord>, TokenError> {
-        let entries = fs::read_dir(&self.dir).map_err(|source| TokenError::Io {
-            action: "listing",
-            path: self.dir.clone(),
-            source,
-        })?;
+        let entries = fs::read_dir(&self.dir).map_err(FileError::at("listing", &self.dir))?;
         let mut records = Vec::new();
         for entry in entries {
             let entry = match entry {
@@ -353,11 +337,11 @@ impl TokenStore {
             Ok(bytes) => bytes,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
             Err(source) => {
-                return Err(TokenError::Io {
+                return Err(TokenError::Io(FileError {
                     action: "reading",
                     path: path.to_path_buf(),
                     source,
-                });
+                }));
             }
         };
         let corrupt = |reason: String| TokenError::Corrupt {
@@ -380,10 +364,12 @@ impl TokenStore {
         };
         let mut json = serde_json::to_vec_pretty(file).map_err(|e| corrupt(e.to_string()))?;
         json.push(b'\n');
-        write_file_atomic(&path, &json, 0o600).map_err(|source| TokenError::Io {
-            action: "writing",
-            path: path.clone(),
-            source,
+        write_file_atomic(&path, &json, 0o600).map_err(|source| {
+            TokenError::Io(FileError {
+                action: "writing",
+                path: path.clone(),
+                source,
+            })
         })
     }
 
@@ -391,11 +377,11 @@ impl TokenStore {
         match fs::remove_file(path) {
             Ok(()) => Ok(()),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(source) => Err(TokenError::Io {
+            Err(source) => Err(TokenError::Io(FileError {
                 action: "deleting",
                 path: path.to_path_buf(),
                 source,
-            }),
+            })),
         }
     }
 }

@@ -8,6 +8,35 @@ use std::path::{Path, PathBuf};
 use rand::TryRng;
 use rand::rngs::SysRng;
 
+/// A file or directory that could not be read or written: what was being done, to which
+/// path, and the operating system's reason. Every crate that touches the disk reports
+/// such failures the same way, e.g. `writing /var/lib/micromine-agent/device.key: ...`.
+#[derive(Debug, thiserror::Error)]
+#[error("{action} {}: {source}", path.display())]
+pub struct FileError {
+    /// What was being done, e.g. "writing".
+    pub action: &'static str,
+    /// The file or directory.
+    pub path: PathBuf,
+    /// The underlying error.
+    #[source]
+    pub source: io::Error,
+}
+
+impl FileError {
+    /// For `map_err`: `fs::read(&path).map_err(FileError::at("reading", &path))`.
+    pub fn at<'a>(
+        action: &'static str,
+        path: &'a Path,
+    ) -> impl FnOnce(io::Error) -> FileError + 'a {
+        move |source| FileError {
+            action,
+            path: path.to_path_buf(),
+            source,
+        }
+    }
+}
+
 /// Replaces `path` with `contents` atomically (temporary file + rename), so a reader sees
 /// the old or the new file, never a torn one. `mode` applies on Unix.
 pub fn write_file_atomic(path: &Path, contents: &[u8], mode: u32) -> io::Result<()> {
@@ -75,5 +104,26 @@ pub fn sync_parent(path: &Path) {
         && let Ok(dir) = fs::File::open(parent)
     {
         let _ = dir.sync_all();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_file_error_says_what_was_done_to_which_path_and_why() {
+        let path = Path::new("/nonexistent/micromine/device.key");
+        let err = fs::read(path)
+            .map_err(FileError::at("reading", path))
+            .expect_err("the file does not exist");
+        assert_eq!(err.action, "reading");
+        assert_eq!(err.path, path);
+        assert!(
+            err.to_string()
+                .starts_with("reading /nonexistent/micromine/device.key: "),
+            "{err}"
+        );
+        assert!(std::error::Error::source(&err).is_some());
     }
 }
