@@ -14,7 +14,7 @@
 //! - `session`: the long-lived session with the controller, reconnects and resume.
 //! - `simulate`: a fleet of virtual devices in one process, for sizing and testing a
 //!   controller; `simulated`: what makes one session a simulated device.
-//! - `telemetry`: the agent's spans, sent in-band over the session or to a collector.
+//! - `traces`: the agent's spans, sent in-band over the session or to a collector.
 //! - `backoff`: jittered exponential backoff.
 //! - `config`: what `run` is told (flags over the env file), the token file, and the checks
 //!   that refuse a misconfigured device up front.
@@ -32,5 +32,5 @@ pub mod sensors;
 pub mod session;
 pub mod simulate;
 pub mod simulated;
-pub mod telemetry;
 pub mod tls;
+pub mod traces;

@@ -11,7 +11,7 @@ use micromine_agent::config::{self, ConfigError};
 use micromine_agent::engine::{self, EngineKind};
 use micromine_agent::sensors::{SensorPaths, Sensors};
 use micromine_agent::session::{self, AgentConfig, AgentCounters};
-use micromine_agent::telemetry::AgentTelemetry;
+use micromine_agent::traces::AgentTelemetry;
 use micromine_agent::{bench, calibrate, capacity, simulate};
 use micromine_proto::token::BootstrapToken;
 

@@ -35,8 +35,8 @@ use crate::identity::{self, DeviceIdentity, IdentityError};
 use crate::miner::{FinishReason, Miner, MinerEvent, WorkOrder};
 use crate::sensors::{Readings, SensorPaths, SensorSource, Sensors, SyntheticSensors};
 use crate::simulated::SimulatedDevice;
-use crate::telemetry::{AgentTelemetry, SdkSpan};
 use crate::tls;
+use crate::traces::{AgentTelemetry, SdkSpan};
 use opentelemetry::KeyValue;
 use opentelemetry::trace::{Span as _, Status as SpanStatus};
 

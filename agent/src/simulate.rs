@@ -25,7 +25,7 @@ use crate::engine::EngineRequest;
 use crate::miner::PacedPool;
 use crate::session::{self, AgentConfig, AgentCounters, AgentError, AgentStats};
 use crate::simulated::{LatencyRecorder, LatencySummary, SimulatedDevice, device_address};
-use crate::telemetry::AgentTelemetry;
+use crate::traces::AgentTelemetry;
 
 /// How to run a simulation.
 #[derive(Debug, Clone)]

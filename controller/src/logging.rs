@@ -31,7 +31,7 @@ pub fn init(json: bool, default_filter: &str) {
 /// Returns whether traces are exported; an exporter that cannot be built is reported
 /// and logging goes on without it.
 pub fn init_with_traces(json: bool, default_filter: &str, service: &str) -> bool {
-    if !micromine_agent::telemetry::otlp_export_requested() {
+    if !micromine_agent::traces::otlp_export_requested() {
         install(json, default_filter, None);
         return false;
     }
