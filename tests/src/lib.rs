@@ -606,3 +606,108 @@ pub fn test_manifest(name: &str, assignment_seconds: u32, network_difficulty: f6
         "apiVersion: micromine.dev/v1alpha1\nkind: MicroMiner\nmetadata:\n  name: {name}\nspec:\n  selector:\n    matchLabels: {{site: e2e}}\n  workSource:\n    builtin: {{networkDifficulty: {network_difficulty}}}\n  sharesPerMinute: 60\n  assignmentSeconds: {assignment_seconds}\n"
     )
 }
+
+/// GET `path` from an HTTP server: the status code and body of whatever it answered (where
+/// [`get_text`] wants a 200), for probes whose refusal says why.
+pub fn get_status(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut stream = TcpStream::connect_timeout(&addr, Duration::from_secs(2)).ok()?;
+    stream.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+    )
+    .ok()?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response).ok()?;
+    let (head, body) = response.split_once("\r\n\r\n")?;
+    let code = head.split_whitespace().nth(1)?.parse().ok()?;
+    Some((code, body.to_string()))
+}
+
+/// A small tmpfs the test mounts (as root) and unmounts when dropped, for a file system that
+/// fills up: [`Tmpfs::fill`] takes every free byte, and dropping the [`Filler`] gives it back.
+pub struct Tmpfs {
+    mount_point: PathBuf,
+}
+
+impl Tmpfs {
+    /// Mounts a tmpfs of `size` (`mount -o size=`, e.g. `16m`) on `mount_point`, creating it.
+    pub fn mount(mount_point: &Path, size: &str) -> Tmpfs {
+        std::fs::create_dir_all(mount_point).expect("create the mount point");
+        let status = Command::new("mount")
+            .args([
+                "-t",
+                "tmpfs",
+                "-o",
+                &format!("size={size},mode=0700"),
+                "tmpfs",
+            ])
+            .arg(mount_point)
+            .status()
+            .expect("run mount");
+        assert!(
+            status.success(),
+            "mount -t tmpfs failed ({status}): these tests run as root"
+        );
+        Tmpfs {
+            mount_point: mount_point.to_path_buf(),
+        }
+    }
+
+    /// Where it is mounted.
+    pub fn path(&self) -> &Path {
+        &self.mount_point
+    }
+
+    /// Writes a file until the file system refuses another byte (`ENOSPC`).
+    pub fn fill(&self) -> Filler {
+        let path = self.mount_point.join("filler");
+        let mut file = std::fs::File::create(&path).expect("create the filler");
+        // Big chunks first, then small ones for what is left: every byte goes.
+        for chunk in [1 << 20, 4096, 1] {
+            let data = vec![0xA5u8; chunk];
+            loop {
+                match file.write(&data) {
+                    Ok(n) if n == chunk => {}
+                    Ok(_) => break,
+                    Err(e) if e.kind() == std::io::ErrorKind::StorageFull => break,
+                    Err(e) => panic!("filling {}: {e}", path.display()),
+                }
+            }
+        }
+        Filler { path }
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let unmounted = Command::new("umount")
+            .arg(&self.mount_point)
+            .status()
+            .is_ok_and(|s| s.success());
+        if !unmounted {
+            // Still busy (a process of a failed test holds a file): detach it, so no mount
+            // outlives the test.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(&self.mount_point)
+                .status();
+        }
+    }
+}
+
+/// The file that filled a [`Tmpfs`]; dropping it (or [`Filler::free`]) frees the space.
+pub struct Filler {
+    path: PathBuf,
+}
+
+impl Filler {
+    /// Deletes the file: the space comes back at once.
+    pub fn free(self) {}
+}
+
+impl Drop for Filler {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
