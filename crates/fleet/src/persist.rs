@@ -1,8 +1,10 @@
 //! What the fleet keeps in the store besides the ledger: id counters, chain tips, headers
-//! that live leases refer to, the leases themselves, and device records. Enough to resume
-//! after a crash without ever handing out a nonce twice or forgetting a device.
+//! that live or recently ended leases refer to, the leases themselves, leases that ended
+//! within the last ten minutes, and device records. Enough to resume after a crash without
+//! ever handing out a nonce twice, forgetting a device, or judging a share differently
+//! from how it would have been judged without the crash.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 
 use micromine_proto::pb;
 use redb::{ReadTransaction, TableDefinition, WriteTransaction};
@@ -17,6 +19,9 @@ const META: JsonTable = TableDefinition::new("fleet_meta");
 const HEADERS: JsonTable = TableDefinition::new("fleet_headers");
 const LEASES: JsonTable = TableDefinition::new("fleet_leases");
 const DEVICES: JsonTable = TableDefinition::new("fleet_devices");
+/// Leases that ended but whose shares are still judged. A table of its own rather than a
+/// mark on `fleet_leases`: a controller that predates it restores none of them as live.
+const ENDED_LEASES: JsonTable = TableDefinition::new("fleet_ended_leases");
 
 const IDS_KEY: &str = "ids";
 const TIP_PREFIX: &str = "tip/";
@@ -73,6 +78,17 @@ pub struct LeaseRecord {
     pub difficulty: f64,
     /// The MicroMiner.
     pub miner: String,
+}
+
+/// A lease that ended, kept while shares against it are still judged (a device that
+/// reconnects after a crash resubmits the shares it was never answered for, and must get
+/// the answer it would have got without the crash).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EndedLeaseRecord {
+    /// The lease as it ended, with what verification needs.
+    pub record: LeaseRecord,
+    /// When it ended, Unix ms: it is forgotten a fixed time later.
+    pub ended_unix_ms: i64,
 }
 
 /// What a device said about itself.
@@ -163,6 +179,12 @@ pub enum PersistOp {
     Lease(LeaseRecord),
     /// A lease that ended.
     DeleteLease(u64),
+    /// A lease that ended and whose late shares are still judged. Always written in the
+    /// same effects as its [`PersistOp::DeleteLease`], so one transaction holds both: a
+    /// crash leaves the lease either live or ended, never lost.
+    EndedLease(EndedLeaseRecord),
+    /// An ended lease whose shares are no longer judged.
+    ForgetEndedLease(u64),
     /// A device record.
     Device(DeviceRecord),
     /// Energy drawn per MicroMiner, joules.
@@ -178,7 +200,9 @@ impl PersistOp {
     /// a previous run hand out no nonces again, and assignment ids come from a durable
     /// reservation, so a forgotten lease's range and id are never reused (its device is
     /// told at its next `Welcome` that the lease is gone). False of counters, headers, tips
-    /// and pool sessions: forgotten, they would be handed out a second time.
+    /// and pool sessions: forgotten, they would be handed out a second time. An ended
+    /// lease's record goes with its deletion (a crash forgets both, and the lease is live
+    /// again); forgetting it again is redone at the next start.
     pub fn may_be_forgotten(&self) -> bool {
         match self {
             PersistOp::Ids(_)
@@ -188,6 +212,8 @@ impl PersistOp {
             PersistOp::DeleteHeader(_)
             | PersistOp::Lease(_)
             | PersistOp::DeleteLease(_)
+            | PersistOp::EndedLease(_)
+            | PersistOp::ForgetEndedLease(_)
             | PersistOp::Device(_)
             | PersistOp::Energy(_) => true,
         }
@@ -224,6 +250,12 @@ pub fn apply(txn: &WriteTransaction, ops: &[PersistOp]) -> Result<(), StoreError
             PersistOp::DeleteLease(id) => {
                 remove_json(txn, LEASES, &id_key(*id))?;
             }
+            PersistOp::EndedLease(ended) => {
+                put_json(txn, ENDED_LEASES, &id_key(ended.record.lease.id), ended)?
+            }
+            PersistOp::ForgetEndedLease(id) => {
+                remove_json(txn, ENDED_LEASES, &id_key(*id))?;
+            }
             PersistOp::Device(record) => put_json(txn, DEVICES, &record.name, record)?,
         }
     }
@@ -253,10 +285,13 @@ pub fn apply(txn: &WriteTransaction, ops: &[PersistOp]) -> Result<(), StoreError
 pub struct Restored {
     /// Id counters.
     pub ids: FleetIds,
-    /// Headers that leases refer to.
+    /// Headers that live or ended leases refer to.
     pub headers: Vec<WorkHeader>,
     /// Leases alive at the last shutdown or crash.
     pub leases: Vec<LeaseRecord>,
+    /// Leases that had ended but were still remembered, in no particular order; some may
+    /// have left their window while the controller was down.
+    pub ended_leases: Vec<EndedLeaseRecord>,
     /// Chain tips of builtin sources.
     pub tips: BTreeMap<String, ChainTip>,
     /// Known devices.
@@ -269,8 +304,8 @@ pub struct Restored {
     pub pool_sessions: BTreeMap<String, PoolSessionRecord>,
 }
 
-/// Reads everything back at start. Headers no lease refers to are listed apart, for
-/// [`forget_headers`].
+/// Reads everything back at start. Headers no live or ended lease refers to are listed
+/// apart, for [`forget_headers`].
 pub fn load(txn: &ReadTransaction) -> Result<Restored, StoreError> {
     let ids: FleetIds = get_json(txn, META, IDS_KEY)?.unwrap_or_default();
     let energy_joules: BTreeMap<String, f64> = get_json(txn, META, ENERGY_KEY)?.unwrap_or_default();
@@ -303,6 +338,10 @@ pub fn load(txn: &ReadTransaction) -> Result<Restored, StoreError> {
         .into_iter()
         .map(|(_, v)| v)
         .collect();
+    let ended_leases: Vec<EndedLeaseRecord> = list_json(txn, ENDED_LEASES)?
+        .into_iter()
+        .map(|(_, v)| v)
+        .collect();
     let all_headers: Vec<WorkHeader> = list_json::<WorkHeader>(txn, HEADERS)?
         .into_iter()
         .map(|(_, h)| h)
@@ -316,10 +355,17 @@ pub fn load(txn: &ReadTransaction) -> Result<Restored, StoreError> {
     for header in &all_headers {
         ids.next_header = ids.next_header.max(header.id + 1);
     }
+    // A set, not a scan per header: ten thousand devices leave tens of thousands of
+    // ended leases.
+    let referenced: HashSet<HeaderId> = leases
+        .iter()
+        .chain(ended_leases.iter().map(|e| &e.record))
+        .map(|l| l.lease.header)
+        .collect();
     let (headers, unreferenced): (Vec<WorkHeader>, Vec<WorkHeader>) = all_headers
         .into_iter()
-        .partition(|h| leases.iter().any(|l| l.lease.header == h.id));
-    for lease in &leases {
+        .partition(|h| referenced.contains(&h.id));
+    for lease in leases.iter().chain(ended_leases.iter().map(|e| &e.record)) {
         ids.next_assignment = ids.next_assignment.max(lease.lease.id + 1);
     }
     for tip in tips.values() {
@@ -332,6 +378,7 @@ pub fn load(txn: &ReadTransaction) -> Result<Restored, StoreError> {
         ids,
         headers,
         leases,
+        ended_leases,
         tips,
         devices,
         unreferenced_headers: unreferenced.into_iter().map(|h| h.id).collect(),

@@ -8,15 +8,28 @@ impl FleetState {
     pub(super) fn end_lease(&mut self, id: AssignmentId, now_ms: i64, fx: &mut Effects) {
         if let Some(lease) = self.scheduler.end_lease(id) {
             fx.persist.push(PersistOp::DeleteLease(id));
-            self.remember_ended(lease, now_ms);
+            self.remember_ended(lease, now_ms, fx);
         }
     }
 
-    pub(super) fn remember_ended(&mut self, lease: Lease, now_ms: i64) {
+    /// Remembers a lease that just ended (its `DeleteLease` is already in `fx`), in memory
+    /// and, in the same effects, in the store: a restart must judge its late shares as
+    /// this process would have.
+    pub(super) fn remember_ended(&mut self, lease: Lease, now_ms: i64, fx: &mut Effects) {
         let Some(meta) = self.lease_meta.remove(&lease.id) else {
             return;
         };
         if let Some(header) = self.headers.get(&lease.header).cloned() {
+            fx.persist.push(PersistOp::EndedLease(EndedLeaseRecord {
+                record: LeaseRecord {
+                    lease: lease.clone(),
+                    target_le: meta.target.to_le_bytes().to_vec(),
+                    difficulty: meta.difficulty,
+                    miner: meta.miner.clone(),
+                },
+                ended_unix_ms: now_ms,
+            }));
+            *self.ended_headers.entry(header.id).or_default() += 1;
             self.ended_order.push_back(lease.id);
             self.ended.insert(
                 lease.id,
@@ -27,6 +40,34 @@ impl FleetState {
                     ended_ms: now_ms,
                 },
             );
+        }
+    }
+
+    /// Forgets leases that ended [`ENDED_LEASE_MEMORY_MS`] or longer before `now_ms`, and
+    /// the stored headers only they still named.
+    pub(super) fn forget_old_ended(&mut self, now_ms: i64, fx: &mut Effects) {
+        while let Some(id) = self.ended_order.front().copied() {
+            match self.ended.get(&id) {
+                Some(e) if e.ended_ms + ENDED_LEASE_MEMORY_MS > now_ms => break,
+                _ => {
+                    self.ended_order.pop_front();
+                    let Some(ended) = self.ended.remove(&id) else {
+                        continue;
+                    };
+                    fx.persist.push(PersistOp::ForgetEndedLease(id));
+                    let header = ended.header.id;
+                    if let Some(count) = self.ended_headers.get_mut(&header) {
+                        *count -= 1;
+                        if *count == 0 {
+                            self.ended_headers.remove(&header);
+                            // Deferred by `forget_dropped_headers` while this lease named it.
+                            if !self.headers.contains_key(&header) {
+                                fx.persist.push(PersistOp::DeleteHeader(header));
+                            }
+                        }
+                    }
+                }
+            }
         }
     }
 
@@ -142,7 +183,11 @@ impl FleetState {
                     runtime.current_header = None;
                 }
             }
-            fx.persist.push(PersistOp::DeleteHeader(header));
+            // A header an ended lease names stays stored until that lease is forgotten
+            // (`forget_old_ended`), so a restart can still judge its late shares.
+            if !self.ended_headers.contains_key(&header) {
+                fx.persist.push(PersistOp::DeleteHeader(header));
+            }
         }
     }
 

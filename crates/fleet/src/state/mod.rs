@@ -10,7 +10,7 @@ use micromine_proto::pb::{self, RejectReason, controller_message::Kind};
 use micromine_proto::work::Target;
 
 use crate::honesty::HonestyWindow;
-use crate::persist::{DeviceRecord, FleetIds, LeaseRecord, PersistOp, Restored};
+use crate::persist::{DeviceRecord, EndedLeaseRecord, FleetIds, LeaseRecord, PersistOp, Restored};
 use crate::source::Source;
 use crate::status::{
     DeviceFlag, DeviceReadings, DeviceView, MinerView, RateWindow, is_held_back, stops_hashing,
@@ -41,7 +41,8 @@ pub const ASSIGNMENT_ID_BLOCK: u64 = 1 << 16;
 /// Smallest range worth a message.
 const MIN_RANGE: u64 = 1 << 16;
 /// Shares against a lease that ended are still checked for this long (a batch may
-/// overtake a lease's end on the wire, and a reconnecting device resubmits).
+/// overtake a lease's end on the wire, and a reconnecting device resubmits). Ended leases
+/// are persisted for as long, so a restart does not shorten it.
 const ENDED_LEASE_MEMORY_MS: i64 = 600_000;
 /// How often agents report, in a small fleet.
 pub const REPORT_INTERVAL_MS: u32 = 2_000;
@@ -248,7 +249,11 @@ pub struct FleetState {
     headers: HashMap<HeaderId, Arc<WorkHeader>>,
     lease_meta: HashMap<AssignmentId, LeaseMeta>,
     ended: HashMap<AssignmentId, EndedLease>,
+    /// `ended` in the order it is forgotten (by end time).
     ended_order: VecDeque<AssignmentId>,
+    /// How many ended leases name each header: a stored header is deleted only once no
+    /// live or ended lease names it, so a restart can still judge late shares.
+    ended_headers: HashMap<HeaderId, usize>,
     tips: BTreeMap<String, ChainTip>,
     ids: FleetIds,
     next_session: u64,
@@ -302,12 +307,29 @@ fn device_lease_ms(miner: &MicroMiner, size: u64, rate: f64) -> i64 {
 
 impl FleetState {
     /// A fleet continuing from what the store held.
+    ///
+    /// Ended leases are restored whatever their age: this has no clock. Call
+    /// [`FleetState::forget_ended_leases`] with the time before judging shares, or the
+    /// first [`FleetState::tick`] forgets those whose window closed while the controller
+    /// was down.
     pub fn new(restored: Restored) -> FleetState {
         let mut scheduler = Scheduler::new(restored.ids.next_assignment);
+        // Only headers live leases name go back into the scheduler (closed: a restarted
+        // controller hands out no nonce of them again). One only ended leases name holds
+        // no lease the scheduler would ever end, so it would never be dropped and would
+        // hold the ledger's prune floor down for good; the ended leases keep it instead.
+        let live: BTreeSet<HeaderId> = restored.leases.iter().map(|l| l.lease.header).collect();
+        let all_headers: HashMap<HeaderId, Arc<WorkHeader>> = restored
+            .headers
+            .into_iter()
+            .map(|h| (h.id, Arc::new(h)))
+            .collect();
         let mut headers = HashMap::new();
-        for header in restored.headers {
-            scheduler.add_closed_header(header.id);
-            headers.insert(header.id, Arc::new(header));
+        for (id, header) in &all_headers {
+            if live.contains(id) {
+                scheduler.add_closed_header(*id);
+                headers.insert(*id, header.clone());
+            }
         }
         let mut lease_meta = HashMap::new();
         for record in restored.leases {
@@ -331,6 +353,8 @@ impl FleetState {
                 Err(e) => tracing::warn!(error = %e, "dropping persisted lease"),
             }
         }
+        let (ended, ended_order, ended_headers) =
+            restore_ended(restored.ended_leases, &scheduler, &all_headers);
         let devices = restored
             .devices
             .into_iter()
@@ -344,8 +368,9 @@ impl FleetState {
             scheduler,
             headers,
             lease_meta,
-            ended: HashMap::new(),
-            ended_order: VecDeque::new(),
+            ended,
+            ended_order,
+            ended_headers,
             tips: restored.tips,
             ids,
             next_session: 1,
@@ -356,6 +381,62 @@ impl FleetState {
             pool_sessions: restored.pool_sessions,
         }
     }
+}
+
+/// The ended leases a restart brings back, oldest first, and how many name each header.
+/// One whose header or target did not survive cannot be judged and is dropped; one that is
+/// also live stays live only (not expected: a lease's end and its ended record are written
+/// in one transaction, and ids are never reused).
+fn restore_ended(
+    records: Vec<EndedLeaseRecord>,
+    scheduler: &Scheduler,
+    headers: &HashMap<HeaderId, Arc<WorkHeader>>,
+) -> (
+    HashMap<AssignmentId, EndedLease>,
+    VecDeque<AssignmentId>,
+    HashMap<HeaderId, usize>,
+) {
+    let mut ended = HashMap::new();
+    let mut ended_headers: HashMap<HeaderId, usize> = HashMap::new();
+    for EndedLeaseRecord {
+        record,
+        ended_unix_ms,
+    } in records
+    {
+        let id = record.lease.id;
+        if scheduler.lease(id).is_some() {
+            continue;
+        }
+        let (Some(target), Some(header)) = (
+            Target::from_le_slice(&record.target_le),
+            headers.get(&record.lease.header),
+        ) else {
+            tracing::warn!(
+                lease = id,
+                "dropping a persisted ended lease without its header or with a bad target"
+            );
+            continue;
+        };
+        *ended_headers.entry(header.id).or_default() += 1;
+        ended.insert(
+            id,
+            EndedLease {
+                meta: LeaseMeta {
+                    target,
+                    difficulty: record.difficulty,
+                    miner: record.miner,
+                },
+                header: header.clone(),
+                lease: record.lease,
+                ended_ms: ended_unix_ms,
+            },
+        );
+    }
+    let mut order: Vec<(i64, AssignmentId)> =
+        ended.values().map(|e| (e.ended_ms, e.lease.id)).collect();
+    order.sort_unstable();
+    let order = order.into_iter().map(|(_, id)| id).collect();
+    (ended, order, ended_headers)
 }
 
 /// Which ledger totals a view asks for.

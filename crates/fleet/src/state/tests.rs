@@ -279,8 +279,13 @@ fn restored_from(ops: Vec<PersistOp>) -> Restored {
                 restored.tips.insert(key, tip);
             }
             PersistOp::Header(header) => restored.headers.push(header),
+            PersistOp::DeleteHeader(id) => restored.headers.retain(|h| h.id != id),
             PersistOp::Lease(lease) => restored.leases.push(lease),
             PersistOp::DeleteLease(id) => restored.leases.retain(|l| l.lease.id != id),
+            PersistOp::EndedLease(ended) => restored.ended_leases.push(ended),
+            PersistOp::ForgetEndedLease(id) => {
+                restored.ended_leases.retain(|e| e.record.lease.id != id)
+            }
             PersistOp::Device(device) => {
                 restored.devices.retain(|d| d.name != device.name);
                 restored.devices.push(device);
@@ -1007,4 +1012,198 @@ fn views_change_nothing_and_transitions_carry_the_time_of_the_change() {
         "the tick's time, not the view's"
     );
     assert_eq!(ready(&s, NOW + 60_000), after);
+}
+
+/// What `check_share` decided, in the terms the ledger and the device see: the header and
+/// lease it is judged against, or the reason it is refused.
+fn verdict(s: &FleetState, device: &str, a: &pb::Assignment) -> String {
+    let share = pb::Share {
+        assignment_id: a.id,
+        nonce: a.nonce_start as u32,
+        resubmitted: true,
+    };
+    match s.check_shares(device, &[share]).remove(0) {
+        ShareCheck::Verify {
+            header,
+            range,
+            target,
+            difficulty,
+            miner,
+            pool_target,
+            ..
+        } => format!(
+            "verify header {} {:?} range {range:?} target {target:?} difficulty {difficulty} miner {miner} pool {pool_target:?}",
+            header.id, header.prefix
+        ),
+        ShareCheck::Reject {
+            reason,
+            miner,
+            foreign,
+            ..
+        } => format!("reject {reason:?} miner {miner:?} foreign {foreign}"),
+    }
+}
+
+/// A device claiming enough hash rate that each of its ranges is a whole header: when it
+/// finishes one, the header is used up and dropped while the lease is still remembered.
+fn whole_header_hello() -> pb::Hello {
+    let mut h = hello("x", vec![]);
+    if let Some(capacity) = h.capacity.as_mut() {
+        capacity.nominal_hashrate = 1e10;
+    }
+    h
+}
+
+/// The debt of issue 21: a share counted durably, whose answer the crash lost, is
+/// resubmitted to the restarted controller. Its lease had ended (here: finished, which also
+/// used its header up); the restarted controller must judge it against that lease, as the
+/// old one would have (the ledger then answers `AlreadyRecorded`, accepted), not `stale`.
+#[test]
+fn a_share_for_a_lease_that_ended_before_a_crash_is_judged_after_it_as_before() {
+    let m = miner("a", "x", 1e12, false);
+    let mut s = FleetState::new(Restored::default());
+    let mut durable = s.apply_miners(&set(std::slice::from_ref(&m)), NOW).persist;
+    let (_, fx) = s.connect("d", &whole_header_hello(), NOW);
+    let held = assignments(&fx, "d");
+    durable.extend(fx.persist);
+    assert_eq!(held[0].nonce_end - held[0].nonce_start, NONCE_SPACE);
+    let fx = s.progress(
+        "d",
+        &pb::Progress {
+            assignment_id: held[0].id,
+            scanned_until: held[0].nonce_end,
+            hashes: NONCE_SPACE,
+            finished: true,
+        },
+        NOW + 1_000,
+    );
+    durable.extend(fx.persist);
+    // The tick that forgets the used-up header's prefix keeps it stored.
+    let fx = s.tick(NOW + 1_500);
+    assert!(
+        !fx.persist
+            .iter()
+            .any(|op| matches!(op, PersistOp::DeleteHeader(_))),
+        "the used-up header stays stored while its ended lease is remembered: {:?}",
+        fx.persist
+    );
+    durable.extend(fx.persist);
+    let before = verdict(&s, "d", &held[0]);
+    assert!(before.starts_with("verify"), "{before}");
+    let floor = s.oldest_live_header();
+
+    let mut s = FleetState::new(restored_from(durable));
+    s.apply_miners(&set(&[m]), NOW + 2_000);
+    assert!(s.forget_ended_leases(NOW + 2_000).is_empty());
+    assert_eq!(verdict(&s, "d", &held[0]), before);
+    assert_eq!(
+        s.oldest_live_header(),
+        floor,
+        "the ledger keeps the share records a resubmission is checked against"
+    );
+    // Another device's claim to it is still foreign, as before.
+    assert!(verdict(&s, "e", &held[0]).contains("foreign true"));
+}
+
+/// Leases are remembered for [`ENDED_LEASE_MEMORY_MS`] after they end, counted from when
+/// they ended, not from the restart: one whose window closed while the controller was
+/// down is forgotten (with the header only it kept stored), one still inside is judged.
+#[test]
+fn after_a_restart_ended_leases_are_remembered_for_what_is_left_of_their_window() {
+    let m = miner("a", "x", 1e12, false);
+    let mut s = FleetState::new(Restored::default());
+    let mut durable = s.apply_miners(&set(std::slice::from_ref(&m)), NOW).persist;
+    let (_, fx) = s.connect("d", &whole_header_hello(), NOW);
+    let held = assignments(&fx, "d");
+    durable.extend(fx.persist);
+    // The first ends now, finished; the second expires later.
+    durable.extend(
+        s.progress(
+            "d",
+            &pb::Progress {
+                assignment_id: held[0].id,
+                scanned_until: held[0].nonce_end,
+                hashes: NONCE_SPACE,
+                finished: true,
+            },
+            NOW + 1,
+        )
+        .persist,
+    );
+    let ShareCheck::Verify {
+        header: first_header,
+        ..
+    } = s
+        .check_shares(
+            "d",
+            &[pb::Share {
+                assignment_id: held[0].id,
+                nonce: 0,
+                resubmitted: true,
+            }],
+        )
+        .remove(0)
+    else {
+        panic!("the finished lease is remembered")
+    };
+    let first_header = first_header.id;
+    let expired_at = held[1].expires_at_unix_ms + 1;
+    durable.extend(s.tick(expired_at).persist);
+    assert!(
+        s.lease_count() > 0 && !s.leases().iter().any(|l| l.id == held[1].id),
+        "the second expired and the device was topped up"
+    );
+
+    let later = NOW + 1 + ENDED_LEASE_MEMORY_MS;
+    assert!(later < expired_at + ENDED_LEASE_MEMORY_MS);
+    let mut restarted = FleetState::new(restored_from(durable.clone()));
+    restarted.apply_miners(&set(&[m]), later);
+    // As `Fleet::open` does, before any share is judged; then the ticks go on.
+    let forgotten = restarted.forget_ended_leases(later).persist;
+    let ticked = restarted.tick(later).persist;
+    // Without the restart.
+    s.tick(later);
+    for a in &held {
+        assert_eq!(verdict(&restarted, "d", a), verdict(&s, "d", a), "{}", a.id);
+    }
+    assert!(verdict(&restarted, "d", &held[0]).contains("Stale"));
+    assert!(verdict(&restarted, "d", &held[1]).starts_with("verify"));
+    assert!(
+        forgotten
+            .iter()
+            .any(|op| matches!(op, PersistOp::ForgetEndedLease(id) if *id == held[0].id)),
+        "{forgotten:?}"
+    );
+    let deleted: Vec<u64> = forgotten
+        .iter()
+        .filter_map(|op| match op {
+            PersistOp::DeleteHeader(id) => Some(*id),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(deleted, vec![first_header], "{forgotten:?}");
+
+    // The restarted controller remembers what the running one does; once its writes are
+    // durable, so does the store for the next restart.
+    let remembered = |ids: &mut dyn Iterator<Item = u64>| {
+        let mut ids: Vec<u64> = ids.collect();
+        ids.sort_unstable();
+        ids
+    };
+    let running = remembered(&mut s.ended.keys().copied());
+    assert!(running.contains(&held[1].id) && !running.contains(&held[0].id));
+    assert_eq!(remembered(&mut restarted.ended.keys().copied()), running);
+    assert_eq!(
+        restarted.oldest_live_header(),
+        s.oldest_live_header(),
+        "the ledger's prune floor moves on as it would have"
+    );
+    durable.extend(forgotten);
+    durable.extend(ticked);
+    let again = restored_from(durable);
+    assert_eq!(
+        remembered(&mut again.ended_leases.iter().map(|e| e.record.lease.id)),
+        running
+    );
+    assert!(!again.headers.iter().any(|h| h.id == deleted[0]));
 }

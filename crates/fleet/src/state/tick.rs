@@ -12,18 +12,10 @@ impl FleetState {
             tracing::debug!(device = %lease.device, lease = lease.id, scanned = lease.scanned_until - lease.start,
                 len = lease.len(), "lease expired; remainder reclaimed");
             fx.persist.push(PersistOp::DeleteLease(lease.id));
-            self.remember_ended(lease, now_ms);
+            self.remember_ended(lease, now_ms, &mut fx);
         }
         self.forget_dropped_headers(&mut fx);
-        while let Some(id) = self.ended_order.front().copied() {
-            match self.ended.get(&id) {
-                Some(e) if e.ended_ms + ENDED_LEASE_MEMORY_MS > now_ms => break,
-                _ => {
-                    self.ended.remove(&id);
-                    self.ended_order.pop_front();
-                }
-            }
-        }
+        self.forget_old_ended(now_ms, &mut fx);
         for device in self.devices.values_mut() {
             if let Some(v) = device.vardiff.as_mut() {
                 let flagged_before = device.honesty.mismatch().is_some();
@@ -49,6 +41,15 @@ impl FleetState {
             self.top_up(&name, now_ms, &mut fx);
         }
         self.update_conditions(now_ms);
+        fx
+    }
+
+    /// Forgets leases that ended too long before `now_ms` for their shares to be judged,
+    /// in memory and in the store. [`FleetState::tick`] does this too; a restart calls it
+    /// before serving, since the controller may have been down past some of their windows.
+    pub fn forget_ended_leases(&mut self, now_ms: i64) -> Effects {
+        let mut fx = Effects::default();
+        self.forget_old_ended(now_ms, &mut fx);
         fx
     }
 }

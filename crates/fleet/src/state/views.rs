@@ -152,7 +152,7 @@ impl FleetState {
         self.headers
             .keys()
             .copied()
-            .chain(self.ended.values().map(|e| e.header.id))
+            .chain(self.ended_headers.keys().copied())
             .min()
             .unwrap_or(self.ids.next_header)
     }
