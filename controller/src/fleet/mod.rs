@@ -128,12 +128,29 @@ impl Fleet {
         let restored = micromine_fleet::persist::load(&store.read()?)?;
         let unreferenced = restored.unreferenced_headers.clone();
         let cleaned = unreferenced.len();
+        let (leases, ended, devices) = (
+            restored.leases.len(),
+            restored.ended_leases.len(),
+            restored.devices.len(),
+        );
+        let mut state = FleetState::new(restored);
+        // Before any share is judged: leases whose window closed while the controller was
+        // down must be stale now, as they would have been had it kept running.
+        let forgotten = state.forget_ended_leases(now_ms()).persist;
+        let expired = forgotten
+            .iter()
+            .filter(|op| matches!(op, micromine_fleet::persist::PersistOp::ForgetEndedLease(_)))
+            .count();
         store
-            .write(move |txn| micromine_fleet::persist::forget_headers(txn, &unreferenced))
+            .write(move |txn| {
+                micromine_fleet::persist::forget_headers(txn, &unreferenced)?;
+                micromine_fleet::persist::apply(txn, &forgotten)
+            })
             .await?;
         tracing::info!(
-            leases = restored.leases.len(),
-            devices = restored.devices.len(),
+            leases,
+            ended_leases = ended.saturating_sub(expired),
+            devices,
             headers_removed = cleaned,
             "fleet state restored"
         );
@@ -141,7 +158,7 @@ impl Fleet {
         let links: Arc<Mutex<HashMap<String, Link>>> = Arc::default();
         let metrics: SharedMetrics = Arc::default();
         let fleet = Arc::new_cyclic(|me| Fleet {
-            state: Mutex::new(FleetState::new(restored)),
+            state: Mutex::new(state),
             links: links.clone(),
             store,
             ledger,
@@ -718,10 +735,15 @@ mod tests {
     }
 
     fn join(fleet: &Fleet, device: &str) -> Inbox {
+        join_at(fleet, device, 1e6)
+    }
+
+    /// A device claiming `hashrate` H/s: its share target follows.
+    fn join_at(fleet: &Fleet, device: &str, hashrate: f64) -> Inbox {
         let (outbound, inbox) = mpsc::channel(64);
         let hello = pb::Hello {
             capacity: Some(pb::Capacity {
-                nominal_hashrate: 1e6,
+                nominal_hashrate: hashrate,
                 mining_threads: 1,
                 ..Default::default()
             }),
@@ -791,5 +813,89 @@ mod tests {
         fleet.flush().await.unwrap();
         let stored = micromine_fleet::persist::load(&fleet.store.read().unwrap()).unwrap();
         assert!(stored.leases.iter().any(|l| l.lease.id == early.id));
+    }
+
+    /// Issue 21's debt, through the real ledger and store: a share is counted durably, its
+    /// lease ends, and the controller dies before the device hears the answer. The device
+    /// resubmits it to the restarted controller, which must answer accepted (the ledger
+    /// knows it: `AlreadyRecorded`) and count it once, not `stale` for want of the lease.
+    #[tokio::test]
+    async fn a_share_whose_answer_a_crash_lost_is_accepted_after_the_restart_though_its_lease_ended()
+     {
+        let dir = tempfile::tempdir().unwrap();
+        let crashed = fleet(dir.path()).await;
+        // A slow device: a share every few thousand hashes, quick to find here.
+        let mut inbox = join_at(&crashed, "d", 1e3);
+        let lease = next_assignment(&mut inbox).await;
+        let target = micromine_proto::work::Target::from_le_slice(&lease.share_target).unwrap();
+        let header = {
+            let state = lock(&crashed.state);
+            match state.check_shares(
+                "d",
+                &[pb::Share {
+                    assignment_id: lease.id,
+                    nonce: lease.nonce_start as u32,
+                    resubmitted: false,
+                }],
+            )[0]
+            .clone()
+            {
+                ShareCheck::Verify { header, .. } => header,
+                other => panic!("{other:?}"),
+            }
+        };
+        let nonce = (lease.nonce_start..lease.nonce_end)
+            .map(|n| n as u32)
+            .find(|n| target.is_met_by(&sha256d(&header_with_nonce(&header.prefix, *n))))
+            .expect("a share in the range");
+        let share = pb::Share {
+            assignment_id: lease.id,
+            nonce,
+            resubmitted: false,
+        };
+        let first = crashed.submit_shares("d", &[share]).await.unwrap();
+        assert_eq!(first.results[0].status(), ShareStatus::Accepted);
+        // The device finishes the range; the lease's end is durable; then the crash.
+        crashed.progress(
+            "d",
+            &pb::Progress {
+                assignment_id: lease.id,
+                scanned_until: lease.nonce_end,
+                hashes: lease.nonce_end - lease.nonce_start,
+                finished: true,
+            },
+        );
+        crashed.flush().await.unwrap();
+        assert!(
+            lock(&crashed.state)
+                .leases()
+                .iter()
+                .all(|l| l.id != lease.id)
+        );
+        drop(inbox);
+        drop(crashed);
+
+        let fleet = fleet(dir.path()).await;
+        let _inbox = join_at(&fleet, "d", 1e3);
+        let again = fleet
+            .submit_shares(
+                "d",
+                &[pb::Share {
+                    resubmitted: true,
+                    ..share
+                }],
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            (again.results[0].status(), again.results[0].reason()),
+            (ShareStatus::Accepted, RejectReason::Unspecified),
+            "answered as before the crash"
+        );
+        assert_eq!(
+            fleet.ledger().device_totals("d").accepted,
+            1,
+            "counted once"
+        );
     }
 }
