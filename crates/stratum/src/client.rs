@@ -29,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio_util::codec::{FramedRead, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
 
+use super::fields::ProtocolError;
 use super::job::PoolJob;
 use super::message::{self, Incoming, MAX_LINE, RejectReason, Subscription};
 use super::passwords::Passwords;
@@ -291,7 +292,130 @@ struct Connection {
     early: Vec<Incoming>,
 }
 
-type Handshake = Pin<Box<dyn Future<Output = Result<Connection, String>> + Send>>;
+type Handshake = Pin<Box<dyn Future<Output = Result<Connection, LinkError>> + Send>>;
+
+/// Why a link to a pool could not be opened or broke: its text is what the log and the
+/// MicroMiner's `status.pool.lastError` show, naming the pool and what it did or did not
+/// do.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// The MicroMiner lists no pool at this index.
+    #[error("no pool configured")]
+    NoPool,
+    /// The pool's address does not parse.
+    #[error("{0}")]
+    Url(String),
+    /// The pool's password could not be looked up.
+    #[error("{0}")]
+    Password(String),
+    /// Neither the system nor `SSL_CERT_FILE` offers a CA to check a `stratum+ssl` pool.
+    #[error("no CA certificates to check stratum+ssl pools with (set SSL_CERT_FILE): {0}")]
+    NoCaCertificates(String),
+    /// rustls refused the client configuration.
+    #[error("TLS setup: {0}")]
+    TlsSetup(rustls::Error),
+    /// The TCP connection failed.
+    #[error("connecting to {url}: {source}")]
+    Connect {
+        /// The pool.
+        url: PoolUrl,
+        /// The operating system's reason.
+        #[source]
+        source: std::io::Error,
+    },
+    /// Connecting (TCP and TLS) took longer than the connect timeout.
+    #[error("connecting to {url}: no answer within {} s", timeout.as_secs())]
+    ConnectTimeout {
+        /// The pool.
+        url: PoolUrl,
+        /// The timeout.
+        timeout: Duration,
+    },
+    /// The host cannot be a TLS server name.
+    #[error("{url}: not a valid TLS server name ({reason})")]
+    ServerName {
+        /// The pool.
+        url: PoolUrl,
+        /// Why not.
+        reason: String,
+    },
+    /// The TLS handshake failed (certificate, protocol).
+    #[error("TLS with {url}: {source}")]
+    Tls {
+        /// The pool.
+        url: PoolUrl,
+        /// rustls's reason, as an I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// A message could not be written.
+    #[error("writing to the pool: {0}")]
+    Write(#[source] std::io::Error),
+    /// A message was not taken within the response timeout.
+    #[error("the pool did not take a message within {} s", .0.as_secs())]
+    WriteTimeout(Duration),
+    /// The handshake's requests were not all answered in time.
+    #[error("{url}: no answer to {waiting} within {} s", timeout.as_secs())]
+    NoAnswer {
+        /// The pool.
+        url: PoolUrl,
+        /// The requests still unanswered.
+        waiting: String,
+        /// The response timeout.
+        timeout: Duration,
+    },
+    /// The pool hung up during the handshake.
+    #[error("{url} closed the connection during the handshake")]
+    Closed {
+        /// The pool.
+        url: PoolUrl,
+    },
+    /// A line could not be read (too long, I/O).
+    #[error("{url}: {source}")]
+    Read {
+        /// The pool.
+        url: PoolUrl,
+        /// Why.
+        #[source]
+        source: LinesCodecError,
+    },
+    /// The pool answered `mining.subscribe` with an error.
+    #[error("{url} refused mining.subscribe: {message} ({code})")]
+    SubscribeRefused {
+        /// The pool.
+        url: PoolUrl,
+        /// The pool's message.
+        message: String,
+        /// The pool's error code.
+        code: i64,
+    },
+    /// An answer of the handshake broke the protocol.
+    #[error("{url}: {source}")]
+    Protocol {
+        /// The pool.
+        url: PoolUrl,
+        /// What was wrong.
+        #[source]
+        source: ProtocolError,
+    },
+    /// The handshake ended without a subscription (the loop waits for one; kept so no
+    /// path can go on without it).
+    #[error("{url}: no subscription")]
+    NoSubscription {
+        /// The pool.
+        url: PoolUrl,
+    },
+    /// The pool refused the worker's credentials.
+    #[error("{url} refused mining.authorize for {user}: {why}")]
+    AuthorizeRefused {
+        /// The pool.
+        url: PoolUrl,
+        /// The worker name.
+        user: String,
+        /// The pool's reason, or what it answered.
+        why: String,
+    },
+}
 
 /// Why a session ended.
 enum SessionEnd {
@@ -385,8 +509,12 @@ impl Task {
                         SessionEnd::Cancelled => return,
                         SessionEnd::Lost(error) => {
                             tracing::warn!(miner = %self.config.miner, pool, error, "pool connection lost; reconnecting");
-                            self.sink
-                                .event(&self.config.miner, UpstreamEvent::Disconnected { error });
+                            self.sink.event(
+                                &self.config.miner,
+                                UpstreamEvent::Disconnected {
+                                    error: error.to_string(),
+                                },
+                            );
                             if started.elapsed() < HEALTHY_SESSION {
                                 failures += 1;
                                 self.fail_over_after(&mut failures, &mut pool_index);
@@ -422,9 +550,13 @@ impl Task {
                 Err(error) => {
                     let pool = self.pool_url(pool_index);
                     failures += 1;
-                    tracing::warn!(miner = %self.config.miner, pool, error, retry_in_ms = backoff.as_millis() as u64, "cannot connect to the pool");
-                    self.sink
-                        .event(&self.config.miner, UpstreamEvent::Disconnected { error });
+                    tracing::warn!(miner = %self.config.miner, pool, %error, retry_in_ms = backoff.as_millis() as u64, "cannot connect to the pool");
+                    self.sink.event(
+                        &self.config.miner,
+                        UpstreamEvent::Disconnected {
+                            error: error.to_string(),
+                        },
+                    );
                     self.fail_over_after(&mut failures, &mut pool_index);
                 }
             }
@@ -469,18 +601,21 @@ impl Task {
             Err(e) => return Box::pin(async move { Err(e) }),
         };
         Box::pin(async move {
-            let pool = pool.ok_or_else(|| "no pool configured".to_string())?;
+            let pool = pool.ok_or(LinkError::NoPool)?;
             let url = match redirect {
                 Some(url) => url,
-                None => PoolUrl::parse(&pool.url)?,
+                None => PoolUrl::parse(&pool.url).map_err(LinkError::Url)?,
             };
-            let password = passwords.password(&namespace, &pool).await?;
+            let password = passwords
+                .password(&namespace, &pool)
+                .await
+                .map_err(LinkError::Password)?;
             let io = open(&url, &timeouts, tls).await?;
             handshake(io, index, url, &pool.user, &password, resume, &timeouts).await
         })
     }
 
-    fn tls_config(&mut self) -> Result<Arc<rustls::ClientConfig>, String> {
+    fn tls_config(&mut self) -> Result<Arc<rustls::ClientConfig>, LinkError> {
         if let Some(config) = &self.tls {
             return Ok(Arc::clone(config));
         }
@@ -542,7 +677,7 @@ impl Task {
         let retry: Vec<Submission> = self.retry.drain(..).collect();
         for submission in retry {
             if let Err(e) = self.submit(&mut connection, submission, &mut pending).await {
-                return self.end(SessionEnd::Lost(e), pending);
+                return self.end(SessionEnd::Lost(e.to_string()), pending);
             }
         }
         let mut sweep = tokio::time::interval(Duration::from_secs(1));
@@ -551,7 +686,7 @@ impl Task {
             self.config.failback,
         );
         // The primary is probed on the side, so this connection keeps serving meanwhile.
-        let (probe_done, mut probe_result) = mpsc::channel::<Result<Connection, String>>(1);
+        let (probe_done, mut probe_result) = mpsc::channel::<Result<Connection, LinkError>>(1);
         let mut probing = false;
         let mut last_heard = Instant::now();
         loop {
@@ -594,7 +729,7 @@ impl Task {
                         return self.end(SessionEnd::Cancelled, pending);
                     };
                     if let Err(e) = self.submit(&mut connection, submission, &mut pending).await {
-                        return self.end(SessionEnd::Lost(e), pending);
+                        return self.end(SessionEnd::Lost(e.to_string()), pending);
                     }
                 }
                 _ = sweep.tick() => {
@@ -636,7 +771,7 @@ impl Task {
                         Ok(primary) if pending.is_empty() => return self.end(SessionEnd::Failback(primary), pending),
                         // Answers are still due here; the next probe switches.
                         Ok(_) => {}
-                        Err(error) => tracing::debug!(miner = %self.config.miner, error, "primary pool still unreachable"),
+                        Err(error) => tracing::debug!(miner = %self.config.miner, %error, "primary pool still unreachable"),
                     }
                 }
             }
@@ -657,7 +792,7 @@ impl Task {
         connection: &mut Connection,
         submission: Submission,
         pending: &mut HashMap<u64, (Submission, Instant)>,
-    ) -> Result<(), String> {
+    ) -> Result<(), LinkError> {
         if submission.session != self.session {
             self.sink.answers(
                 &self.config.miner,
@@ -817,7 +952,7 @@ impl Task {
                 if let Err(e) =
                     write_line(&mut connection.writer, &line, self.config.timeouts.response).await
                 {
-                    return Some(SessionEnd::Lost(e));
+                    return Some(SessionEnd::Lost(e.to_string()));
                 }
             }
             Incoming::ShowMessage(text) => {
@@ -835,7 +970,7 @@ impl Task {
                         write_line(&mut connection.writer, &line, self.config.timeouts.response)
                             .await
                     {
-                        return Some(SessionEnd::Lost(e));
+                        return Some(SessionEnd::Lost(e.to_string()));
                     }
                 }
             }
@@ -854,7 +989,7 @@ fn jittered(wait: Duration) -> Duration {
 }
 
 /// The TLS client configuration: the system's CAs (or `SSL_CERT_FILE`), ring only.
-fn tls_client_config() -> Result<rustls::ClientConfig, String> {
+fn tls_client_config() -> Result<rustls::ClientConfig, LinkError> {
     let mut roots = rustls::RootCertStore::empty();
     let found = rustls_native_certs::load_native_certs();
     for cert in found.certs {
@@ -863,26 +998,26 @@ fn tls_client_config() -> Result<rustls::ClientConfig, String> {
     }
     if roots.is_empty() {
         let errors: Vec<String> = found.errors.iter().map(ToString::to_string).collect();
-        return Err(format!(
-            "no CA certificates to check stratum+ssl pools with (set SSL_CERT_FILE): {}",
-            errors.join("; ")
-        ));
+        return Err(LinkError::NoCaCertificates(errors.join("; ")));
     }
     rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
         .with_safe_default_protocol_versions()
         .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-        .map_err(|e| format!("TLS setup: {e}"))
+        .map_err(LinkError::TlsSetup)
 }
 
 async fn open(
     url: &PoolUrl,
     timeouts: &Timeouts,
     tls: Arc<rustls::ClientConfig>,
-) -> Result<Box<dyn Io>, String> {
+) -> Result<Box<dyn Io>, LinkError> {
     let connect = async {
         let tcp = TcpStream::connect((url.host.as_str(), url.port))
             .await
-            .map_err(|e| format!("connecting to {url}: {e}"))?;
+            .map_err(|source| LinkError::Connect {
+                url: url.clone(),
+                source,
+            })?;
         let _ = tcp.set_nodelay(true);
         let keepalive = socket2::TcpKeepalive::new()
             .with_time(timeouts.keepalive)
@@ -895,22 +1030,27 @@ async fn open(
         }
         let name = match url.host.parse::<IpAddr>() {
             Ok(ip) => ServerName::IpAddress(ip.into()),
-            Err(_) => ServerName::try_from(url.host.clone())
-                .map_err(|e| format!("{url}: not a valid TLS server name ({e})"))?,
+            Err(_) => {
+                ServerName::try_from(url.host.clone()).map_err(|e| LinkError::ServerName {
+                    url: url.clone(),
+                    reason: e.to_string(),
+                })?
+            }
         };
         let stream = tokio_rustls::TlsConnector::from(tls)
             .connect(name, tcp)
             .await
-            .map_err(|e| format!("TLS with {url}: {e}"))?;
+            .map_err(|source| LinkError::Tls {
+                url: url.clone(),
+                source,
+            })?;
         Ok(Box::new(stream) as Box<dyn Io>)
     };
     tokio::time::timeout(timeouts.connect, connect)
         .await
-        .map_err(|_| {
-            format!(
-                "connecting to {url}: no answer within {} s",
-                timeouts.connect.as_secs()
-            )
+        .map_err(|_| LinkError::ConnectTimeout {
+            url: url.clone(),
+            timeout: timeouts.connect,
         })?
 }
 
@@ -918,18 +1058,15 @@ async fn write_line(
     writer: &mut WriteHalf<Box<dyn Io>>,
     line: &str,
     timeout: Duration,
-) -> Result<(), String> {
+) -> Result<(), LinkError> {
     let write = async {
         writer.write_all(line.as_bytes()).await?;
         writer.flush().await
     };
     match tokio::time::timeout(timeout, write).await {
         Ok(Ok(())) => Ok(()),
-        Ok(Err(e)) => Err(format!("writing to the pool: {e}")),
-        Err(_) => Err(format!(
-            "the pool did not take a message within {} s",
-            timeout.as_secs()
-        )),
+        Ok(Err(e)) => Err(LinkError::Write(e)),
+        Err(_) => Err(LinkError::WriteTimeout(timeout)),
     }
 }
 
@@ -943,7 +1080,7 @@ async fn handshake(
     password: &str,
     resume: Option<String>,
     timeouts: &Timeouts,
-) -> Result<Connection, String> {
+) -> Result<Connection, LinkError> {
     let (reader, mut writer) = tokio::io::split(io);
     let mut lines = FramedRead::new(reader, LinesCodec::new_with_max_length(MAX_LINE));
     const CONFIGURE: u64 = 1;
@@ -979,14 +1116,14 @@ async fn handshake(
                     (!authorized).then_some("mining.authorize"),
                 ];
                 let waiting: Vec<&str> = waiting.into_iter().flatten().collect();
-                return Err(format!(
-                    "{url}: no answer to {} within {} s",
-                    waiting.join(", "),
-                    timeouts.response.as_secs()
-                ));
+                return Err(LinkError::NoAnswer {
+                    url,
+                    waiting: waiting.join(", "),
+                    timeout: timeouts.response,
+                });
             }
-            Ok(None) => return Err(format!("{url} closed the connection during the handshake")),
-            Ok(Some(Err(e))) => return Err(format!("{url}: {e}")),
+            Ok(None) => return Err(LinkError::Closed { url }),
+            Ok(Some(Err(source))) => return Err(LinkError::Read { url, source }),
             Ok(Some(Ok(line))) => line,
         };
         if line.trim().is_empty() {
@@ -1010,13 +1147,18 @@ async fn handshake(
                 error,
             }) => {
                 if let Some(error) = error {
-                    return Err(format!(
-                        "{url} refused mining.subscribe: {} ({})",
-                        error.message, error.code
-                    ));
+                    return Err(LinkError::SubscribeRefused {
+                        url,
+                        message: error.message,
+                        code: error.code,
+                    });
                 }
-                subscription =
-                    Some(Subscription::from_result(&result).map_err(|e| format!("{url}: {e}"))?);
+                subscription = Some(Subscription::from_result(&result).map_err(|source| {
+                    LinkError::Protocol {
+                        url: url.clone(),
+                        source,
+                    }
+                })?);
             }
             Ok(Incoming::Response {
                 id: AUTHORIZE,
@@ -1025,7 +1167,11 @@ async fn handshake(
             }) => {
                 if result != Value::Bool(true) {
                     let why = error.map_or_else(|| format!("answered {result}"), |e| e.message);
-                    return Err(format!("{url} refused mining.authorize for {user}: {why}"));
+                    return Err(LinkError::AuthorizeRefused {
+                        url,
+                        user: user.to_string(),
+                        why,
+                    });
                 }
                 authorized = true;
             }
@@ -1039,7 +1185,7 @@ async fn handshake(
             }
         }
     }
-    let subscription = subscription.ok_or_else(|| format!("{url}: no subscription"))?;
+    let subscription = subscription.ok_or(LinkError::NoSubscription { url: url.clone() })?;
     // mining.set_version_mask may arrive before the configure answer; the answer wins.
     Ok(Connection {
         lines,
