@@ -6,12 +6,12 @@
 use std::sync::LazyLock;
 
 use libfuzzer_sys::fuzz_target;
+use micromine_controller::fleet::{Judged, judge};
 use micromine_fleet::persist::Restored;
 use micromine_fleet::state::{FleetState, ShareCheck};
-use micromine_controller::fleet::{Judged, judge};
-use micromine_resources::microminer;
 use micromine_proto::pb;
 use micromine_proto::work::{header_with_nonce, sha256d};
+use micromine_resources::microminer;
 
 const NOW: i64 = 1_700_000_000_000;
 

@@ -1,4 +1,3 @@
-
 use std::io;
 use std::ops::Bound;
 use std::path::Path;
