@@ -69,7 +69,8 @@ pub struct Selection {
 /// A calibration as kept in the state directory.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 struct Cached {
-    /// `/proc/cpuinfo`'s model of the CPU it was measured on.
+    /// The CPU it was measured on (`capacity::cpu_identity`: the model name and its
+    /// family/model/stepping or ARM part numbers).
     cpu_model: String,
     /// The agent version that measured it: another build may have other engines.
     agent_version: String,
@@ -82,7 +83,7 @@ struct Cached {
 /// The machine a calibration is for, and where it is kept.
 #[derive(Clone, Debug)]
 pub struct Context {
-    /// The CPU's model name.
+    /// The CPU: its model name with its family/model/stepping or ARM part numbers.
     pub cpu_model: String,
     /// The agent's version.
     pub agent_version: String,
@@ -96,7 +97,7 @@ impl Context {
     /// This machine and agent, caching in `state_dir` when given.
     pub fn this_machine(state_dir: Option<&Path>) -> Context {
         Context {
-            cpu_model: crate::capacity::cpu_model(),
+            cpu_model: crate::capacity::cpu_identity(),
             agent_version: env!("CARGO_PKG_VERSION").to_string(),
             cache: state_dir.map(|dir| dir.join(CACHE_FILE)),
             available: EngineKind::available().collect(),

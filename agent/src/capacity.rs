@@ -29,6 +29,42 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| arch().to_string())
 }
 
+/// The CPU as precisely as `/proc/cpuinfo` says: its model name plus the family, model
+/// and stepping numbers (x86) or implementer, part, variant and revision (ARM). Virtual
+/// machines often name every generation alike ("AMD EPYC"), and what is fastest on one
+/// generation need not be on the next; the numbers tell them apart.
+pub fn cpu_identity() -> String {
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    parse_cpu_identity(&cpuinfo).unwrap_or_else(cpu_model)
+}
+
+fn parse_cpu_identity(cpuinfo: &str) -> Option<String> {
+    let model = parse_cpu_model(cpuinfo)?;
+    let numbers: Vec<String> = [
+        "cpu family",
+        "model",
+        "stepping",
+        "CPU implementer",
+        "CPU part",
+        "CPU variant",
+        "CPU revision",
+    ]
+    .iter()
+    .filter_map(|key| {
+        cpuinfo.lines().find_map(|line| {
+            let (name, value) = line.split_once(':')?;
+            (name.trim() == *key && !value.trim().is_empty())
+                .then(|| format!("{key} {}", value.trim()))
+        })
+    })
+    .collect();
+    if numbers.is_empty() {
+        Some(model)
+    } else {
+        Some(format!("{model} ({})", numbers.join(", ")))
+    }
+}
+
 fn parse_cpu_model(cpuinfo: &str) -> Option<String> {
     ["model name", "Hardware", "Model"].iter().find_map(|key| {
         cpuinfo.lines().find_map(|line| {
@@ -63,6 +99,25 @@ mod tests {
             Some("Raspberry Pi 4 Model B Rev 1.4")
         );
         assert_eq!(parse_cpu_model("processor\t: 0\n"), None);
+    }
+
+    #[test]
+    fn the_cpu_identity_tells_generations_with_one_name_apart() {
+        let zen3 = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 1\nmodel name\t: AMD EPYC\nstepping\t: 1\n";
+        let zen4 = "processor\t: 0\ncpu family\t: 25\nmodel\t\t: 17\nmodel name\t: AMD EPYC\nstepping\t: 1\n";
+        assert_eq!(
+            parse_cpu_identity(zen4).as_deref(),
+            Some("AMD EPYC (cpu family 25, model 17, stepping 1)")
+        );
+        assert_ne!(parse_cpu_identity(zen3), parse_cpu_identity(zen4));
+        let a72 = "processor\t: 0\nCPU implementer\t: 0x41\nCPU variant\t: 0x0\nCPU part\t: 0xd08\nCPU revision\t: 3\n\nModel\t\t: Raspberry Pi 4 Model B Rev 1.4\n";
+        assert_eq!(
+            parse_cpu_identity(a72).as_deref(),
+            Some(
+                "Raspberry Pi 4 Model B Rev 1.4 (CPU implementer 0x41, CPU part 0xd08, CPU variant 0x0, CPU revision 3)"
+            )
+        );
+        assert_eq!(parse_cpu_identity("processor\t: 0\n"), None);
     }
 
     #[test]
